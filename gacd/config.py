@@ -1,0 +1,447 @@
+"""Typed configuration: every default of a run in one place, built from a dict once, at the edge.
+
+`Config.from_dict` is the only way a YAML file, a command line or Ray's trial config becomes a
+run's configuration. Unknown keys, wrong types and impossible values raise `ConfigError`
+naming the dotted key and what was expected, so nothing downstream re-validates.
+Fields that are fractions of the pixel range (budgets) accept strings such as `"8/255"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Literal
+
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the dotted key."""
+
+    def __init__(self, key: str, expected: str, got: object = dataclasses.MISSING) -> None:
+        self.key = key
+        message = f"config key '{key}': expected {expected}"
+        if got is not dataclasses.MISSING:
+            message += f", got {got!r}"
+        super().__init__(message)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    # Fraction of the training set held out, with a seeded split, for validation.
+    val_fraction: float = 0.1
+    # Resize images to this square size (None: the data set's native size).
+    image_size: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    augment: bool = True
+    # Use only the first N training samples (after the seeded shuffle); for quick runs.
+    train_subset: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small_cnn"
+    depth: int | None = None
+    width: float | None = None
+    # Normalise with the data set's mean/std as the model's first layer (False: identity,
+    # as RobustBench models that expect raw [0, 1] pixels).
+    normalize: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    # A checkpoint written by this project, or a plain state dict (RobustBench-style).
+    checkpoint: str | None = None
+    # Architecture of a plain state dict; a checkpoint of this project carries its own.
+    arch: str | None = None
+    depth: int | None = None
+    width: float | None = None
+    normalize: bool = True
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    # For `step`: fractions of the epochs after which the learning rate is multiplied by
+    # `lr_decay` (0.5, 0.75 of 200 epochs = Madry's 100/150).
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    lr_decay: float = 0.1
+
+
+@dataclass
+class AttackConfig:
+    """The training attack; `auto` values take the method's default."""
+
+    objective: Literal["auto", "contrastive", "ce", "kl", "trades"] = AUTO
+    epsilon: float = 8 / 255
+    step_size: float | None = None  # None: epsilon / 4
+    steps: int = 10
+    start: Literal["auto", "uniform", "gaussian", "none"] = AUTO
+    # Temperature of the `kl` objective's softmaxes.
+    temperature: float = 1.0
+    # The student's mode while attacked: `eval` freezes its batch-norm statistics.
+    student_mode: Literal["eval", "train"] = "eval"
+
+
+@dataclass
+class EvalConfig:
+    epsilon: float | None = None  # None: the training attack's epsilon
+    step_size: float | None = None  # None: epsilon / 4 (2/255 at 8/255)
+    val_steps: int = 10
+    pgd_steps: int = 20
+    cw_steps: int = 30
+    cw_kappa: float = 50.0
+    fgsm: bool = True
+    cw: bool = True
+    # AutoAttack (standard) runs in final evaluations when `pyautoattack` is installed.
+    autoattack: bool = True
+    # Evaluate at most this many samples of a split (None: all).
+    max_samples: int | None = None
+
+
+@dataclass
+class NegativesConfig:
+    source: Literal["memory_bank", "in_batch"] = "memory_bank"
+    count: int = 4096
+    momentum: float = 0.5
+    # Draw memory-bank negatives only from samples of other classes.
+    class_aware: bool = True
+
+
+@dataclass
+class ReweightConfig:
+    mode: Literal["soft", "hard", "none"] = "soft"
+    gamma: float = 1.0
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    method: str = "gacd"
+    device: str = AUTO
+    # Evaluate the test split (every attack) at the end: for final and ablation runs only.
+    final: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # GACD: contrastive temperature, anchor, embedding size, negatives, reweighting.
+    tau: float = 0.1
+    anchor: Literal["clean", "adversarial"] = "clean"
+    embed_dim: int = 128
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    # Loss weights: alpha CE(S(x'), y) + beta L_GACD + lambda_kd t^2 KL(T(x)/t || S(x')/t).
+    alpha: float = 1.0
+    beta: float = 0.8
+    lambda_kd: float = 0.0
+    kd_temperature: float = 4.0
+    # TRADES' weight on KL(S(x) || S(x')).
+    trades_beta: float = 6.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None) -> Config:
+        """Build, validate and resolve a config from nested (or dotted-key) overrides."""
+        config = build_dataclass(cls, nest_dotted(values or {}), prefix="")
+        validate(config)
+        resolve(config)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- dicts, dotted keys -------------------------------------------------------------------
+
+
+def nest_dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"attack.epsilon": x, "data": {...}}` -> nested dicts (dotted keys merged in)."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            value = nest_dotted(value)
+        set_dotted(nested, str(key), value)
+    return nested
+
+
+def set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    """Set `target["a"]["b"] = value` for key `a.b`, merging mappings already there."""
+    *parents, last = key.split(".")
+    for part in parents:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"'{part}' to be a mapping", child)
+        target = child
+    if isinstance(value, dict) and isinstance(target.get(last), dict):
+        for sub_key, sub_value in value.items():
+            set_dotted(target[last], sub_key, sub_value)
+    else:
+        target[last] = value
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> `{"attack.epsilon": ...}`."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+# --- typed construction -------------------------------------------------------------------
+
+
+def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(prefix.rstrip(".") or "<root>", "a mapping", values)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{prefix}{key}", f"one of the known keys{hint}: {', '.join(names)}")
+    converted = {key: convert(hints[key], value, f"{prefix}{key}") for key, value in values.items()}
+    return cls(**converted)
+
+
+def convert(annotation: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type annotation; numbers and fractions become floats."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return convert(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(key, f"one of {', '.join(map(str, args))}{hint}", value)
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, "a list", value)
+        return [convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if annotation is float:
+        return to_float(value, key)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, "an integer", value)
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, "true or false", value)
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, "a string", value)
+        return value
+    raise TypeError(f"config key '{key}': unsupported annotation {annotation!r}")
+
+
+def to_float(value: Any, key: str) -> float:
+    """A number, or a string such as `"8/255"` or `"1e-3"` (YAML 1.1 reads that as a string)."""
+    if isinstance(value, bool):
+        raise ConfigError(key, "a number", value)
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(key, "a number or a fraction such as '8/255'", value)
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def require(condition: bool, key: str, expected: str, got: object) -> None:
+    if not condition:
+        raise ConfigError(key, expected, got)
+
+
+def validate(config: Config) -> None:
+    """Impossible values and unknown names; every message names the dotted key."""
+    from gacd.data import DATASETS
+    from gacd.methods import METHODS
+    from gacd.models import MODELS
+
+    require_name(METHODS, config.method, "method")
+    require_name(DATASETS, config.data.name, "data.name")
+    require_name(MODELS, config.student.arch, "student.arch")
+    if config.teacher.arch is not None:
+        require_name(MODELS, config.teacher.arch, "teacher.arch")
+    validate_data(config.data)
+    validate_optim(config.optim)
+    validate_attack(config)
+    validate_eval(config.eval)
+    validate_contrastive(config)
+    method = METHODS.get(config.method)
+    require(
+        not method.uses_teacher or config.teacher.checkpoint is not None,
+        "teacher.checkpoint",
+        f"a path to a teacher checkpoint (method '{config.method}' distils from a teacher)",
+        None,
+    )
+    require(
+        config.device == AUTO or config.device.split(":")[0] in ("cpu", "cuda"),
+        "device",
+        "auto, cpu, cuda or cuda:N",
+        config.device,
+    )
+
+
+def require_name(registry: Any, name: str, key: str) -> None:
+    if name not in registry:
+        from gacd.registry import unknown_name_message
+
+        raise ConfigError(key, unknown_name_message(registry.kind, name, registry.names()))
+
+
+def validate_data(data: DataConfig) -> None:
+    require(
+        0.0 < data.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)", data.val_fraction
+    )
+    require(data.batch_size >= 1, "data.batch_size", "an integer >= 1", data.batch_size)
+    require(
+        data.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", data.eval_batch_size
+    )
+    if data.image_size is not None:
+        require(data.image_size >= 8, "data.image_size", "an integer >= 8", data.image_size)
+    if data.train_subset is not None:
+        require(data.train_subset >= 1, "data.train_subset", "an integer >= 1", data.train_subset)
+
+
+def validate_optim(optim: OptimConfig) -> None:
+    require(optim.epochs >= 1, "optim.epochs", "an integer >= 1", optim.epochs)
+    require(optim.lr > 0, "optim.lr", "a number > 0", optim.lr)
+    require(0 <= optim.momentum < 1, "optim.momentum", "a number in [0, 1)", optim.momentum)
+    require(optim.weight_decay >= 0, "optim.weight_decay", "a number >= 0", optim.weight_decay)
+    require(0 < optim.lr_decay <= 1, "optim.lr_decay", "a number in (0, 1]", optim.lr_decay)
+    for i, milestone in enumerate(optim.milestones):
+        require(
+            0 < milestone < 1,
+            f"optim.milestones[{i}]",
+            "a fraction of the epochs in (0, 1)",
+            milestone,
+        )
+    require(
+        optim.milestones == sorted(optim.milestones),
+        "optim.milestones",
+        "increasing fractions",
+        optim.milestones,
+    )
+
+
+def validate_budget(prefix: str, epsilon: float | None, step_size: float | None) -> None:
+    if epsilon is not None:
+        require(
+            0 <= epsilon <= 1, f"{prefix}.epsilon", "a number in [0, 1] (pixels in [0, 1])", epsilon
+        )
+    if step_size is not None:
+        require(0 < step_size <= 1, f"{prefix}.step_size", "a number in (0, 1]", step_size)
+
+
+def validate_attack(config: Config) -> None:
+    from gacd.methods import METHODS
+
+    attack = config.attack
+    validate_budget("attack", attack.epsilon, attack.step_size)
+    require(attack.temperature > 0, "attack.temperature", "a number > 0", attack.temperature)
+    method = METHODS.get(config.method)
+    if method.attacks:
+        require(
+            attack.steps >= 1,
+            "attack.steps",
+            f"an integer >= 1 (method '{config.method}' trains on adversarial inputs)",
+            attack.steps,
+        )
+        require(
+            attack.epsilon > 0,
+            "attack.epsilon",
+            f"a number > 0 (method '{config.method}' trains on adversarial inputs)",
+            attack.epsilon,
+        )
+    if attack.objective in ("contrastive", "kl"):
+        require(
+            method.uses_teacher,
+            "attack.objective",
+            f"an objective without a teacher (method '{config.method}' has none): ce",
+            attack.objective,
+        )
+
+
+def validate_eval(evaluation: EvalConfig) -> None:
+    validate_budget("eval", evaluation.epsilon, evaluation.step_size)
+    for name in ("val_steps", "pgd_steps", "cw_steps"):
+        steps = getattr(evaluation, name)
+        require(steps >= 1, f"eval.{name}", "an integer >= 1", steps)
+    require(evaluation.cw_kappa > 0, "eval.cw_kappa", "a number > 0", evaluation.cw_kappa)
+    if evaluation.max_samples is not None:
+        require(
+            evaluation.max_samples >= 1,
+            "eval.max_samples",
+            "an integer >= 1",
+            evaluation.max_samples,
+        )
+
+
+def validate_contrastive(config: Config) -> None:
+    require(config.tau > 0, "tau", "a number > 0", config.tau)
+    require(config.embed_dim >= 1, "embed_dim", "an integer >= 1", config.embed_dim)
+    require(
+        config.negatives.count >= 1, "negatives.count", "an integer >= 1", config.negatives.count
+    )
+    require(
+        0 <= config.negatives.momentum < 1,
+        "negatives.momentum",
+        "a number in [0, 1)",
+        config.negatives.momentum,
+    )
+    require(config.reweight.gamma >= 0, "reweight.gamma", "a number >= 0", config.reweight.gamma)
+    for name in ("alpha", "beta", "lambda_kd", "trades_beta"):
+        require(getattr(config, name) >= 0, name, "a number >= 0", getattr(config, name))
+    require(config.kd_temperature > 0, "kd_temperature", "a number > 0", config.kd_temperature)
+
+
+def resolve(config: Config) -> None:
+    """Replace `auto` and derived defaults by concrete values, so checkpoints say what ran."""
+    from gacd.methods import METHODS
+
+    method = METHODS.get(config.method)
+    attack = config.attack
+    if attack.objective == AUTO:
+        attack.objective = method.default_objective
+    if attack.start == AUTO:
+        attack.start = method.default_start
+    if attack.step_size is None:
+        attack.step_size = attack.epsilon / 4
+    evaluation = config.eval
+    if evaluation.epsilon is None:
+        evaluation.epsilon = attack.epsilon
+    if evaluation.step_size is None:
+        evaluation.step_size = evaluation.epsilon / 4

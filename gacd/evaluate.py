@@ -1,0 +1,185 @@
+"""Clean and robust accuracy of a model on a split, at the configured epsilon."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gacd import attacks, metrics
+from gacd.config import EvalConfig, flatten
+from gacd.data import ImageSplit, batches
+
+# (model, x, y) -> x_adv
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def attack_suite(evaluation: EvalConfig, seed: int = 0) -> dict[str, Attack | None]:
+    """The final evaluation's attacks by name (`clean` is no attack), at `eval.epsilon`."""
+    epsilon, step_size = evaluation.epsilon, evaluation.step_size
+    pgd = attacks.Budget(epsilon, step_size, evaluation.pgd_steps)
+    suite: dict[str, Attack | None] = {"clean": None}
+    if evaluation.fgsm:
+        suite["fgsm"] = lambda model, x, y: attacks.fgsm(model, x, y, epsilon)
+    suite["pgd"] = lambda model, x, y: attacks.pgd(
+        model, x, pgd, attacks.cross_entropy_objective(y)
+    )
+    if evaluation.cw:
+        suite["cw"] = lambda model, x, y: attacks.cw_inf(
+            model, x, y, epsilon, step_size, evaluation.cw_steps, evaluation.cw_kappa
+        )
+    if evaluation.autoattack:
+        if attacks.autoattack_available():
+            suite["autoattack"] = lambda model, x, y: attacks.autoattack(
+                model, x, y, epsilon, seed=seed
+            )
+        else:
+            warnings.warn(
+                "eval.autoattack is on but pyautoattack is not installed "
+                "(pip install 'gacd-study[autoattack]'); skipping AutoAttack",
+                stacklevel=2,
+            )
+    return suite
+
+
+def accuracy(
+    model: nn.Module,
+    split: ImageSplit,
+    attack: Attack | None,
+    batch_size: int,
+    device: torch.device,
+    limit: int | None = None,
+) -> float:
+    """Fraction of the split's first `limit` samples classified right after `attack`."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device)
+    total = 0
+    try:
+        for batch in batches(split, batch_size, device, limit=limit):
+            x = batch.x if attack is None else attack(model, batch.x, batch.y)
+            with torch.no_grad():
+                correct += (model(x).argmax(1) == batch.y).sum()
+            total += len(batch.y)
+    finally:
+        model.train(was_training)
+    return correct.item() / max(total, 1)
+
+
+def validation_metrics(
+    model: nn.Module,
+    split: ImageSplit,
+    evaluation: EvalConfig,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Clean and PGD-`val_steps` accuracy on the validation split (model selection, search)."""
+    budget = attacks.Budget(evaluation.epsilon, evaluation.step_size, evaluation.val_steps)
+
+    def pgd(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return attacks.pgd(model, x, budget, attacks.cross_entropy_objective(y))
+
+    limit = evaluation.max_samples
+    return {
+        metrics.VAL_CLEAN_ACC: accuracy(model, split, None, batch_size, device, limit),
+        metrics.VAL_PGD_ACC: accuracy(model, split, pgd, batch_size, device, limit),
+    }
+
+
+def robustness_metrics(
+    model: nn.Module,
+    split: ImageSplit,
+    evaluation: EvalConfig,
+    batch_size: int,
+    device: torch.device,
+    prefix: str = "test",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Clean, FGSM, PGD-`pgd_steps`, CW-inf and AutoAttack accuracy: `test/<attack>_acc`."""
+    return {
+        metrics.accuracy(prefix, name): accuracy(
+            model, split, attack, batch_size, device, evaluation.max_samples
+        )
+        for name, attack in attack_suite(evaluation, seed).items()
+    }
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    path: str | Path, split: str = "test", overrides: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Every attack of `eval` against the student of a project checkpoint, on `split`."""
+    from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
+    from gacd.config import Config
+    from gacd.data import load_datasets
+    from gacd.teacher import build_classifier
+    from gacd.train import resolve_device
+
+    state = load_checkpoint(path)
+    if not is_project_checkpoint(state):
+        raise CheckpointError(f"checkpoint {str(path)!r}: not a checkpoint of this project")
+    config = Config.from_dict({**flatten(state["config"]), **(overrides or {})})
+    device = resolve_device(config.device)
+    data = load_datasets(config.data, config.seed, with_test=split == "test")
+    model = build_classifier(config.student, data.spec)
+    model.load_state_dict(state["student"])
+    model.to(device)
+    evaluated = data.test if split == "test" else data.val
+    return robustness_metrics(
+        model,
+        evaluated,
+        config.eval,
+        config.data.eval_batch_size,
+        device,
+        prefix=split,
+        seed=config.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+
+    from gacd.checkpoint import CheckpointError
+    from gacd.config import ConfigError
+    from gacd.data import DatasetNotFoundError
+    from gacd.train import parse_overrides
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gacd.evaluate",
+        description="Clean, FGSM, PGD, CW-inf and AutoAttack accuracy of checkpoints.",
+    )
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of gacd.train")
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. "
+        "--set eval.autoattack=false --set device=cpu (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    rows = {}
+    try:
+        overrides = parse_overrides(args.overrides)
+        for path in args.checkpoints:
+            rows[path] = evaluate_checkpoint(path, args.split, overrides)
+    except (CheckpointError, ConfigError, DatasetNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    print(table.to_string(float_format=lambda value: f"{value:.3f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The frozen teacher: loaded from a checkpoint of this project or a plain state dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
+from gacd.config import ModelConfig, TeacherConfig
+from gacd.data import DatasetSpec
+from gacd.models import ImageClassifier, build_model
+
+
+class FrozenTeacher:
+    """A teacher frozen three ways: `eval()`, `requires_grad_(False)`, and calls under `no_grad`.
+
+    Deliberately not an `nn.Module`: it never joins a student's module tree, so it is not in
+    the optimizer, not in the student's checkpoint, and `train()` never reaches it.
+    """
+
+    def __init__(self, model: ImageClassifier) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.feature_dim
+
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features `[B, d]` of `x` `[B, C, H, W]` in [0, 1]."""
+        return self.model.forward_features(x)
+
+    @torch.no_grad()
+    def head(self, features: Tensor) -> Tensor:
+        return self.model.forward_head(features)
+
+    def to(self, device: torch.device) -> FrozenTeacher:
+        self.model.to(device)
+        return self
+
+
+def build_classifier(model: ModelConfig | TeacherConfig, spec: DatasetSpec) -> ImageClassifier:
+    """A model for a data set, normalising with the data set's statistics unless told not to."""
+    return build_model(
+        model.arch,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        mean=spec.mean if model.normalize else None,
+        std=spec.std if model.normalize else None,
+        depth=model.depth,
+        width=model.width,
+    )
+
+
+def load_teacher(config: TeacherConfig, spec: DatasetSpec) -> FrozenTeacher:
+    """Read `config.checkpoint`; a project checkpoint brings its own architecture."""
+    path = Path(config.checkpoint)
+    payload = load_checkpoint(path, what="teacher.checkpoint")
+    if is_project_checkpoint(payload):
+        stored = ModelConfig(**payload["config"]["student"])
+        if config.arch is not None and config.arch != stored.arch:
+            raise CheckpointError(
+                f"teacher.checkpoint {str(path)!r}: holds a '{stored.arch}' "
+                f"model, but teacher.arch is '{config.arch}'"
+            )
+        model, state = build_classifier(stored, spec), payload["student"]
+    else:
+        if config.arch is None:
+            raise CheckpointError(
+                f"teacher.checkpoint {str(path)!r}: a plain state dict does "
+                "not say its architecture; set teacher.arch (and depth, width)"
+            )
+        model, state = build_classifier(config, spec), plain_state_dict(payload, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        arch = model.__class__.__name__
+        raise CheckpointError(
+            f"teacher.checkpoint {str(path)!r}: its weights do not fit "
+            f"the architecture ({arch}, {spec.num_classes} classes): "
+            f"{str(error).splitlines()[0]} ..."
+        ) from error
+    return FrozenTeacher(model)
+
+
+def plain_state_dict(payload: object, path: Path) -> dict[str, Tensor]:
+    """A state dict, possibly under `state_dict`/`model`, possibly saved from DataParallel."""
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+    if not isinstance(payload, dict) or not all(isinstance(v, Tensor) for v in payload.values()):
+        raise CheckpointError(
+            f"teacher.checkpoint {str(path)!r}: neither a checkpoint of this "
+            "project nor a state dict of tensors"
+        )
+    return {key.removeprefix("module."): value for key, value in payload.items()}

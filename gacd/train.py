@@ -1,0 +1,304 @@
+"""Train one configuration: `fit(config, report=callback)`, and `python -m gacd.train CONFIG.yaml`.
+
+The same loop trains GACD students, baselines and adversarially trained teachers. Each
+epoch ends with a call `report(metrics, state)`: the metrics of the epoch and a checkpoint
+payload (save it with `gacd.checkpoint.save_checkpoint` during the call). Resuming from such a
+payload continues to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from gacd import metrics
+from gacd.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from gacd.config import Config, ConfigError, OptimConfig, set_dotted
+from gacd.data import Datasets, augment, batches, load_datasets
+from gacd.evaluate import robustness_metrics, validation_metrics
+from gacd.methods import METHODS, Method
+from gacd.teacher import build_classifier, load_teacher
+
+State = dict[str, Any]
+Report = Callable[[dict[str, float], State], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss that became NaN or infinite; the message names the epoch and step."""
+
+
+@dataclass
+class FitResult:
+    method: Method
+    history: list[dict[str, float]]
+    state: State
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.history[-1]
+
+
+def fit(
+    config: Config,
+    report: Report | None = None,
+    resume: State | str | Path | None = None,
+    data: Datasets | None = None,
+) -> FitResult:
+    """Train `config` from scratch, or from a checkpoint payload or file given as `resume`."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    data = data or load_datasets(config.data, config.seed, with_test=config.final)
+    method = build_method(config, data, device)
+    optimizer = torch.optim.SGD(
+        method.parameters(),
+        lr=config.optim.lr,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+        nesterov=config.optim.nesterov,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.optim))
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume is not None:
+        start_epoch, history = restore(resume, config, method, optimizer, scheduler)
+    state: State = {}
+    for epoch in range(start_epoch, config.optim.epochs):
+        started = time.perf_counter()
+        epoch_metrics = {metrics.EPOCH: epoch + 1, metrics.LR: optimizer.param_groups[0]["lr"]}
+        epoch_metrics |= train_epoch(method, optimizer, data, config, epoch, device)
+        scheduler.step()
+        epoch_metrics |= validation_metrics(
+            method.student, data.val, config.eval, config.data.eval_batch_size, device
+        )
+        if config.final and epoch + 1 == config.optim.epochs:
+            epoch_metrics |= robustness_metrics(
+                method.student,
+                data.test,
+                config.eval,
+                config.data.eval_batch_size,
+                device,
+                seed=config.seed,
+            )
+        epoch_metrics[metrics.EPOCH_SECONDS] = time.perf_counter() - started
+        history.append(epoch_metrics)
+        state = training_state(config, epoch + 1, method, optimizer, scheduler, history)
+        if report is not None:
+            report(epoch_metrics, state)
+    return FitResult(method, history, state)
+
+
+def build_method(config: Config, data: Datasets, device: torch.device) -> Method:
+    method_class = METHODS.get(config.method)
+    teacher = (
+        load_teacher(config.teacher, data.spec).to(device) if method_class.uses_teacher else None
+    )
+    student = build_classifier(config.student, data.spec)
+    return method_class(config, student, teacher, data.train.labels).to(device)
+
+
+def train_epoch(
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    data: Datasets,
+    config: Config,
+    epoch: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over the training split; returns the mean of each loss term."""
+    method.train()
+    # Data order and crops depend only on (seed, epoch), so a resumed run sees the same ones.
+    shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    crops = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 500_000)
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for step, batch in enumerate(
+        batches(data.train, config.data.batch_size, device, shuffle, drop_last=True)
+    ):
+        if config.data.augment:
+            batch.x = augment(batch.x, data.spec, crops)
+        terms = method(batch)
+        if not torch.isfinite(terms["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1} "
+                f"(terms: { {k: v.item() for k, v in terms.items()} }); lower optim.lr or "
+                "check the loss weights"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+        steps += 1
+    return {metrics.train_loss(name): (total / steps).item() for name, total in sums.items()}
+
+
+def lr_factor(optim: OptimConfig) -> Callable[[int], float]:
+    """Per-epoch learning-rate multiplier for `constant`, `step` and `cosine` schedules."""
+    epochs = optim.epochs
+    if optim.schedule == "cosine":
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if optim.schedule == "step":
+        boundaries = [round(fraction * epochs) for fraction in optim.milestones]
+        return lambda epoch: optim.lr_decay ** sum(epoch >= b for b in boundaries)
+    return lambda epoch: 1.0
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def training_state(
+    config: Config,
+    epoch: int,
+    method: Method,
+    optimizer,
+    scheduler,
+    history: list[dict[str, float]],
+) -> State:
+    """Everything a resumed run needs: weights, heads, bank, optimizer, schedule, RNG, config."""
+    task_state = {
+        key: value for key, value in method.state_dict().items() if not key.startswith("student.")
+    }
+    return {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "epoch": epoch,
+        "student": method.student.state_dict(),
+        "task": task_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "history": history,
+    }
+
+
+def restore(
+    resume: State | str | Path, config: Config, method: Method, optimizer, scheduler
+) -> tuple[int, list[dict[str, float]]]:
+    state = resume if isinstance(resume, dict) else load_checkpoint(resume)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"resume: not a checkpoint of this project ({FORMAT})")
+    if state["config"] != config.to_dict():
+        changed = sorted(
+            key for key in config.to_dict() if state["config"].get(key) != config.to_dict()[key]
+        )
+        raise CheckpointError(
+            f"resume: the checkpoint was written by another config "
+            f"(differs in: {', '.join(changed)})"
+        )
+    method.student.load_state_dict(state["student"])
+    missing, unexpected = method.load_state_dict(state["task"], strict=False)
+    if unexpected or any(not key.startswith("student.") for key in missing):
+        raise CheckpointError(
+            f"resume: the checkpoint's method state does not fit "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["epoch"], list(state["history"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def load_config_file(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """A YAML file of overrides of the defaults, plus dotted-key overrides, as a Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "an existing YAML file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), f"valid YAML ({error})") from error
+    if not isinstance(values, dict):
+        raise ConfigError(str(path), "a mapping of config keys at the top level", values)
+    for key, value in (overrides or {}).items():
+        set_dotted(values, key, value)
+    return Config.from_dict(values)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator:
+            raise ConfigError(pair, "--set KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gacd.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("config", help="YAML file of config overrides (see configs/)")
+    parser.add_argument(
+        "--out",
+        default="runs/latest",
+        help="folder for checkpoint.pt and metrics.jsonl (default: runs/latest)",
+    )
+    parser.add_argument("--resume", help="continue from this checkpoint.pt")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. --set attack.epsilon=8/255 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config_file(args.config, parse_overrides(args.overrides))
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    def report(epoch_metrics: dict[str, float], state: State) -> None:
+        save_checkpoint(state, out / "checkpoint.pt")
+        with open(out / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(epoch_metrics) + "\n")
+        print(" ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()), flush=True)
+
+    try:
+        fit(config, report=report, resume=args.resume)
+    except (CheckpointError, FileNotFoundError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if not isinstance(error, NonFiniteLossError) else 1
+    print(f"checkpoint: {out / 'checkpoint.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from gacd import attacks
+from gacd.evaluate import accuracy, attack_suite, robustness_metrics
+from gacd.models import build_model
+from tests.conftest import DIGITS_EPSILON, digits_config
+
+EPSILON = DIGITS_EPSILON
+BUDGET = attacks.Budget(EPSILON, EPSILON / 4, 10)
+
+
+def first_batch(split, count=128):
+    return split.images[:count].float() / 255, split.labels[:count]
+
+
+def assert_in_budget(x_adv, x, epsilon):
+    assert (x_adv - x).abs().max() <= epsilon + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def all_attacks(model, x, y):
+    with torch.no_grad():
+        logits = model(x)
+    head = torch.nn.Linear(model.feature_dim, 8)
+    anchor = torch.nn.functional.normalize(torch.randn(len(x), 8), dim=1)
+    objectives = {
+        "ce": attacks.cross_entropy_objective(y),
+        "kl": attacks.kl_objective(logits + torch.randn_like(logits), temperature=4.0),
+        "contrastive": attacks.contrastive_objective(head, anchor),
+        "cw": attacks.cw_margin_objective(y),
+    }
+    results = {
+        name: attacks.pgd(model, x, BUDGET, objective) for name, objective in objectives.items()
+    }
+    results["gaussian_start"] = attacks.pgd(
+        model, x, attacks.Budget(EPSILON, EPSILON / 4, 3, "gaussian"), objectives["ce"]
+    )
+    results["fgsm"] = attacks.fgsm(model, x, y, EPSILON)
+    results["cw_inf"] = attacks.cw_inf(model, x, y, EPSILON, EPSILON / 4, steps=5)
+    return results
+
+
+def test_every_attack_stays_in_its_ball_and_the_pixel_range(digits):
+    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=None, std=None, width=8)
+    x, y = first_batch(digits.train)
+    for name, x_adv in all_attacks(model, x, y).items():
+        assert x_adv.shape == x.shape, name
+        assert_in_budget(x_adv, x, EPSILON)
+        assert not x_adv.requires_grad, name
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_attacks_restore_the_mode_and_touch_no_parameter_gradient(digits, mode):
+    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=None, std=None, width=8)
+    model.train(mode)
+    x, y = first_batch(digits.train, 16)
+    for attack_mode in ("eval", "train"):
+        attacks.pgd(model, x, BUDGET, attacks.cross_entropy_objective(y), mode=attack_mode)
+        assert model.training is mode
+    attacks.fgsm(model, x, y, EPSILON)
+    assert model.training is mode
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_mode_is_restored_when_the_objective_raises(digits):
+    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=None, std=None, width=8)
+    model.train()
+
+    def broken(model, x_adv):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        attacks.pgd(model, first_batch(digits.train, 4)[0], BUDGET, broken)
+    assert model.training
+
+
+def test_eval_mode_attack_leaves_batch_norm_statistics_alone(digits):
+    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=None, std=None, width=8)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x, y = first_batch(digits.train, 32)
+    attacks.pgd(model, x, BUDGET, attacks.cross_entropy_objective(y), mode="eval")
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+    attacks.pgd(model, x, BUDGET, attacks.cross_entropy_objective(y), mode="train")
+    assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
+
+
+def test_attacks_lower_accuracy_and_pgd_is_stronger_than_fgsm(digits, natural_model):
+    config = digits_config(method="natural")
+    results = robustness_metrics(natural_model, digits.test, config.eval, 512, torch.device("cpu"))
+    assert results["test/clean_acc"] > 0.9
+    assert results["test/fgsm_acc"] < results["test/clean_acc"] - 0.1
+    assert results["test/pgd_acc"] <= results["test/fgsm_acc"]
+    assert results["test/cw_acc"] < results["test/clean_acc"] - 0.1
+
+
+def test_budget_zero_changes_nothing(digits, natural_model):
+    x, y = first_batch(digits.test, 64)
+    x_adv = attacks.pgd(
+        natural_model, x, attacks.Budget(0.0, 0.01, 5), attacks.cross_entropy_objective(y)
+    )
+    assert torch.equal(x_adv, x)
+
+
+@pytest.mark.slow
+def test_autoattack_is_at_least_as_strong_as_pgd(digits, natural_model):
+    pytest.importorskip("pyautoattack")
+    config = digits_config(method="natural", **{"eval.max_samples": 64, "eval.autoattack": True})
+    suite = attack_suite(config.eval)
+    assert "autoattack" in suite
+    x, y = first_batch(digits.test, 64)
+    x_adv = suite["autoattack"](natural_model, x, y)
+    assert_in_budget(x_adv, x, EPSILON)
+    device = torch.device("cpu")
+    auto = accuracy(natural_model, digits.test, suite["autoattack"], 64, device, limit=64)
+    pgd = accuracy(natural_model, digits.test, suite["pgd"], 64, device, limit=64)
+    assert auto <= pgd + 1e-9

@@ -1,0 +1,224 @@
+"""The training loop: resuming, failing loudly, checkpoints and teachers."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gacd.config import Config
+from gacd.teacher import load_teacher
+from gacd.train import NonFiniteLossError, fit, main
+from tests.conftest import digits_config
+
+
+def small_gacd(teacher_path, **overrides):
+    return digits_config(
+        **{
+            "teacher.checkpoint": str(teacher_path),
+            "optim.epochs": 4,
+            "data.train_subset": 512,
+            "eval.max_samples": 64,
+            **overrides,
+        }
+    )
+
+
+@pytest.mark.parametrize("source", ["memory_bank", "in_batch"])
+def test_resuming_mid_run_gives_the_same_weights_as_an_uninterrupted_run(
+    digits, robust_teacher_path, source
+):
+    config = small_gacd(robust_teacher_path, **{"negatives.source": source})
+    states = []
+    uninterrupted = fit(
+        config,
+        data=digits,
+        report=lambda metrics, state: states.append(pickle.loads(pickle.dumps(state))),
+    )
+    resumed = fit(config, data=digits, resume=states[1])
+    for name, value in uninterrupted.method.state_dict().items():
+        assert torch.equal(value, resumed.method.state_dict()[name]), name
+    assert resumed.history == uninterrupted.history[:2] + resumed.history[2:]
+    assert [h["train/loss"] for h in resumed.history] == [
+        h["train/loss"] for h in uninterrupted.history
+    ]
+
+
+def test_checkpoint_holds_what_a_resume_needs(digits, robust_teacher_path, tmp_path):
+    config = small_gacd(robust_teacher_path, **{"optim.epochs": 1})
+    result = fit(config, data=digits)
+    path = save_checkpoint(result.state, tmp_path / "checkpoint.pt")
+    state = load_checkpoint(path)
+    assert {
+        "student",
+        "task",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "epoch",
+        "config",
+        "history",
+    } <= set(state)
+    assert (
+        "contrast.bank.teacher" in state["task"] and "student_head.linear.weight" in state["task"]
+    )
+    assert Config.from_dict(state["config"]) == config
+    assert state["epoch"] == 1
+    assert not any(path.parent.glob("*.tmp")), "temporary file left behind"
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(digits, robust_teacher_path):
+    state = fit(small_gacd(robust_teacher_path, **{"optim.epochs": 1}), data=digits).state
+    other = small_gacd(robust_teacher_path, **{"optim.epochs": 1, "tau": 0.5})
+    with pytest.raises(CheckpointError, match="tau"):
+        fit(other, data=digits, resume=state)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(digits):
+    config = digits_config(method="natural", **{"optim.lr": 1e6, "optim.epochs": 3})
+    with pytest.raises(NonFiniteLossError, match=r"epoch \d+, step \d+"):
+        fit(config, data=digits)
+
+
+def test_training_lowers_the_loss(digits):
+    result = fit(digits_config(method="pgd_at", **{"optim.epochs": 3}), data=digits)
+    losses = [epoch["train/loss"] for epoch in result.history]
+    assert losses[-1] < losses[0]
+
+
+def test_trades_trains(digits):
+    result = fit(digits_config(method="trades", **{"optim.epochs": 2}), data=digits)
+    assert {"train/loss/ce", "train/loss/kl"} <= set(result.metrics)
+    assert result.metrics["val/clean_acc"] > 0.2
+
+
+# --- teachers ------------------------------------------------------------------------------------
+
+
+def test_teacher_loads_from_a_plain_data_parallel_state_dict(digits, robust_teacher_path, tmp_path):
+    project = load_teacher(
+        Config.from_dict(
+            {"method": "natural", "teacher.checkpoint": str(robust_teacher_path)}
+        ).teacher,
+        digits.spec,
+    )
+    plain = {f"module.{k}": v for k, v in project.model.state_dict().items()}
+    torch.save({"state_dict": plain}, tmp_path / "plain.pt")
+    config = Config.from_dict(
+        {
+            "method": "natural",
+            "teacher.checkpoint": str(tmp_path / "plain.pt"),
+            "teacher.arch": "small_cnn",
+            "teacher.width": 32,
+        }
+    )
+    teacher = load_teacher(config.teacher, digits.spec)
+    x = digits.test.images[:8].float() / 255
+    assert torch.equal(teacher.head(teacher.features(x)), project.head(project.features(x)))
+    assert not teacher.model.training
+
+
+@pytest.mark.parametrize(
+    ("write", "teacher", "fragment"),
+    [
+        (None, {}, "no such file"),
+        (lambda p: p.write_bytes(b"not a torch file"), {}, "not a readable"),
+        (
+            lambda p: torch.save({"w": torch.ones(2), "obj": object()}, p),
+            {"arch": "small_cnn"},
+            "refused",
+        ),
+        (lambda p: torch.save({"w": torch.ones(2)}, p), {}, "set teacher.arch"),
+        (
+            lambda p: torch.save({"conv.weight": torch.ones(2)}, p),
+            {"arch": "small_cnn"},
+            "do not fit",
+        ),
+    ],
+)
+def test_bad_teacher_checkpoints_get_a_clear_error(digits, tmp_path, write, teacher, fragment):
+    path = tmp_path / "teacher.pt"
+    if write is not None:
+        write(path)
+    config = Config.from_dict(
+        {
+            "method": "natural",
+            "teacher.checkpoint": str(path),
+            **{f"teacher.{k}": v for k, v in teacher.items()},
+        }
+    )
+    with pytest.raises(CheckpointError, match=fragment) as caught:
+        load_teacher(config.teacher, digits.spec)
+    assert str(path) in str(caught.value)
+
+
+def test_project_teacher_of_another_architecture_is_refused(digits, robust_teacher_path):
+    config = Config.from_dict(
+        {
+            "method": "natural",
+            "teacher.checkpoint": str(robust_teacher_path),
+            "teacher.arch": "resnet18",
+        }
+    )
+    with pytest.raises(CheckpointError, match="holds a 'small_cnn' model"):
+        load_teacher(config.teacher, digits.spec)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def test_command_line_trains_resumes_and_reports(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        "method: natural\ndevice: cpu\nstudent: {width: 8}\n"
+        "data: {train_subset: 256}\noptim: {epochs: 1}\n"
+        "eval: {max_samples: 64, val_steps: 2}\nattack: {epsilon: 0.1}\n"
+    )
+    out = tmp_path / "out"
+    assert main([str(config_file), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                str(config_file),
+                "--out",
+                str(out),
+                "--set",
+                "optim.epochs=2",
+                "--resume",
+                str(out / "checkpoint.pt"),
+            ]
+        )
+        == 2
+    )  # another config: refused
+    assert (
+        main(
+            [str(config_file), "--out", str(out), "--set", "optim.epochs=1", "--set", "final=true"]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "test/pgd_acc" in lines[-1] and "val/pgd_acc" in lines[0]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+
+
+def test_command_line_rejects_bad_input(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attack: {epsilon: -1}\n")
+    assert main([str(bad)]) == 2
+    assert "attack.epsilon" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    bad.write_text("attack: {epsilon: [\n")
+    assert main([str(bad)]) == 2
+    assert "line" in capsys.readouterr().err
+
+
+def test_evaluate_command_scores_checkpoints(tmp_path, robust_teacher_path, capsys):
+    from gacd.evaluate import main as evaluate
+
+    assert evaluate([str(robust_teacher_path), "--set", "eval.max_samples=100"]) == 0
+    table = capsys.readouterr().out
+    assert "test/pgd_acc" in table and "test/cw_acc" in table and str(robust_teacher_path) in table
+    assert evaluate([str(tmp_path / "missing.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
