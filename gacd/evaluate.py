@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,16 @@ def attack_suite(evaluation: EvalConfig, seed: int = 0) -> dict[str, Attack | No
     return suite
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Random starts drawn from their own seeded stream: the same numbers on every call, and
+    the caller's random state left as it was (so evaluating never changes a training run)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
 def accuracy(
     model: nn.Module,
     split: ImageSplit,
@@ -55,6 +66,7 @@ def accuracy(
     batch_size: int,
     device: torch.device,
     limit: int | None = None,
+    seed: int = 0,
 ) -> float:
     """Fraction of the split's first `limit` samples classified right after `attack`."""
     was_training = model.training
@@ -62,11 +74,12 @@ def accuracy(
     correct = torch.zeros((), device=device)
     total = 0
     try:
-        for batch in batches(split, batch_size, device, limit=limit):
-            x = batch.x if attack is None else attack(model, batch.x, batch.y)
-            with torch.no_grad():
-                correct += (model(x).argmax(1) == batch.y).sum()
-            total += len(batch.y)
+        with seeded(seed, device):
+            for batch in batches(split, batch_size, device, limit=limit):
+                x = batch.x if attack is None else attack(model, batch.x, batch.y)
+                with torch.no_grad():
+                    correct += (model(x).argmax(1) == batch.y).sum()
+                total += len(batch.y)
     finally:
         model.train(was_training)
     return correct.item() / max(total, 1)
@@ -78,6 +91,7 @@ def validation_metrics(
     evaluation: EvalConfig,
     batch_size: int,
     device: torch.device,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Clean and PGD-`val_steps` accuracy on the validation split (model selection, search)."""
     budget = attacks.Budget(evaluation.epsilon, evaluation.step_size, evaluation.val_steps)
@@ -87,8 +101,8 @@ def validation_metrics(
 
     limit = evaluation.max_samples
     return {
-        metrics.VAL_CLEAN_ACC: accuracy(model, split, None, batch_size, device, limit),
-        metrics.VAL_PGD_ACC: accuracy(model, split, pgd, batch_size, device, limit),
+        metrics.VAL_CLEAN_ACC: accuracy(model, split, None, batch_size, device, limit, seed),
+        metrics.VAL_PGD_ACC: accuracy(model, split, pgd, batch_size, device, limit, seed),
     }
 
 
@@ -104,7 +118,7 @@ def robustness_metrics(
     """Clean, FGSM, PGD-`pgd_steps`, CW-inf and AutoAttack accuracy: `test/<attack>_acc`."""
     return {
         metrics.accuracy(prefix, name): accuracy(
-            model, split, attack, batch_size, device, evaluation.max_samples
+            model, split, attack, batch_size, device, evaluation.max_samples, seed
         )
         for name, attack in attack_suite(evaluation, seed).items()
     }

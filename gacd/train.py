@@ -80,7 +80,12 @@ def fit(
         epoch_metrics |= train_epoch(method, optimizer, data, config, epoch, device)
         scheduler.step()
         epoch_metrics |= validation_metrics(
-            method.student, data.val, config.eval, config.data.eval_batch_size, device
+            method.student,
+            data.val,
+            config.eval,
+            config.data.eval_batch_size,
+            device,
+            seed=config.seed,
         )
         if config.final and epoch + 1 == config.optim.epochs:
             epoch_metrics |= robustness_metrics(

@@ -116,3 +116,13 @@ def test_autoattack_is_at_least_as_strong_as_pgd(digits, natural_model):
     auto = accuracy(natural_model, digits.test, suite["autoattack"], 64, device, limit=64)
     pgd = accuracy(natural_model, digits.test, suite["pgd"], 64, device, limit=64)
     assert auto <= pgd + 1e-9
+
+
+def test_evaluation_is_reproducible_and_leaves_the_random_state_alone(digits, natural_model):
+    config = digits_config(method="natural", **{"eval.fgsm": False, "eval.cw": False})
+    device = torch.device("cpu")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = robustness_metrics(natural_model, digits.test, config.eval, 64, device, seed=1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert robustness_metrics(natural_model, digits.test, config.eval, 64, device, seed=1) == first
