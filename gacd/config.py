@@ -15,7 +15,10 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 AUTO = "auto"
 
@@ -29,6 +32,28 @@ class ConfigError(ValueError):
         if got is not dataclasses.MISSING:
             message += f", got {got!r}"
         super().__init__(message)
+
+
+class ConfigFileError(ConfigError):
+    """A config file that is missing or not valid YAML; the message names the file."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.key = path
+        ValueError.__init__(self, f"{path}: {problem}")
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """Parse a YAML file safely (data only, no tags that run code); one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigFileError(str(path), "no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigFileError(str(path), f"invalid YAML{where}: {problem}") from error
 
 
 @dataclass

@@ -53,7 +53,9 @@ def attack_suite(evaluation: EvalConfig, seed: int = 0) -> dict[str, Attack | No
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Random starts drawn from their own seeded stream: the same numbers on every call, and
     the caller's random state left as it was (so evaluating never changes a training run)."""
-    devices = [device] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices, device_type=device.type):
         torch.manual_seed(seed)
         yield

@@ -25,7 +25,14 @@ import yaml
 
 from gacd import metrics
 from gacd.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from gacd.config import Config, ConfigError, OptimConfig, set_dotted
+from gacd.config import (
+    Config,
+    ConfigError,
+    ConfigFileError,
+    OptimConfig,
+    read_yaml_file,
+    set_dotted,
+)
 from gacd.data import Datasets, augment, batches, load_datasets
 from gacd.evaluate import robustness_metrics, validation_metrics
 from gacd.methods import METHODS, Method
@@ -237,15 +244,9 @@ def seed_everything(seed: int) -> None:
 
 def load_config_file(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """A YAML file of overrides of the defaults, plus dotted-key overrides, as a Config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), "an existing YAML file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(str(path), f"valid YAML ({error})") from error
+    values = read_yaml_file(path) or {}
     if not isinstance(values, dict):
-        raise ConfigError(str(path), "a mapping of config keys at the top level", values)
+        raise ConfigFileError(str(path), f"expected a mapping of config keys, got {values!r}")
     for key, value in (overrides or {}).items():
         set_dotted(values, key, value)
     return Config.from_dict(values)
