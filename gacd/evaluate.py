@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from gacd.checkpoint import CheckpointError
     from gacd.config import ConfigError
     from gacd.data import DatasetNotFoundError
-    from gacd.train import parse_overrides
+    from gacd.train import add_override_argument, parse_overrides
 
     parser = argparse.ArgumentParser(
         prog="python -m gacd.evaluate",
@@ -174,15 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of gacd.train")
     parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. "
-        "--set eval.autoattack=false --set device=cpu (repeatable)",
-    )
+    add_override_argument(parser, "e.g. --set eval.autoattack=false --set device=cpu")
     args = parser.parse_args(argv)
     rows = {}
     try:

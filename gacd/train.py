@@ -252,7 +252,19 @@ def load_config_file(path: str | Path, overrides: Mapping[str, Any] | None = Non
     return Config.from_dict(values)
 
 
+def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a dotted config key, {example} (repeatable)",
+    )
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["a.b=0.1", "c=8/255"]` -> `{"a.b": 0.1, "c": "8/255"}`, values read as YAML."""
     overrides = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
@@ -273,14 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for checkpoint.pt and metrics.jsonl (default: runs/latest)",
     )
     parser.add_argument("--resume", help="continue from this checkpoint.pt")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted config key, e.g. --set attack.epsilon=8/255 (repeatable)",
-    )
+    add_override_argument(parser, "e.g. --set attack.epsilon=8/255")
     args = parser.parse_args(argv)
     try:
         config = load_config_file(args.config, parse_overrides(args.overrides))
