@@ -80,7 +80,7 @@ def fit(
     start_epoch = 0
     if resume is not None:
         start_epoch, history = restore(resume, config, method, optimizer, scheduler)
-    state: State = {}
+    state = training_state(config, start_epoch, method, optimizer, scheduler, history)
     for epoch in range(start_epoch, config.optim.epochs):
         started = time.perf_counter()
         epoch_metrics = {metrics.EPOCH: epoch + 1, metrics.LR: optimizer.param_groups[0]["lr"]}

@@ -222,3 +222,35 @@ def test_evaluate_command_scores_checkpoints(tmp_path, robust_teacher_path, caps
     assert "test/pgd_acc" in table and "test/cw_acc" in table and str(robust_teacher_path) in table
     assert evaluate([str(tmp_path / "missing.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_robustbench_style_wide_resnet_loads_as_a_raw_pixel_teacher(digits, tmp_path):
+    from gacd.models import build_model
+
+    reference = build_model(
+        "wide_resnet", num_classes=10, in_channels=1, mean=None, std=None, depth=10, width=2
+    )
+    torch.save(reference.state_dict(), tmp_path / "Carmon2019Unlabeled.pt")
+    config = Config.from_dict(
+        {
+            "method": "natural",
+            "teacher.checkpoint": str(tmp_path / "Carmon2019Unlabeled.pt"),
+            "teacher.arch": "wide_resnet",
+            "teacher.depth": 10,
+            "teacher.width": 2,
+            "teacher.normalize": False,
+        }
+    )
+    teacher = load_teacher(config.teacher, digits.spec)
+    x = digits.test.images[:4].float() / 255
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(teacher.head(teacher.features(x)), reference(x))
+    assert torch.equal(teacher.model.normalize.std, torch.ones(1, 1, 1, 1))
+
+
+def test_resuming_a_finished_run_trains_nothing_and_returns_its_state(digits):
+    config = digits_config(method="natural", **{"optim.epochs": 1, "data.train_subset": 256})
+    finished = fit(config, data=digits)
+    again = fit(config, data=digits, resume=finished.state)
+    assert again.history == finished.history and again.state["epoch"] == 1
