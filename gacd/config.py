@@ -9,7 +9,6 @@ Fields that are fractions of the pixel range (budgets) accept strings such as `"
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from gacd.registry import closest
+
 AUTO = "auto"
 
 
@@ -27,11 +28,15 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the dotted key."""
 
     def __init__(self, key: str, expected: str, got: object = dataclasses.MISSING) -> None:
-        self.key = key
+        self.key, self.expected, self.got = key, expected, got
         message = f"config key '{key}': expected {expected}"
         if got is not dataclasses.MISSING:
             message += f", got {got!r}"
         super().__init__(message)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error for a config nested under `prefix` (`base.tau`, `search.tau`)."""
+        return ConfigError(f"{prefix}.{self.key}", self.expected, self.got)
 
 
 class ConfigFileError(ConfigError):
@@ -242,8 +247,8 @@ def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            close = closest(key, names)
+            hint = f" (did you mean '{prefix}{close}'?)" if close else ""
             raise ConfigError(f"{prefix}{key}", f"one of the known keys{hint}: {', '.join(names)}")
     converted = {key: convert(hints[key], value, f"{prefix}{key}") for key, value in values.items()}
     return cls(**converted)
@@ -253,6 +258,8 @@ def convert(annotation: Any, value: Any, key: str) -> Any:
     """Check `value` against a type annotation; numbers and fractions become floats."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, key + ".")
     if origin in (typing.Union, types.UnionType):
@@ -262,10 +269,14 @@ def convert(annotation: Any, value: Any, key: str) -> Any:
         return convert(inner, value, key)
     if origin is Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = closest(value, [str(a) for a in args])
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise ConfigError(key, f"one of {', '.join(map(str, args))}{hint}", value)
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "a mapping", value)
+        return {str(k): convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(key, "a list", value)

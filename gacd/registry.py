@@ -42,8 +42,17 @@ class Registry:
         return name in self._entries
 
 
+def closest(name: object, valid: list[str]) -> str | None:
+    """The valid name a typo most likely meant: a close spelling, or one it abbreviates."""
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    if close:
+        return close[0]
+    prefixed = [candidate for candidate in valid if candidate.startswith(str(name))]
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
 def unknown_name_message(kind: str, name: object, valid: list[str]) -> str:
     """`unknown model 'resnet81'; did you mean 'resnet18'? valid: ...`"""
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ";"
+    close = closest(name, valid)
+    hint = f"; did you mean '{close}'?" if close else ";"
     return f"unknown {kind} '{name}'{hint} valid: {', '.join(valid)}"

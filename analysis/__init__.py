@@ -1,0 +1,1 @@
+"""From a study in MLflow to tables, importance and plots."""

@@ -1,0 +1,441 @@
+"""Run a study: `python -m study.run SPACE.yaml [--num-gpus N] [--address auto] [--resume] ...`
+
+Ray Tune schedules the trials (locally, or on a cluster with `--address`), Optuna proposes the
+searched values (seeded TPE, trials kept in SQLite beside the MLflow store), ASHA stops poor
+trials early, and every trial is a child run of the study's run in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gacd.checkpoint import CheckpointError
+from gacd.config import ConfigError
+from gacd.data import DatasetNotFoundError
+from study.spec import (
+    REFERENCE,
+    SEED_KEY,
+    VARIANT_KEY,
+    StudyError,
+    StudySpec,
+    load_study,
+    spec_from_dict,
+)
+
+SPEC_FILE = "gacd_study.json"
+# Local Ray instances bind to 127.0.0.1 only, so a laptop study opens no port to the network.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@dataclass
+class StudyPaths:
+    storage: Path  # Ray's results: one folder per study, checkpoints, the teacher cache
+    tracking_uri: str
+    optuna_url: str
+
+    @property
+    def teachers(self) -> Path:
+        return self.storage / "teachers"
+
+    def experiment(self, name: str) -> Path:
+        return self.storage / name
+
+
+def study_paths(storage: str | None, tracking_uri: str | None, optuna: str | None) -> StudyPaths:
+    """Absolute paths: every trial runs in a working directory of its own."""
+    from study.tracking import default_tracking_uri
+
+    storage_path = storage or "ray_results"
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        raise StudyError(
+            f"--storage {storage_path!r}: give a path (for a multi-node cluster, one on a "
+            "filesystem every node mounts, such as NFS)"
+        )
+    root = Path(storage_path.removeprefix("file://")).expanduser().resolve()
+    uri = tracking_uri or default_tracking_uri()
+    if optuna is None:
+        beside = (
+            Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
+        )
+        optuna = f"sqlite:///{beside / 'optuna.db'}"
+    return StudyPaths(root, uri, optuna)
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+def trial_count(spec: StudySpec) -> int:
+    if spec.study.mode == "search":
+        return spec.study.num_samples
+    assert spec.ablation is not None
+    return len(spec.variants()) * len(spec.ablation.seeds)
+
+
+def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
+    """What a run of this study would do, without doing it (`--dry-run`)."""
+    from study.search import search_space
+
+    study = spec.study
+    resources = spec.resources
+    lines = [
+        f"study      {spec.name} ({study.mode}), {trial_count(spec)} trials, "
+        f"{study.metric} ({study.direction})",
+        f"resources  {resources.cpus_per_trial:g} CPU, {resources.gpus_per_trial:g} GPU per "
+        f"trial; at most {study.max_concurrent or 'as many as fit'} at once; "
+        f"{study.max_failures} retries",
+        f"cluster    {address or 'a local Ray instance on 127.0.0.1'}",
+        f"scheduler  {spec.scheduler}"
+        + (
+            f" (grace {study.scheduler.grace_period} epochs, "
+            f"reduction {study.scheduler.reduction_factor:g})"
+            if spec.scheduler == "asha"
+            else ""
+        ),
+    ]
+    config = spec.trial_config(first_trial(spec))
+    lines.append(
+        f"trial      {config.method} on {config.data.name}, {config.student.arch} student, "
+        f"{config.optim.epochs} epochs, evaluated at epsilon {config.eval.epsilon:.4g}"
+    )
+    if spec.teacher is not None:
+        source = "trained first, cached at" if spec.teacher.train else "checkpoint"
+        lines.append(f"teacher    {source} {spec.teacher.checkpoint}")
+    if study.mode == "search":
+        lines.append(
+            f"sampler    Optuna {study.sampler.name} (seed {study.sampler.seed}"
+            + (", multivariate" if study.sampler.multivariate else "")
+            + ")"
+        )
+        lines += [f"  {key:24} {value}" for key, value in search_space(spec).items()]
+    else:
+        assert spec.ablation is not None
+        source = spec.ablation.from_study
+        lines.append(
+            f"reference  {'best full-budget trial of study ' + source + ' + ' if source else ''}"
+            f"{json.dumps(spec.ablation.reference)}; seeds {spec.ablation.seeds}"
+        )
+        lines += [f"  {name:24} {json.dumps(o)}" for name, o in spec.variants().items()]
+    lines += [
+        f"results    {paths.experiment(spec.name)}",
+        f"mlflow     {paths.tracking_uri} (experiment {spec.name})",
+        f"optuna     {paths.optuna_url} (study {spec.name})",
+    ]
+    return "\n".join(lines)
+
+
+def first_trial(spec: StudySpec) -> dict[str, Any]:
+    if spec.study.mode == "ablation":
+        assert spec.ablation is not None
+        return {VARIANT_KEY: REFERENCE, SEED_KEY: spec.ablation.seeds[0]}
+    return {}
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> dict[str, float]:
+    """Join a cluster (claiming nothing) or start a local instance; returns its resources."""
+    import ray
+
+    try:
+        if address:
+            use_cluster_token()
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+    except (ConnectionError, TimeoutError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise StudyError(
+            f"--address {address!r}: no Ray cluster answers there ({first_line})"
+        ) from error
+    return ray.cluster_resources()
+
+
+def use_cluster_token() -> None:
+    """A cluster started with token authentication (Ray's default when a token exists) only
+    answers drivers that send the token: send it whenever one is configured here."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (
+        "RAY_AUTH_TOKEN" in os.environ or token_file.is_file()
+    ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def concurrency(spec: StudySpec, resources: dict[str, float], num_cpus, num_gpus) -> int | None:
+    """Refuse trials the cluster cannot hold; cap concurrency at `--num-gpus`/`--num-cpus`."""
+    per_trial = spec.resources
+    for kind, needed in (("GPU", per_trial.gpus_per_trial), ("CPU", per_trial.cpus_per_trial)):
+        if needed > resources.get(kind, 0.0):
+            raise StudyError(
+                f"resources.{kind.lower()}s_per_trial is {needed:g} but the cluster has "
+                f"{resources.get(kind, 0.0):g} {kind}s"
+            )
+    limits = [spec.study.max_concurrent] if spec.study.max_concurrent else []
+    if num_gpus is not None and per_trial.gpus_per_trial > 0:
+        limits.append(max(1, math.floor(num_gpus / per_trial.gpus_per_trial)))
+    if num_cpus is not None:
+        limits.append(max(1, math.floor(num_cpus / per_trial.cpus_per_trial)))
+    return min(limits) if limits else None
+
+
+def ensure_teacher(spec: StudySpec, tracking, commit: str) -> str | None:
+    """Train the study's teacher once, as a Ray task with a trial's resources; log it once."""
+    import ray
+
+    from study.trainable import teacher_is_trained, train_teacher
+
+    config = spec.teacher_training_config()
+    if config is None:
+        return None
+    assert spec.teacher is not None and spec.teacher.checkpoint is not None
+    checkpoint = Path(spec.teacher.checkpoint)
+    if teacher_is_trained(checkpoint):
+        print(f"teacher: cached {checkpoint}", flush=True)
+    else:
+        print(
+            f"teacher: training {config.method} {config.student.arch} -> {checkpoint}", flush=True
+        )
+        cpus, gpus = spec.resources.cpus_per_trial, spec.resources.gpus_per_trial
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=spec.study.max_failures)(
+            train_teacher
+        )
+        ray.get(task.remote(config.to_dict(), str(checkpoint), cpus))
+    return tracking.teacher_run(checkpoint, commit)
+
+
+def resolve_reference(spec: StudySpec, paths: StudyPaths) -> None:
+    """`ablation.from_study`: the best full-budget trial of a finished search becomes the
+    reference (under the ablation's own `reference` overrides, which win)."""
+    from study.search import best_full_budget_trial, study_exists
+
+    assert spec.ablation is not None
+    source = spec.ablation.from_study
+    if source is None:
+        return
+    if not study_exists(paths.optuna_url, source):
+        raise StudyError(
+            f"ablation.from_study: no study {source!r} in {paths.optuna_url}; run that search "
+            "first (with the same --tracking-uri / --optuna-storage)"
+        )
+    try:
+        best = best_full_budget_trial(paths.optuna_url, source)
+    except ValueError as error:
+        raise StudyError(
+            f"ablation.from_study: study {source!r} has no trial that ran its full budget"
+        ) from error
+    spec.ablation.reference = {**best.params, **spec.ablation.reference}
+    print(f"reference: study {source} trial {best.number} ({best.value:.4f}): {best.params}")
+
+
+def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
+    """On `--resume`, the spec the study started with (its resolved reference included)."""
+    saved = json.loads((path / SPEC_FILE).read_text())
+    if saved["source"] != spec_source(spec):
+        raise StudyError(
+            f"--resume: the study file differs from the one study {spec.name!r} started with "
+            f"(saved in {path / SPEC_FILE}); resume with that file, or start a new --name"
+        )
+    return spec_from_dict(saved["resolved"], teacher_cache=teachers)
+
+
+def spec_source(spec: StudySpec) -> dict[str, Any]:
+    """The parts of a spec that a resume must not change (not concurrency or sample count)."""
+    source = spec.to_dict()
+    for key in ("max_concurrent", "num_samples"):
+        source["study"].pop(key)
+    return json.loads(json.dumps(source, default=str))
+
+
+def trial_dirname(trial: Any) -> str:
+    """Folders named by trial id; hyperparameters live in MLflow, never in folder names."""
+    return trial.trial_id
+
+
+def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurrent: int | None):
+    from ray import tune
+
+    from study.search import optuna_storage, scheduler, searcher
+    from study.trainable import train_trial
+
+    config = spec.trial_config(first_trial(spec))
+    if spec.study.mode == "search":
+        param_space: dict[str, Any] = {}
+        search_alg = searcher(spec, optuna_storage(paths.optuna_url))
+        num_samples = spec.study.num_samples
+    else:
+        assert spec.ablation is not None
+        param_space = {
+            VARIANT_KEY: tune.grid_search(list(spec.variants())),
+            SEED_KEY: tune.grid_search(spec.ablation.seeds),
+        }
+        search_alg, num_samples = None, 1
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, spec=spec),
+        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            # An ablation's metric (a test metric) exists only after the last epoch; nothing in
+            # Ray needs it, so it is left to the summary.
+            metric=spec.study.metric if search_alg else None,
+            mode=spec.study.direction if search_alg else None,
+            search_alg=search_alg,
+            scheduler=scheduler(spec, config.optim.epochs),
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent,
+            trial_name_creator=trial_dirname,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=str(paths.storage),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def restore_tuner(spec: StudySpec, path: Path):
+    from ray import tune
+
+    from study.trainable import train_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, spec=spec),
+        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
+    )
+    return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+
+
+def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:
+    from study.tracking import check_tracking_uri
+
+    check_tracking_uri(paths.tracking_uri)
+    experiment_path = paths.experiment(spec.name)
+    exists = (experiment_path / SPEC_FILE).is_file()
+    if args.resume and not exists:
+        raise StudyError(f"--resume: no study {spec.name!r} in {paths.storage} to resume")
+    if exists and not args.resume:
+        raise StudyError(
+            f"study {spec.name!r} already exists in {experiment_path}: pass --resume to "
+            "continue it, or --name for a new study"
+        )
+    if args.resume:
+        spec = load_saved_spec(spec, experiment_path, paths.teachers)
+    resources = connect(args.address, args.num_cpus, args.num_gpus)
+    try:
+        return run_on_ray(spec, paths, args, exists, resources)
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def run_on_ray(
+    spec: StudySpec, paths: StudyPaths, args: argparse.Namespace, exists: bool, resources
+) -> int:
+    from ray import tune
+
+    from study.progress import EpochLines
+    from study.report import print_summary
+    from study.tracking import TAG_TEACHER_RUN, Tracking, TrialRuns, git_commit
+
+    experiment_path = paths.experiment(spec.name)
+    max_concurrent = concurrency(spec, resources, args.num_cpus, args.num_gpus)
+    tracking, commit = Tracking(paths.tracking_uri), git_commit()
+    if not args.resume and spec.study.mode == "ablation":
+        resolve_reference(spec, paths)
+    teacher_run = ensure_teacher(spec, tracking, commit)
+    experiment_id, parent_run = tracking.study_run(spec, commit, args.resume)
+    if teacher_run is not None:
+        tracking.client.set_tag(parent_run, TAG_TEACHER_RUN, teacher_run)
+    if not exists:
+        experiment_path.mkdir(parents=True, exist_ok=True)
+        saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
+        (experiment_path / SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
+    runs = TrialRuns(
+        paths.tracking_uri,
+        experiment_id,
+        parent_run,
+        spec,
+        commit,
+        log_checkpoints=spec.study.mode == "ablation",
+    )
+    if args.resume and tune.Tuner.can_restore(str(experiment_path)):
+        tuner = restore_tuner(spec, experiment_path)
+    else:  # new, or stopped before Ray wrote its first experiment state
+        tuner = build_tuner(spec, paths, [runs, EpochLines(spec)], max_concurrent)
+    results = tuner.fit()
+    finished = results.num_terminated + results.num_errors
+    if finished < trial_count(spec):
+        runs.mark_unfinished("KILLED")
+        tracking.finish(parent_run, "KILLED")
+        print(
+            f"interrupted: {finished} of {trial_count(spec)} trials finished; continue with "
+            f"python -m study.run {args.file} --resume"
+            + (f" --name {spec.name}" if args.name else ""),
+            file=sys.stderr,
+        )
+        return 130
+    print_summary(spec, paths, tracking, experiment_id, parent_run)
+    tracking.finish(parent_run, "FINISHED")
+    return 0
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n")[0])
+    parser.add_argument("file", help="the study file (YAML), e.g. search_spaces/digits.yaml")
+    parser.add_argument("--num-gpus", type=int, help="GPUs the study may use (all by default)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs the study may use (all by default)")
+    parser.add_argument(
+        "--address", help="join a running Ray cluster: auto, or HOST:PORT of its head node"
+    )
+    parser.add_argument("--num-samples", type=int, help="trials of a search (study.num_samples)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (study.max_concurrent)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
+    parser.add_argument(
+        "--storage", help="folder for Ray's results and checkpoints (default: ./ray_results)"
+    )
+    parser.add_argument(
+        "--optuna-storage", help="Optuna's database (default: optuna.db beside mlflow.db)"
+    )
+    parser.add_argument("--name", help="the study's name (default: study.name in the file)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the file and print the plan; run nothing"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        paths = study_paths(args.storage, args.tracking_uri, args.optuna_storage)
+        spec = load_study(
+            args.file, args.name, args.num_samples, args.max_concurrent, paths.teachers
+        )
+        if args.dry_run:
+            print(describe(spec, paths, args.address))
+            return 0
+        return run_study(spec, paths, args)
+    except (ConfigError, StudyError, CheckpointError, DatasetNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The search side of a study: Optuna's distributions and sampler, Ray's searcher and scheduler.
+
+Ray's `OptunaSearch` tells Optuna every trial as COMPLETE with its last value, including trials
+a scheduler stopped after a few epochs (REFERENCE.md, pitfall 3). `StudySearch` tells those
+PRUNED instead (their intermediate values are already reported), so Optuna's best trial, its
+importance and the ablation's `from_study` only ever see trials that ran the full budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from gacd import metrics
+from study.spec import EPOCHS_TOTAL, OPTUNA_NUMBER_KEY, DistributionSpec, StudySpec
+
+# Optuna user attributes that link an Optuna trial to its Ray trial (and so its MLflow run).
+RAY_TRIAL_ID_ATTR = "ray_trial_id"
+FULL_BUDGET_ATTR = "full_budget"
+
+
+def optuna_distribution(spec: DistributionSpec) -> optuna.distributions.BaseDistribution:
+    if spec.distribution == "choice":
+        return optuna.distributions.CategoricalDistribution(spec.values)
+    if spec.distribution == "int":
+        return optuna.distributions.IntDistribution(
+            int(spec.low), int(spec.high), step=spec.step or 1
+        )
+    return optuna.distributions.FloatDistribution(
+        spec.low, spec.high, log=spec.distribution == "loguniform"
+    )
+
+
+def search_space(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    return {key: optuna_distribution(value) for key, value in spec.search.items()}
+
+
+def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    settings = spec.study.sampler
+    if settings.name == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    return optuna.samplers.TPESampler(
+        seed=settings.seed,
+        multivariate=settings.multivariate,
+        n_startup_trials=settings.n_startup_trials,
+    )
+
+
+def ran_full_budget(result: dict[str, Any] | None) -> bool:
+    return bool(result) and result.get(metrics.EPOCH) == result.get(EPOCHS_TOTAL)
+
+
+class StudySearch(OptunaSearch):
+    """`OptunaSearch` that links Optuna and Ray trials and prunes early-stopped ones."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        params = super().suggest(trial_id)
+        if params is None:
+            return None
+        optuna_trial = self._ot_trials[trial_id]
+        optuna_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+        return {**params, OPTUNA_NUMBER_KEY: optuna_trial.number}
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        optuna_trial = self._ot_trials.get(trial_id)
+        full = ran_full_budget(result) and not error
+        if optuna_trial is not None and trial_id not in self._completed_trials:
+            optuna_trial.set_user_attr(FULL_BUDGET_ATTR, full)
+        # No value: Optuna records FAIL after an error, PRUNED after an early stop.
+        super().on_trial_complete(trial_id, result if full else None, error)
+
+
+def searcher(spec: StudySpec, storage: optuna.storages.BaseStorage) -> StudySearch:
+    """Seeded Optuna sampler over the study's space, its trials kept in `storage`."""
+    return StudySearch(
+        space=search_space(spec),
+        metric=spec.study.metric,
+        mode=spec.study.direction,
+        sampler=sampler(spec),
+        study_name=spec.name,
+        storage=storage,
+    )
+
+
+def scheduler(spec: StudySpec, epochs: int) -> TrialScheduler:
+    """ASHA on epochs (metric and mode come from the TuneConfig), or first-in-first-out."""
+    if spec.scheduler == "asha":
+        settings = spec.study.scheduler
+        return ASHAScheduler(
+            time_attr=metrics.EPOCH,
+            max_t=epochs,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    return FIFOScheduler()
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(url)
+
+
+def study_exists(url: str, name: str) -> bool:
+    return name in optuna.study.get_all_study_names(url)
+
+
+def best_full_budget_trial(url: str, name: str) -> optuna.trial.FrozenTrial:
+    """The best COMPLETE trial of a search: those are exactly the full-budget ones."""
+    study = optuna.load_study(study_name=name, storage=url)
+    return study.best_trial

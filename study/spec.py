@@ -1,0 +1,534 @@
+"""A study file: what to train, what to vary, and how to schedule it; validated once, at the edge.
+
+A study file (YAML) has these sections (see the README for the full format):
+
+- `study`: name, `mode: search | ablation`, the metric and its direction, samples, scheduler,
+  sampler, concurrency and retries.
+- `resources`: CPUs and GPUs per trial (fractions allowed).
+- `teacher`: a checkpoint (with its architecture when it is a plain state dict), or `train:` a
+  `gacd` config that trains one, once, cached by the hash of its resolved config.
+- `base`: overrides of the `gacd` defaults shared by every trial.
+- `search` (mode `search`): dotted config keys to distributions.
+- `ablation` (mode `ablation`): a reference (overrides, or `from_study: NAME`, the best
+  full-budget configuration of a finished search), named variants as overrides, and seeds.
+
+`load_study` turns the file into a `StudySpec`, and every trial's `gacd` config is built from it
+by `StudySpec.trial_config`, so a file that passes `--dry-run` cannot fail later on its config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gacd import metrics
+from gacd.config import (
+    Config,
+    ConfigError,
+    ConfigFileError,
+    build_dataclass,
+    flatten,
+    nest_dotted,
+    read_yaml_file,
+    set_dotted,
+)
+from gacd.methods import METHODS
+
+# The variant an ablation compares every other variant with.
+REFERENCE = "full"
+# Keys a trial's Ray config may carry besides searched parameters.
+VARIANT_KEY = "variant"
+SEED_KEY = "seed"
+OPTUNA_NUMBER_KEY = "optuna_trial_number"
+# Reported with every epoch, so a scheduler's early stop can be told from a full run.
+EPOCHS_TOTAL = "epochs_total"
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class SchedulerSpec:
+    # None: `asha` for a search, `none` for an ablation (every variant runs its full budget).
+    name: Literal["asha", "none"] | None = None
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SamplerSpec:
+    name: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    multivariate: bool = True
+    # Random proposals before TPE models the results.
+    n_startup_trials: int = 5
+
+
+@dataclass
+class StudySection:
+    name: str | None = None
+    mode: Literal["search", "ablation"] = "search"
+    metric: str = metrics.VAL_PGD_ACC
+    direction: Literal["max", "min"] = "max"
+    num_samples: int = 8
+    max_concurrent: int | None = None
+    # Times a trial is restarted from its last checkpoint after its process dies.
+    max_failures: int = 2
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+
+
+@dataclass
+class ResourcesSpec:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+
+@dataclass
+class TeacherSpec:
+    """A teacher checkpoint, or `train`: the `gacd` config of a teacher to train first."""
+
+    checkpoint: str | None = None
+    arch: str | None = None
+    depth: int | None = None
+    width: float | None = None
+    normalize: bool | None = None
+    train: dict[str, Any] | None = None
+
+
+@dataclass
+class AblationSpec:
+    reference: dict[str, Any] = field(default_factory=dict)
+    from_study: str | None = None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class DistributionSpec:
+    distribution: Literal["uniform", "loguniform", "int", "choice"] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None
+    values: list[Any] | None = None
+
+
+@dataclass
+class StudySpec:
+    study: StudySection = field(default_factory=StudySection)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    teacher: TeacherSpec | None = None
+    base: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, DistributionSpec] = field(default_factory=dict)
+    ablation: AblationSpec | None = None
+
+    @property
+    def name(self) -> str:
+        assert self.study.name is not None
+        return self.study.name
+
+    @property
+    def scheduler(self) -> str:
+        return self.study.scheduler.name or ("asha" if self.study.mode == "search" else "none")
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """The ablation's variants by name, the reference first."""
+        assert self.ablation is not None
+        return {REFERENCE: {}, **self.ablation.variants}
+
+    def trial_values(self, ray_config: dict[str, Any]) -> dict[str, Any]:
+        """Nested overrides of the `gacd` defaults for one trial, in order of precedence:
+        base, teacher, reference and variant (ablation), searched values, seed and split."""
+        values = copy.deepcopy(nest_dotted(self.base))
+        for key, value in self.teacher_overrides().items():
+            set_dotted(values, f"teacher.{key}", value)
+        if self.study.mode == "ablation":
+            assert self.ablation is not None
+            layers = [self.ablation.reference, self.variants()[ray_config[VARIANT_KEY]]]
+            for layer in layers:
+                for key, value in layer.items():
+                    set_dotted(values, key, copy.deepcopy(value))
+            values["seed"] = ray_config[SEED_KEY]
+        for key in self.search:
+            if key in ray_config:
+                set_dotted(values, key, ray_config[key])
+        # Select on validation, report on test: only ablation runs ever see the test split.
+        values["final"] = self.study.mode == "ablation"
+        return values
+
+    def trial_config(self, ray_config: dict[str, Any]) -> Config:
+        return Config.from_dict(self.trial_values(ray_config))
+
+    def trial_label(self, ray_config: dict[str, Any], trial_id: str) -> str:
+        """`full-seed1` in an ablation, `trial-007` (the Optuna number) in a search."""
+        if self.study.mode == "ablation":
+            return f"{ray_config[VARIANT_KEY]}-seed{ray_config[SEED_KEY]}"
+        number = ray_config.get(OPTUNA_NUMBER_KEY)
+        return f"trial-{number:03d}" if isinstance(number, int) else trial_id
+
+    def teacher_overrides(self) -> dict[str, Any]:
+        if self.teacher is None:
+            return {}
+        fields = ("checkpoint", "arch", "depth", "width", "normalize")
+        return {
+            name: getattr(self.teacher, name)
+            for name in fields
+            if getattr(self.teacher, name) is not None
+        }
+
+    def teacher_training_config(self) -> Config | None:
+        """The teacher's own `gacd` config; it inherits `base`'s data, seed, device and
+        evaluation settings (so it is evaluated as its students are), nothing else."""
+        if self.teacher is None or self.teacher.train is None:
+            return None
+        base = nest_dotted(self.base)
+        values: dict[str, Any] = {"final": True}
+        for key in ("data", "seed", "device", "eval"):
+            if key in base:
+                values[key] = copy.deepcopy(base[key])
+        for key, value in nest_dotted(self.teacher.train).items():
+            set_dotted(values, key, value)
+        return Config.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class StudyError(RuntimeError):
+    """A study that cannot run as asked (exists, missing, nothing to resume); one line."""
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_study(
+    path: str | Path,
+    name: str | None = None,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+    teacher_cache: Path | None = None,
+) -> StudySpec:
+    """Read, validate and resolve a study file; errors name the file and the dotted key.
+
+    Relative paths in it (data folders, teacher checkpoints) are taken from the current
+    directory and made absolute here, since every trial runs in a directory of its own.
+    """
+    raw = read_yaml_file(path)
+    if not isinstance(raw, dict):
+        raise ConfigFileError(str(path), f"expected a mapping of study sections, got {raw!r}")
+    try:
+        spec = spec_from_dict(raw, name, num_samples, max_concurrent, teacher_cache)
+    except ConfigError as error:
+        raise ConfigFileError(str(path), str(error)) from error
+    return spec
+
+
+def spec_from_dict(
+    raw: dict[str, Any],
+    name: str | None = None,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+    teacher_cache: Path | None = None,
+) -> StudySpec:
+    spec: StudySpec = build_dataclass(StudySpec, raw, prefix="")
+    if name is not None:
+        spec.study.name = name
+    if num_samples is not None:
+        spec.study.num_samples = num_samples
+    if max_concurrent is not None:
+        spec.study.max_concurrent = max_concurrent
+    make_paths_absolute(spec)
+    validate_sections(spec)
+    validate_teacher(spec, teacher_cache)
+    validate_trials(spec)
+    return spec
+
+
+def make_paths_absolute(spec: StudySpec) -> None:
+    spec.base = nest_dotted(spec.base)
+    configs = [spec.base]
+    if spec.teacher is not None and spec.teacher.train is not None:
+        spec.teacher.train = nest_dotted(spec.teacher.train)
+        configs.append(spec.teacher.train)
+    for values in configs:
+        for section, name in (("data", "data_dir"), ("teacher", "checkpoint")):
+            part = values.get(section)
+            if isinstance(part, dict) and isinstance(part.get(name), str):
+                part[name] = absolute(part[name])
+    if spec.teacher is not None and spec.teacher.checkpoint is not None:
+        spec.teacher.checkpoint = absolute(spec.teacher.checkpoint)
+
+
+def absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def require(condition: bool, key: str, expected: str, got: object = dataclasses.MISSING) -> None:
+    if not condition:
+        raise ConfigError(key, expected, got)
+
+
+def validate_sections(spec: StudySpec) -> None:
+    study = spec.study
+    require(study.name is not None, "study.name", "a name for the study (or --name)")
+    require(
+        bool(NAME_PATTERN.match(study.name or "")),
+        "study.name",
+        "letters, digits, '_', '-' and '.', starting with a letter or digit",
+        study.name,
+    )
+    require(study.num_samples >= 1, "study.num_samples", "an integer >= 1", study.num_samples)
+    if study.max_concurrent is not None:
+        require(
+            study.max_concurrent >= 1,
+            "study.max_concurrent",
+            "an integer >= 1",
+            study.max_concurrent,
+        )
+    require(study.max_failures >= 0, "study.max_failures", "an integer >= 0", study.max_failures)
+    scheduler = study.scheduler
+    require(
+        scheduler.grace_period >= 1,
+        "study.scheduler.grace_period",
+        "an integer >= 1 (epochs)",
+        scheduler.grace_period,
+    )
+    require(
+        scheduler.reduction_factor > 1,
+        "study.scheduler.reduction_factor",
+        "a number > 1",
+        scheduler.reduction_factor,
+    )
+    require(
+        study.sampler.n_startup_trials >= 0,
+        "study.sampler.n_startup_trials",
+        "an integer >= 0",
+        study.sampler.n_startup_trials,
+    )
+    resources = spec.resources
+    require(
+        resources.cpus_per_trial > 0,
+        "resources.cpus_per_trial",
+        "a number > 0",
+        resources.cpus_per_trial,
+    )
+    require(
+        resources.gpus_per_trial >= 0,
+        "resources.gpus_per_trial",
+        "a number >= 0",
+        resources.gpus_per_trial,
+    )
+    validate_mode(spec)
+    validate_metric(spec)
+
+
+def validate_mode(spec: StudySpec) -> None:
+    if spec.study.mode == "search":
+        require(
+            bool(spec.search),
+            "search",
+            "at least one dotted config key with a distribution (mode: search)",
+        )
+        require(spec.ablation is None, "ablation", "no ablation section in a search (mode: search)")
+        return
+    require(spec.ablation is not None, "ablation", "an ablation section (mode: ablation)")
+    require(not spec.search, "search", "no search section in an ablation (mode: ablation)")
+    require(
+        spec.scheduler == "none",
+        "study.scheduler.name",
+        "none in an ablation (every variant runs its full budget)",
+        spec.scheduler,
+    )
+    ablation = spec.ablation
+    assert ablation is not None
+    require(bool(ablation.seeds), "ablation.seeds", "a non-empty list of integer seeds", [])
+    require(
+        len(set(ablation.seeds)) == len(ablation.seeds),
+        "ablation.seeds",
+        "distinct seeds",
+        ablation.seeds,
+    )
+    require(
+        REFERENCE not in ablation.variants,
+        f"ablation.variants.{REFERENCE}",
+        f"another name ('{REFERENCE}' is the reference itself)",
+    )
+    for variant in ablation.variants:
+        require(
+            bool(NAME_PATTERN.match(variant)),
+            f"ablation.variants.{variant}",
+            "a name of letters, digits, '_', '-' and '.'",
+            variant,
+        )
+    if ablation.from_study is not None:
+        require(
+            bool(NAME_PATTERN.match(ablation.from_study)),
+            "ablation.from_study",
+            "the name of a finished search study",
+            ablation.from_study,
+        )
+
+
+SEARCH_METRICS = (metrics.VAL_CLEAN_ACC, metrics.VAL_PGD_ACC, metrics.TRAIN_LOSS_PREFIX)
+
+
+def validate_metric(spec: StudySpec) -> None:
+    metric = spec.study.metric
+    if spec.study.mode == "search":
+        # Searches select on validation only; the test split is for final runs.
+        require(
+            metric in SEARCH_METRICS, "study.metric", f"one of {', '.join(SEARCH_METRICS)}", metric
+        )
+        return
+    known = SEARCH_METRICS + tuple(metrics.accuracy("test", name) for name in metrics.ATTACKS)
+    require(metric in known, "study.metric", f"one of {', '.join(known)}", metric)
+
+
+def validate_teacher(spec: StudySpec, teacher_cache: Path | None) -> None:
+    teacher = spec.teacher
+    if teacher is None:
+        return
+    if teacher.train is None:
+        require(
+            teacher.checkpoint is not None,
+            "teacher",
+            "either checkpoint: PATH or train: a gacd config of the teacher",
+        )
+        return
+    try:
+        config = spec.teacher_training_config()
+    except ConfigError as error:
+        raise error.under("teacher.train") from error
+    assert config is not None
+    require(
+        not METHODS.get(config.method).uses_teacher,
+        "teacher.train.method",
+        "a method that needs no teacher (pgd_at, trades, natural)",
+        config.method,
+    )
+    # Trials point at the cached checkpoint; it is trained (once) before they start.
+    cache = teacher_cache or Path("ray_results/teachers").resolve()
+    path = str(teacher_checkpoint_path(cache, config))
+    require(
+        teacher.checkpoint in (None, path),
+        "teacher.checkpoint",
+        "no checkpoint beside teacher.train (the trained teacher is the checkpoint)",
+        teacher.checkpoint,
+    )
+    teacher.checkpoint = path
+
+
+def teacher_checkpoint_path(cache: Path, config: Config) -> Path:
+    """Cached by what determines the teacher's weights: not how it is evaluated afterwards."""
+    return cache / config_hash(config, ignore=("eval", "final")) / "checkpoint.pt"
+
+
+def config_hash(config: Config, ignore: tuple[str, ...] = ()) -> str:
+    """A short hash of what determines a run's result: not where its data lie, nor its device,
+    nor the dotted keys in `ignore`."""
+    values = flatten(config.to_dict())
+    for key in ("device", "data.data_dir", *ignore):
+        for name in [name for name in values if name == key or name.startswith(key + ".")]:
+            values.pop(name)
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# --- every trial's config is valid --------------------------------------------------------
+
+
+def validate_trials(spec: StudySpec) -> None:
+    """Build the config of every variant and of each end of every searched range."""
+    if spec.study.mode == "search":
+        pin_evaluation_budget(spec)
+        check_trial(spec, {}, "base")
+        for key, distribution in spec.search.items():
+            for value in distribution_values(key, distribution):
+                check_trial(spec, {key: value}, f"search.{key}")
+        check_scheduler_budget(spec)
+        return
+    assert spec.ablation is not None
+    seed = spec.ablation.seeds[0]
+    check_trial(spec, {VARIANT_KEY: REFERENCE, SEED_KEY: seed}, "ablation.reference")
+    for variant in spec.ablation.variants:
+        check_trial(spec, {VARIANT_KEY: variant, SEED_KEY: seed}, f"ablation.variants.{variant}")
+
+
+def check_trial(spec: StudySpec, ray_config: dict[str, Any], where: str) -> Config:
+    try:
+        return spec.trial_config(ray_config)
+    except ConfigError as error:
+        if where.startswith("search."):
+            raise ConfigError(
+                where, f"values valid for config key '{error.key}' ({error.expected})", error.got
+            ) from error
+        raise error.under(where) from error
+
+
+def pin_evaluation_budget(spec: StudySpec) -> None:
+    """Searching the training epsilon must not move the budget trials are compared at."""
+    base = nest_dotted(spec.base)
+    if "attack.epsilon" in spec.search and base.get("eval", {}).get("epsilon") is None:
+        epsilon = check_trial(spec, {}, "base").attack.epsilon
+        set_dotted(spec.base, "eval.epsilon", epsilon)
+
+
+def check_scheduler_budget(spec: StudySpec) -> None:
+    if spec.scheduler != "asha":
+        return
+    require(
+        "optim.epochs" not in spec.search,
+        "search.optim.epochs",
+        "not searched under ASHA (it schedules on epochs); use scheduler name: none",
+    )
+    epochs = check_trial(spec, {}, "base").optim.epochs
+    require(
+        spec.study.scheduler.grace_period <= epochs,
+        "study.scheduler.grace_period",
+        f"at most base.optim.epochs ({epochs})",
+        spec.study.scheduler.grace_period,
+    )
+
+
+def distribution_values(key: str, spec: DistributionSpec) -> list[Any]:
+    """The values a distribution can take at its ends (and every choice); validates it."""
+    where = f"search.{key}"
+    kind = spec.distribution
+    require(kind is not None, f"{where}.distribution", "one of uniform, loguniform, int, choice")
+    if kind == "choice":
+        require(
+            spec.values is not None and len(spec.values) > 0,
+            f"{where}.values",
+            "a non-empty list of choices",
+            spec.values,
+        )
+        for name in ("low", "high", "step"):
+            require(getattr(spec, name) is None, f"{where}.{name}", "nothing for a choice")
+        for i, value in enumerate(spec.values or []):
+            require(
+                value is None or isinstance(value, bool | int | float | str),
+                f"{where}.values[{i}]",
+                "a number, string, boolean or null",
+                value,
+            )
+        return list(spec.values or [])
+    require(spec.values is None, f"{where}.values", f"nothing for {kind} (use low and high)")
+    require(spec.low is not None, f"{where}.low", f"a number ({kind})")
+    require(spec.high is not None, f"{where}.high", f"a number ({kind})")
+    low, high = spec.low, spec.high
+    require(low < high, f"{where}.low", f"less than high ({high})", low)
+    if kind == "loguniform":
+        require(low > 0, f"{where}.low", "a number > 0 (loguniform)", low)
+    if kind == "int":
+        for name, value in (("low", low), ("high", high)):
+            require(float(value).is_integer(), f"{where}.{name}", "an integer (int)", value)
+        if spec.step is not None:
+            require(spec.step >= 1, f"{where}.step", "an integer >= 1", spec.step)
+        return [int(low), int(high)]
+    require(spec.step is None, f"{where}.step", f"nothing for {kind}")
+    return [low, high]

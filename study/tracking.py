@@ -1,0 +1,332 @@
+"""The study's MLflow side: one experiment per study, a parent run, a child run per trial.
+
+Only the driver writes to MLflow (through `TrialRuns`, a Ray Tune callback), so a SQLite store
+has one writer however many trials run, and worker nodes need no access to the store.
+The study owns each run's identity (REFERENCE.md, pitfall 6): a trial's run is found by its
+Ray trial id under the study's parent run and continued, never created twice, so a resumed or
+retried trial keeps one run, and an epoch already logged is not logged again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from gacd import metrics
+from gacd.checkpoint import load_checkpoint
+from gacd.config import Config, flatten
+from study.spec import (
+    OPTUNA_NUMBER_KEY,
+    VARIANT_KEY,
+    StudyError,
+    StudySpec,
+    config_hash,
+)
+
+# Tags every analysis reads; `mlflow.*` ones are MLflow's own (the UI shows them).
+TAG_ROLE = "role"  # study | trial | teacher
+TAG_STUDY = "study"
+TAG_MODE = "mode"
+TAG_METRIC = "metric"
+TAG_DIRECTION = "direction"
+TAG_VARIANT = "variant"
+TAG_SEED = "seed"
+TAG_RAY_TRIAL = "ray_trial_id"
+TAG_OPTUNA_TRIAL = "optuna_trial_number"
+TAG_CONFIG_HASH = "config_hash"
+TAG_OVERRIDES = "overrides"  # JSON: the variant's overrides, or the searched values
+TAG_FULL_BUDGET = "full_budget"
+TAG_FAILURE = "failure"
+TAG_TEACHER_RUN = "teacher_run_id"
+TAG_TEACHER_CHECKPOINT = "teacher_checkpoint"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_PARENT = "mlflow.parentRunId"
+
+TEACHERS_EXPERIMENT = "gacd-teachers"
+SEARCH_VARIANT = "search"
+MAX_PARAMS_PER_BATCH = 100
+
+
+def git_commit() -> str:
+    """The commit of the code that runs the study (`unknown` outside a git checkout)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return result.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def is_metric(key: str) -> bool:
+    """Metrics of `gacd` (`train/`, `val/`, `test/`, `time/`, `lr`), not Ray's bookkeeping."""
+    return key == metrics.LR or key.split("/")[0] in ("train", "val", "test", "time")
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database (not in whatever the cwd is)."""
+    if tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (database.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a malformed URI or a store that does not answer, before anything starts."""
+    scheme = urlparse(uri).scheme
+    if scheme not in ("sqlite", "http", "https", "postgresql", "mysql", "databricks"):
+        raise StudyError(
+            f"--tracking-uri {uri!r}: expected sqlite:///ABSOLUTE/PATH.db or http://HOST:PORT "
+            "(an mlflow server)"
+        )
+    if scheme == "sqlite" and not Path(uri.removeprefix("sqlite:///")).parent.is_dir():
+        raise StudyError(f"--tracking-uri {uri!r}: the folder of the database does not exist")
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure here means "unreachable"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise StudyError(f"MLflow at {uri!r} does not answer: {first_line}") from error
+
+
+class Tracking:
+    """The driver's MLflow client for one tracking URI."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(uri)
+
+    def experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = artifact_root(self.uri)
+        location = f"{location}/{name}" if location else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def find_runs(self, experiment_id: str, **tags: str) -> list[Any]:
+        clauses = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        return self.client.search_runs([experiment_id], filter_string=clauses, max_results=5000)
+
+    def study_run(self, spec: StudySpec, commit: str, resume: bool) -> tuple[str, str]:
+        """`(experiment_id, parent_run_id)`: a new parent run, or the one a resume continues."""
+        experiment_id = self.experiment_id(spec.name)
+        runs = self.find_runs(experiment_id, **{TAG_ROLE: "study", TAG_STUDY: spec.name})
+        if runs and not resume:
+            raise StudyError(
+                f"MLflow experiment {spec.name!r} already holds study {spec.name!r} "
+                f"(run {runs[0].info.run_id}) in {self.uri}: pass --resume to continue it, or "
+                "--name for a new study"
+            )
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return experiment_id, run_id
+        tags = {
+            TAG_ROLE: "study",
+            TAG_STUDY: spec.name,
+            TAG_MODE: spec.study.mode,
+            TAG_METRIC: spec.study.metric,
+            TAG_DIRECTION: spec.study.direction,
+            TAG_GIT_COMMIT: commit,
+        }
+        run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
+        self.client.log_dict(run.info.run_id, spec.to_dict(), "study.json")
+        return experiment_id, run.info.run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+    def log_epochs(self, run_id: str, history: list[dict[str, float]]) -> None:
+        now = int(time.time() * 1000)
+        entries = [
+            Metric(key, float(value), now, int(epoch_metrics[metrics.EPOCH]))
+            for epoch_metrics in history
+            for key, value in epoch_metrics.items()
+            if is_metric(key) or key == metrics.EPOCH
+        ]
+        for start in range(0, len(entries), 1000):
+            self.client.log_batch(run_id, metrics=entries[start : start + 1000])
+
+    def teacher_run(self, checkpoint: Path, commit: str) -> str:
+        """The teacher's own run in the `gacd-teachers` experiment, logged once per config."""
+        state = load_checkpoint(checkpoint, what="teacher checkpoint")
+        config = Config.from_dict(flatten(state["config"]))
+        key = checkpoint.parent.name  # the teacher cache is keyed by the hash of its weights
+        experiment_id = self.experiment_id(TEACHERS_EXPERIMENT)
+        runs = self.find_runs(experiment_id, **{TAG_ROLE: "teacher", TAG_CONFIG_HASH: key})
+        if runs:
+            return runs[0].info.run_id
+        tags = {
+            TAG_ROLE: "teacher",
+            TAG_CONFIG_HASH: key,
+            TAG_TEACHER_CHECKPOINT: str(checkpoint),
+            TAG_GIT_COMMIT: commit,
+        }
+        name = f"{config.method}-{config.student.arch}-{key}"
+        run_id = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+        self.log_params(run_id, flatten(config.to_dict()))
+        self.log_epochs(run_id, state["history"])
+        self.finish(run_id)
+        return run_id
+
+
+class TrialRuns(tune.Callback):
+    """Logs each Ray trial to its own child run of the study's parent run.
+
+    Pickled with the experiment (Ray restores callbacks on `Tuner.restore`), so it holds only
+    plain values; the client and the caches are rebuilt after unpickling.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        spec: StudySpec,
+        commit: str,
+        log_checkpoints: bool,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.spec = spec
+        self.commit = commit
+        self.log_checkpoints = log_checkpoints
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tracking: Tracking | None = None
+        self._runs: dict[str, str] = {}
+        self._last_epoch: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_tracking", "_runs", "_last_epoch"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def tracking(self) -> Tracking:
+        if self._tracking is None:
+            self._tracking = Tracking(self.tracking_uri)
+        return self._tracking
+
+    # --- the run of a trial -------------------------------------------------------------
+
+    def run_id(self, trial: Any) -> str:
+        """The trial's run: cached, else found by its trial id, else created."""
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        found = self.tracking.find_runs(
+            self.experiment_id,
+            **{TAG_RAY_TRIAL: trial.trial_id, TAG_PARENT: self.parent_run_id},
+        )
+        if found:
+            run_id = found[0].info.run_id
+            history = self.tracking.client.get_metric_history(run_id, metrics.EPOCH)
+            self._last_epoch[trial.trial_id] = max((m.step for m in history), default=0)
+        else:
+            run_id = self.create_run(trial)
+            self._last_epoch[trial.trial_id] = 0
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def create_run(self, trial: Any) -> str:
+        config = self.spec.trial_config(trial.config)
+        tags = {
+            TAG_ROLE: "trial",
+            TAG_STUDY: self.spec.name,
+            TAG_MODE: self.spec.study.mode,
+            TAG_RAY_TRIAL: trial.trial_id,
+            TAG_SEED: str(config.seed),
+            TAG_CONFIG_HASH: config_hash(config),
+            TAG_GIT_COMMIT: self.commit,
+            TAG_PARENT: self.parent_run_id,
+        }
+        if self.spec.study.mode == "ablation":
+            variant = trial.config[VARIANT_KEY]
+            overrides = self.spec.variants()[variant]
+        else:
+            variant = SEARCH_VARIANT
+            overrides = {key: trial.config[key] for key in self.spec.search}
+            tags[TAG_OPTUNA_TRIAL] = str(trial.config.get(OPTUNA_NUMBER_KEY))
+        tags[TAG_VARIANT] = variant
+        tags[TAG_OVERRIDES] = json.dumps(overrides, sort_keys=True)
+        name = self.spec.trial_label(trial.config, trial.trial_id)
+        run = self.tracking.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        self.tracking.log_params(run.info.run_id, flatten(config.to_dict()))
+        return run.info.run_id
+
+    # --- Ray Tune's hooks ---------------------------------------------------------------
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        self.tracking.client.update_run(run_id, status="RUNNING")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        run_id = self.run_id(trial)
+        epoch = int(result.get(metrics.EPOCH, 0))
+        if epoch <= self._last_epoch.get(trial.trial_id, 0):
+            return  # re-run after a restore from an older checkpoint: logged already
+        epoch_metrics = {key: value for key, value in result.items() if is_metric(key)}
+        self.tracking.log_epochs(run_id, [{**epoch_metrics, metrics.EPOCH: epoch}])
+        self._last_epoch[trial.trial_id] = epoch
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from study.search import ran_full_budget
+
+        run_id = self.run_id(trial)
+        full = ran_full_budget(trial.last_result)
+        self.tracking.client.set_tag(run_id, TAG_FULL_BUDGET, str(full).lower())
+        if self.log_checkpoints and trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as folder:
+                self.tracking.client.log_artifacts(run_id, folder, "checkpoint")
+        self.tracking.finish(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        self.tracking.client.set_tag(run_id, TAG_FULL_BUDGET, "false")
+        self.tracking.client.set_tag(run_id, TAG_FAILURE, failure_reason(trial))
+        self.tracking.finish(run_id, "FAILED")
+
+    def mark_unfinished(self, status: str = "KILLED") -> None:
+        """Runs of trials still going when the driver stops: a resume sets them RUNNING."""
+        for run in self.tracking.find_runs(self.experiment_id, **{TAG_PARENT: self.parent_run_id}):
+            if run.info.status == "RUNNING":
+                self.tracking.finish(run.info.run_id, status)
+
+
+def failure_reason(trial: Any) -> str:
+    """The last line of the trial's error (the exception and its message), at most 5000 chars."""
+    error = trial.get_error()
+    text = str(error) if error is not None else "unknown error"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else text)[:5000]

@@ -1,0 +1,74 @@
+"""What runs inside a Ray worker: one trial (`train_trial`) and the teacher (`train_teacher`).
+
+Both are `gacd.train.fit` with a report callback; neither touches MLflow (the driver logs).
+A trial checkpoints every epoch through `tune.report` and continues from
+`tune.get_checkpoint()` after a retry or a resumed study, so epochs continue, not restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from gacd.checkpoint import load_checkpoint, save_checkpoint
+from gacd.config import Config
+from gacd.train import State, fit
+from study.spec import EPOCHS_TOTAL, StudySpec
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+
+
+def set_up_worker(cpus: float) -> None:
+    """As many intra-op threads as CPUs the trial holds, so packed trials do not oversubscribe;
+    Ray's per-checkpoint info lines silenced (the driver prints one line per epoch)."""
+    torch.set_num_threads(max(1, int(cpus)))
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def restored_state() -> State | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+
+
+def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
+    """A Ray Tune function trainable: fit the trial's config, one report per epoch."""
+    config = spec.trial_config(ray_config)
+    set_up_worker(spec.resources.cpus_per_trial)
+
+    def report(epoch_metrics: dict[str, float], state: State) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
+            (Path(folder) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+            tune.report(
+                {**epoch_metrics, EPOCHS_TOTAL: config.optim.epochs},
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
+
+    fit(config, report=report, resume=restored_state())
+
+
+def train_teacher(config_values: dict[str, Any], checkpoint: str, cpus: float) -> str:
+    """Train a teacher into `checkpoint` (a Ray task); continues a partial one if present."""
+    config = Config.from_dict(config_values)
+    set_up_worker(cpus)
+    path = Path(checkpoint)
+    resume = load_checkpoint(path) if path.is_file() else None
+    fit(config, report=lambda _, state: save_checkpoint(state, path), resume=resume)
+    return str(path)
+
+
+def teacher_is_trained(checkpoint: Path) -> bool:
+    if not checkpoint.is_file():
+        return False
+    state = load_checkpoint(checkpoint)
+    return state["epoch"] == state["config"]["optim"]["epochs"]

@@ -1,0 +1,168 @@
+"""Studies end to end on a real Ray cluster, with a real MLflow store and real Optuna storage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from analysis.runs import load_runs
+from gacd import metrics
+from study.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def study_args(tmp_path: Path, address: str) -> list[str]:
+    return [
+        "--address",
+        address,
+        "--storage",
+        str(tmp_path / "results"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+
+
+def write_study(tmp_path: Path, spec: dict) -> str:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def digits_base(epochs: int) -> dict:
+    return {
+        "method": "gacd",
+        "device": "cpu",
+        "data": {"name": "digits", "batch_size": 64},
+        "student": {"arch": "small_cnn", "width": 8},
+        "optim": {"epochs": epochs, "lr": 0.05},
+        "attack": {"epsilon": 0.1, "steps": 2},
+        "eval": {"epsilon": 0.1, "val_steps": 2, "autoattack": False, "cw_steps": 5},
+        "negatives": {"count": 256},
+    }
+
+
+def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
+    """CI's smoke test: `study.run search_spaces/smoke.yaml --address ...` in its own process."""
+    command = [sys.executable, "-m", "study.run", "search_spaces/smoke.yaml"]
+    done = subprocess.run(
+        command + study_args(tmp_path, ray_cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "best full-budget trial" in done.stdout
+    assert "mlflow ui --backend-store-uri" in done.stdout
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parents = load_runs(uri, "smoke", role="study")
+    assert len(parents) == 1 and parents.status[0] == "FINISHED"
+    children = load_runs(uri, "smoke", parent_run_id=parents.run_id[0])
+    assert len(children) == 2 and set(children.status) == {"FINISHED"}
+    for tag in ("study", "variant", "seed", "ray_trial_id", "optuna_trial_number", "config_hash"):
+        assert children[f"tags.{tag}"].notna().all(), tag
+    assert set(children["tags.full_budget"]) == {"true"}
+    assert children["tags.mlflow.source.git.commit"].str.len().min() >= 7
+    client = MlflowClient(uri)
+    for run_id in children.run_id:
+        history = client.get_metric_history(run_id, metrics.VAL_PGD_ACC)
+        assert [entry.step for entry in history] == [1, 2]
+    assert float(children["params.attack.epsilon"][0]) in (0.06, 0.1)
+
+    teachers = load_runs(uri, "gacd-teachers", role="teacher")
+    assert len(teachers) == 1 and "metrics.test/pgd_acc" in teachers
+
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 2
+    trial_ids = set(children["tags.ray_trial_id"])
+    assert {t.user_attrs["ray_trial_id"] for t in study.trials} == trial_ids
+
+    results = ray_results(tmp_path / "results" / "smoke")
+    assert len(results) == 2 and results.num_errors == 0
+    assert {r.metrics["trial_id"] for r in results} == trial_ids
+    assert all(r.checkpoint is not None for r in results)
+
+
+def ray_results(path: Path):
+    """Reopen a study's Ray results as Ray's own `ResultGrid`."""
+    from ray import tune
+
+    from study.spec import spec_from_dict
+    from study.trainable import train_trial
+
+    saved = json.loads((path / "gacd_study.json").read_text())
+    spec = spec_from_dict(saved["resolved"], teacher_cache=path.parent / "teachers")
+    trainable = tune.with_parameters(train_trial, spec=spec)
+    return tune.Tuner.restore(str(path), trainable).get_results()
+
+
+def test_asha_stops_poor_trials_and_only_full_budgets_compete(
+    tmp_path, ray_cluster, robust_teacher_path, capsys
+):
+    spec = {
+        "study": {
+            "name": "asha",
+            "num_samples": 6,
+            "max_concurrent": 2,
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "sampler": {"seed": 1, "n_startup_trials": 6},
+        },
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": digits_base(epochs=4),
+        "search": {
+            "attack.steps": {"distribution": "choice", "values": [1, 2]},
+            "attack.epsilon": {"distribution": "choice", "values": [0.01, 0.1]},
+            "optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.1},
+        },
+    }
+    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = load_runs(uri, "asha")
+    stopped = runs[runs["tags.full_budget"] == "false"]
+    assert len(runs) == 6 and set(runs.status) == {"FINISHED"}
+    assert len(stopped) >= 1, runs[["metrics.epoch", "metrics.val/pgd_acc"]]
+    assert (stopped["metrics.epoch"] < 4).all()
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(pruned) == len(stopped)
+    best = study.best_trial
+    assert best.user_attrs["full_budget"] is True
+    assert f"best full-budget trial: val/pgd_acc = {best.value:.4f}" in capsys.readouterr().out
+
+
+def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
+    tmp_path, ray_cluster, robust_teacher_path, capsys
+):
+    spec = {
+        "study": {"name": "ablate", "mode": "ablation", "metric": "test/pgd_acc"},
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": digits_base(epochs=2),
+        "ablation": {"seeds": [0, 1], "variants": {"no_reweight": {"reweight.gamma": 0}}},
+    }
+    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = load_runs(uri, "ablate")
+    assert len(runs) == 4 and set(runs.status) == {"FINISHED"}
+    pairs = set(zip(runs["tags.variant"], runs["tags.seed"], strict=True))
+    assert pairs == {(v, s) for v in ("full", "no_reweight") for s in ("0", "1")}
+    for name in ("clean", "fgsm", "pgd", "cw"):
+        assert runs[f"metrics.test/{name}_acc"].between(0, 1).all()
+    assert set(runs["params.reweight.gamma"]) == {"1.0", "0.0"}
+    assert set(runs["params.final"]) == {"True"}
+    client = MlflowClient(uri)
+    artifacts = {a.path for a in client.list_artifacts(runs.run_id[0], "checkpoint")}
+    assert artifacts == {"checkpoint/checkpoint.pt", "checkpoint/config.json"}
+    out = capsys.readouterr().out
+    assert "full" in out and "no_reweight" in out and "test/pgd_acc" in out
+    parent = load_runs(uri, "ablate", role="study").run_id[0]
+    assert "ablation_table.csv" in {a.path for a in client.list_artifacts(parent)}

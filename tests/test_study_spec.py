@@ -1,0 +1,217 @@
+"""Study files: every shipped one plans, bad ones fail at the edge, searchers see full budgets."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from study.run import main
+from study.search import FULL_BUDGET_ATTR, RAY_TRIAL_ID_ATTR, StudySearch, search_space
+from study.spec import EPOCHS_TOTAL, load_study, spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def digits_search(**sections) -> dict:
+    """A small valid search on digits; `sections` replace or extend its parts."""
+    spec = {
+        "study": {"name": "unit", "mode": "search", "num_samples": 2},
+        "teacher": {"checkpoint": "teacher.pt"},
+        "base": {
+            "data": {"name": "digits"},
+            "optim": {"epochs": 4},
+            "attack": {"epsilon": 0.1, "steps": 2},
+        },
+        "search": {"tau": {"distribution": "loguniform", "low": 0.02, "high": 0.5}},
+    }
+    spec.update(sections)
+    return spec
+
+
+def planned(tmp_path: Path, spec: dict, *extra: str) -> tuple[int, str]:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return run_main(tmp_path, str(path), "--dry-run", *extra)
+
+
+def run_main(tmp_path: Path, *args: str) -> tuple[int, str]:
+    storage = ["--storage", str(tmp_path / "results")]
+    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    return main([*args, *storage, *uri]), ""
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_shipped_study_passes_dry_run(path, tmp_path, capsys):
+    code, _ = run_main(tmp_path, str(path), "--dry-run")
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"study      {load_study(path).name}" in out
+    assert str(tmp_path / "results") in out and "mlflow" in out and "optuna" in out
+
+
+def test_trial_values_follow_precedence(tmp_path):
+    spec = spec_from_dict(
+        {
+            **digits_search(search={}),
+            "study": {"name": "ablate", "mode": "ablation"},
+            "ablation": {
+                "reference": {"tau": 0.2, "reweight.gamma": 2.0},
+                "variants": {"no_reweight": {"reweight.gamma": 0}},
+                "seeds": [3, 4],
+            },
+        }
+    )
+    full = spec.trial_config({"variant": "full", "seed": 4})
+    variant = spec.trial_config({"variant": "no_reweight", "seed": 3})
+    assert (full.tau, full.reweight.gamma, full.seed, full.final) == (0.2, 2.0, 4, True)
+    assert (variant.tau, variant.reweight.gamma, variant.seed) == (0.2, 0.0, 3)
+    assert variant.teacher.checkpoint == str(Path("teacher.pt").resolve())
+    assert list(spec.variants()) == ["full", "no_reweight"]
+
+
+def test_a_search_never_sees_the_test_split_and_pins_the_evaluation_budget():
+    spec = spec_from_dict(
+        digits_search(
+            search={"attack.epsilon": {"distribution": "choice", "values": [0.05, 0.1]}},
+            base={"data": {"name": "digits"}, "attack": {"epsilon": 0.1}, "final": True},
+        )
+    )
+    trial = spec.trial_config({"attack.epsilon": 0.05})
+    assert trial.final is False
+    assert trial.attack.epsilon == 0.05 and trial.eval.epsilon == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"study": {"name": "unit", "mode": "serch"}}, "'study.mode'"),
+        ({"study": {"name": "unit", "metrik": "x"}}, "did you mean 'study.metric'"),
+        ({"study": {"name": "unit", "metric": "test/pgd_acc"}}, "'study.metric': expected one of"),
+        ({"study": {"name": "has space"}}, "'study.name'"),
+        ({"study": {"name": "unit", "num_samples": 0}}, "'study.num_samples'"),
+        ({"resources": {"gpus_per_trial": -1}}, "'resources.gpus_per_trial'"),
+        ({"resources": {"cpus": 2}}, "did you mean 'resources.cpus_per_trial'"),
+        ({"base": {"atack": {}}}, "'base.atack'"),
+        ({"base": {"attack": {"epsilon": 1.5}}}, "'base.attack.epsilon'"),
+        ({"base": {"student": {"arch": "resnet81"}}}, "did you mean 'resnet18'"),
+        ({"search": {}}, "'search': expected at least one"),
+        (
+            {"search": {"tua": {"distribution": "uniform", "low": 0, "high": 1}}},
+            "'search.tua'",
+        ),
+        (
+            {"search": {"tau": {"distribution": "uniform", "low": 0.5, "high": 0.1}}},
+            "'search.tau.low': expected less than high",
+        ),
+        (
+            {"search": {"tau": {"distribution": "loguniform", "low": 0, "high": 0.1}}},
+            "'search.tau.low': expected a number > 0",
+        ),
+        ({"search": {"tau": {"distribution": "choice", "values": []}}}, "'search.tau.values'"),
+        ({"search": {"tau": {"distribution": "normal"}}}, "'search.tau.distribution'"),
+        (
+            {"search": {"attack.epsilon": {"distribution": "choice", "values": [0.1, -0.1]}}},
+            "'search.attack.epsilon': expected values valid for config key 'attack.epsilon'",
+        ),
+        (
+            {"search": {"attack.steps": {"distribution": "choice", "values": [0, 1]}}},
+            "'search.attack.steps'",
+        ),
+        (
+            {
+                "study": {"name": "unit", "scheduler": {"name": "asha", "grace_period": 9}},
+            },
+            "'study.scheduler.grace_period': expected at most base.optim.epochs (4)",
+        ),
+        ({"teacher": {"train": {"method": "gacd"}}}, "'teacher.train.teacher.checkpoint'"),
+        ({"teacher": {"train": {"method": "pgd_at", "attack": {"steps": 0}}}}, "'teacher.train"),
+        ({"teacher": {}}, "'teacher': expected either checkpoint"),
+        ({"ablation": {"seeds": [0]}}, "'ablation': expected no ablation section"),
+    ],
+)
+def test_bad_study_files_fail_with_the_file_and_dotted_key(tmp_path, capsys, change, fragment):
+    code, _ = planned(tmp_path, digits_search(**change))
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith(f"error: {tmp_path / 'study.yaml'}: ") and fragment in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("ablation", "fragment"),
+    [
+        ({"seeds": []}, "'ablation.seeds': expected a non-empty list"),
+        ({"seeds": [1, 1]}, "'ablation.seeds': expected distinct seeds"),
+        ({"variants": {"full": {}}}, "'ablation.variants.full'"),
+        ({"variants": {"bad": {"reweight.mode": "soft_"}}}, "'ablation.variants.bad.reweight"),
+        ({"variants": {"nat": {"method": "natural"}}}, "'ablation.variants.nat.attack.objective"),
+    ],
+)
+def test_bad_ablations_name_the_variant(tmp_path, capsys, ablation, fragment):
+    spec = digits_search(
+        study={"name": "unit", "mode": "ablation"},
+        ablation={"seeds": [0], **ablation},
+        base={"attack": {"objective": "contrastive", "epsilon": 0.1}},
+    )
+    del spec["search"]
+    code, _ = planned(tmp_path, spec)
+    assert code == 2 and fragment in capsys.readouterr().err
+
+
+def test_missing_and_malformed_files_are_one_line_errors(tmp_path, capsys):
+    assert run_main(tmp_path, str(tmp_path / "nope.yaml"), "--dry-run")[0] == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("study:\n  name: [unit\n")
+    assert run_main(tmp_path, str(broken), "--dry-run")[0] == 2
+    assert "broken.yaml: invalid YAML at line 3" in capsys.readouterr().err
+
+
+def test_resume_of_an_unknown_study_and_a_bad_tracking_uri_refuse_before_starting(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(digits_search()))
+    assert run_main(tmp_path, str(path), "--resume")[0] == 2
+    assert "--resume: no study 'unit'" in capsys.readouterr().err
+    code = main([str(path), "--tracking-uri", "mlflow.db", "--storage", str(tmp_path)])
+    assert code == 2 and "--tracking-uri 'mlflow.db': expected" in capsys.readouterr().err
+
+
+def test_an_existing_study_is_not_overwritten(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(digits_search()))
+    saved = tmp_path / "results" / "unit" / "gacd_study.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("{}")
+    assert run_main(tmp_path, str(path))[0] == 2
+    assert "already exists" in capsys.readouterr().err and saved.read_text() == "{}"
+
+
+def test_early_stopped_trials_reach_optuna_as_pruned_and_never_win():
+    """ASHA's early stops must not compete with full-budget trials (REFERENCE pitfall 3)."""
+    spec = spec_from_dict(digits_search())
+    storage = optuna.storages.InMemoryStorage()
+    searcher = StudySearch(
+        space=search_space(spec),
+        metric="val/pgd_acc",
+        mode="max",
+        study_name="unit",
+        storage=storage,
+        seed=0,
+    )
+    ids = ["full", "early", "error"]
+    for trial_id in ids:
+        assert searcher.suggest(trial_id)["optuna_trial_number"] == ids.index(trial_id)
+    for trial_id, value in zip(ids, (0.4, 0.9, 0.95), strict=True):
+        searcher.on_trial_result(trial_id, {"val/pgd_acc": value, "training_iteration": 1})
+    searcher.on_trial_complete("full", {"val/pgd_acc": 0.4, "epoch": 4, EPOCHS_TOTAL: 4})
+    searcher.on_trial_complete("early", {"val/pgd_acc": 0.9, "epoch": 1, EPOCHS_TOTAL: 4})
+    searcher.on_trial_complete("error", {"val/pgd_acc": 0.95, "epoch": 2}, error=True)
+    study = optuna.load_study(study_name="unit", storage=storage)
+    states = [trial.state.name for trial in study.trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]
+    assert [t.user_attrs[RAY_TRIAL_ID_ATTR] for t in study.trials] == ids
+    assert [t.user_attrs.get(FULL_BUDGET_ATTR) for t in study.trials] == [True, False, False]
+    assert study.best_trial.user_attrs[RAY_TRIAL_ID_ATTR] == "full"
