@@ -15,15 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,autoattack]'
 	touch $@
 
-# The embedded digits data: a PGD-AT teacher, a natural student and a GACD student, each
-# evaluated on the test split (clean, FGSM, PGD-20, CW-inf). About two minutes on 2 CPUs.
+# The embedded digits data, end to end through the platform: a search (12 GACD trials, TPE,
+# ASHA) on a local Ray instance bound to 127.0.0.1, then its ablation (8 variants x 3 seeds,
+# test split), every run in MLflow under runs/demo/. About 10 minutes on 2 CPUs.
+DEMO := runs/demo
+DEMO_ARGS := --storage $(DEMO)/ray_results --tracking-uri sqlite:///$(CURDIR)/$(DEMO)/mlflow.db
 demo: install
-	$(BIN)/python -m gacd.train configs/digits_teacher.yaml --out runs/digits_teacher
-	$(BIN)/python -m gacd.train configs/digits_natural.yaml --out runs/digits_natural
-	$(BIN)/python -m gacd.train configs/digits_gacd.yaml --out runs/digits_gacd \
-		--set teacher.checkpoint=runs/digits_teacher/checkpoint.pt
-	$(BIN)/python -m gacd.evaluate runs/digits_teacher/checkpoint.pt \
-		runs/digits_natural/checkpoint.pt runs/digits_gacd/checkpoint.pt
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/python -m study.run search_spaces/digits.yaml $(DEMO_ARGS)
+	$(BIN)/python -m study.run search_spaces/digits_ablation.yaml $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -7,13 +7,17 @@ import pandas as pd
 VARIANT_COLUMN = "tags.variant"
 
 
-def seed_summary(runs: pd.DataFrame, metric_names: list[str]) -> pd.DataFrame:
+def seed_summary(
+    runs: pd.DataFrame, metric_names: list[str], order: list[str] | None = None
+) -> pd.DataFrame:
     """Per variant and metric: mean, sample std (ddof 1) and n, over the finished runs' seeds.
 
-    Columns are a MultiIndex `(metric, mean|std|n)`; variants keep their first-seen order.
+    Columns are a MultiIndex `(metric, mean|std|n)`; rows follow `order` (default: sorted),
+    variants with no finished run left out.
     """
     finished = runs[runs["status"] == "FINISHED"]
-    order = list(dict.fromkeys(finished[VARIANT_COLUMN]))
+    present = set(finished[VARIANT_COLUMN])
+    order = [name for name in order or sorted(present) if name in present]
     columns = [f"metrics.{name}" for name in metric_names if f"metrics.{name}" in finished]
     grouped = finished.groupby(VARIANT_COLUMN, sort=False)[columns]
     summary = grouped.agg(["mean", "std", "count"]).reindex(order)

@@ -45,7 +45,7 @@ def summarize_search(spec: StudySpec, paths, tracking, parent_run: str) -> None:
 
 def summarize_ablation(spec: StudySpec, paths, tracking, parent_run: str) -> None:
     runs = load_runs(paths.tracking_uri, spec.name, parent_run)
-    table = mean_std_strings(seed_summary(runs, ABLATION_METRICS))
+    table = mean_std_strings(seed_summary(runs, ABLATION_METRICS, list(spec.variants())))
     text = table.to_string()
     tracking.client.log_text(parent_run, table.to_csv(), "ablation_table.csv")
     print(f"\n{spec.name}: test-split accuracy, mean ± std over seeds\n{text}")

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from study.spec import (
 SPEC_FILE = "gacd_study.json"
 # Local Ray instances bind to 127.0.0.1 only, so a laptop study opens no port to the network.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Short trials sync Ray's experiment state often, which is what a resume needs: no warning.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 @dataclass
@@ -146,16 +149,34 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> 
 
     try:
         if address:
+            check_reachable(address)
             use_cluster_token()
             ray.init(address=address)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+            # "local": always a new instance, never a cluster a `ray start` left on this machine.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
     except (ConnectionError, TimeoutError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise StudyError(
             f"--address {address!r}: no Ray cluster answers there ({first_line})"
         ) from error
     return ray.cluster_resources()
+
+
+def check_reachable(address: str) -> None:
+    """Ray waits minutes for a head node that is not there; a TCP probe answers at once."""
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit():
+        if address != "auto":
+            raise StudyError(f"--address {address!r}: expected auto or HOST:PORT")
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise StudyError(
+            f"--address {address!r}: no Ray cluster answers there ({error.strerror or error}); "
+            "start one with `ray start --head` or check the address"
+        ) from error
 
 
 def use_cluster_token() -> None:
@@ -377,9 +398,10 @@ def run_on_ray(
     else:  # new, or stopped before Ray wrote its first experiment state
         tuner = build_tuner(spec, paths, [runs, EpochLines(spec)], max_concurrent)
     results = tuner.fit()
-    finished = results.num_terminated + results.num_errors
+    # Ray marks trials it stopped on SIGINT as terminated; their runs were never completed.
+    unfinished = runs.mark_unfinished("KILLED")
+    finished = len(results) - unfinished
     if finished < trial_count(spec):
-        runs.mark_unfinished("KILLED")
         tracking.finish(parent_run, "KILLED")
         print(
             f"interrupted: {finished} of {trial_count(spec)} trials finished; continue with "

@@ -317,11 +317,14 @@ class TrialRuns(tune.Callback):
         self.tracking.client.set_tag(run_id, TAG_FAILURE, failure_reason(trial))
         self.tracking.finish(run_id, "FAILED")
 
-    def mark_unfinished(self, status: str = "KILLED") -> None:
-        """Runs of trials still going when the driver stops: a resume sets them RUNNING."""
-        for run in self.tracking.find_runs(self.experiment_id, **{TAG_PARENT: self.parent_run_id}):
-            if run.info.status == "RUNNING":
-                self.tracking.finish(run.info.run_id, status)
+    def mark_unfinished(self, status: str = "KILLED") -> int:
+        """End the runs of trials still going when the driver stops (a resume sets them
+        RUNNING again); returns how many there were."""
+        runs = self.tracking.find_runs(self.experiment_id, **{TAG_PARENT: self.parent_run_id})
+        unfinished = [run for run in runs if run.info.status == "RUNNING"]
+        for run in unfinished:
+            self.tracking.finish(run.info.run_id, status)
+        return len(unfinished)
 
 
 def failure_reason(trial: Any) -> str:

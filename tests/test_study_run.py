@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,46 @@ def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     assert "full" in out and "no_reweight" in out and "test/pgd_acc" in out
     parent = load_runs(uri, "ablate", role="study").run_id[0]
     assert "ablation_table.csv" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    epochs = 10
+    spec = {
+        "study": {"name": "resume", "num_samples": 2, "scheduler": {"name": "none"}},
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": digits_base(epochs=epochs),
+        "search": {"tau": {"distribution": "loguniform", "low": 0.05, "high": 0.5}},
+    }
+    command = [sys.executable, "-m", "study.run", write_study(tmp_path, spec)]
+    command += study_args(tmp_path, ray_cluster)
+    driver = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if f"epoch 3/{epochs}" in line:
+            driver.send_signal(signal.SIGINT)
+            break
+    assert driver.wait(timeout=180) == 130, "".join(seen[-30:]) + driver.stdout.read()[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert load_runs(uri, "resume", role="study").status[0] == "KILLED"
+    assert "RUNNING" not in set(load_runs(uri, "resume").status)
+
+    assert main([command[3], "--resume", *study_args(tmp_path, ray_cluster)]) == 0
+    parent = load_runs(uri, "resume", role="study")
+    runs = load_runs(uri, "resume", parent_run_id=parent.run_id[0])
+    assert parent.status[0] == "FINISHED"
+    assert len(runs) == 2 and set(runs.status) == {"FINISHED"}
+    client = MlflowClient(uri)
+    for run_id in runs.run_id:
+        steps = [m.step for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)]
+        assert sorted(steps) == list(range(1, epochs + 1)), steps
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    results = ray_results(tmp_path / "results" / "resume")
+    restored = [r for r in results if r.metrics["iterations_since_restore"] < epochs]
+    assert restored, "no trial continued from a checkpoint: they restarted at epoch 0"
+    assert all(r.metrics["training_iteration"] == epochs for r in results)
