@@ -145,12 +145,13 @@ def first_trial(spec: StudySpec) -> dict[str, Any]:
 
 def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> dict[str, float]:
     """Join a cluster (claiming nothing) or start a local instance; returns its resources."""
+    if address:
+        check_reachable(address)
+        use_cluster_token()  # before Ray is imported: it caches its authentication settings
     import ray
 
     try:
         if address:
-            check_reachable(address)
-            use_cluster_token()
             ray.init(address=address)
         else:
             # "local": always a new instance, never a cluster a `ray start` left on this machine.

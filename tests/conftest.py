@@ -65,6 +65,15 @@ def natural_model(digits):
 # --- a real Ray cluster ---------------------------------------------------------------------
 
 
+def pytest_configure(config):
+    """Ray's settings for this session, set before anything imports Ray (it caches its
+    authentication settings): servers bind to 127.0.0.1, and the test cluster takes a token of
+    its own that every driver of this session, in-process or not, sends."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -88,13 +97,6 @@ def ray_cluster(tmp_path_factory):
     """A real Ray head node started by `ray start --head` (2 CPUs), on 127.0.0.1 only, with
     token authentication; drivers of this session (in-process or not) join it by address.
     Only the processes this fixture started are stopped at the end."""
-    settings = {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "head.log"
     command = [
@@ -122,8 +124,3 @@ def ray_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
