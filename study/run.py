@@ -284,7 +284,6 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurr
     from ray import tune
 
     from study.search import optuna_storage, scheduler, searcher
-    from study.trainable import train_trial
 
     config = spec.trial_config(first_trial(spec))
     if spec.study.mode == "search":
@@ -298,12 +297,8 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurr
             SEED_KEY: tune.grid_search(spec.ablation.seeds),
         }
         search_alg, num_samples = None, 1
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, spec=spec),
-        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
-    )
     return tune.Tuner(
-        trainable,
+        trainable(spec),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             # An ablation's metric (a test metric) exists only after the last epoch; nothing in
@@ -328,16 +323,24 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurr
     )
 
 
-def restore_tuner(spec: StudySpec, path: Path):
+def trainable(spec: StudySpec):
+    """The trial function with the study bound to it and a trial's resources."""
     from ray import tune
 
     from study.trainable import train_trial
 
-    trainable = tune.with_resources(
+    return tune.with_resources(
         tune.with_parameters(train_trial, spec=spec),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
     )
-    return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+
+
+def restore_tuner(spec: StudySpec, path: Path):
+    from ray import tune
+
+    return tune.Tuner.restore(
+        str(path), trainable(spec), resume_unfinished=True, resume_errored=True
+    )
 
 
 def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:

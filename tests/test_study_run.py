@@ -98,13 +98,12 @@ def ray_results(path: Path):
     """Reopen a study's Ray results as Ray's own `ResultGrid`."""
     from ray import tune
 
+    from study.run import trainable
     from study.spec import spec_from_dict
-    from study.trainable import train_trial
 
     saved = json.loads((path / "gacd_study.json").read_text())
     spec = spec_from_dict(saved["resolved"], teacher_cache=path.parent / "teachers")
-    trainable = tune.with_parameters(train_trial, spec=spec)
-    return tune.Tuner.restore(str(path), trainable).get_results()
+    return tune.Tuner.restore(str(path), trainable(spec)).get_results()
 
 
 def test_asha_stops_poor_trials_and_only_full_budgets_compete(
