@@ -1,6 +1,15 @@
-"""A study's runs from MLflow as a pandas table, through MLflow's client (any tracking URI)."""
+"""A study's runs from MLflow as pandas tables, through MLflow's client (any tracking URI).
+
+Column names follow `mlflow.search_runs`: `run_id`, `status`, `run_name`, `tags.<name>`,
+`params.<name>`, `metrics.<name>` (a metric's last value).
+"""
 
 from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -8,15 +17,23 @@ from mlflow.tracking import MlflowClient
 PAGE_SIZE = 5000
 
 
+class StudyNotFoundError(LookupError):
+    """No such experiment or study run in the store; the message names the store."""
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
 def load_runs(
     tracking_uri: str, experiment: str, parent_run_id: str | None = None, role: str = "trial"
 ) -> pd.DataFrame:
-    """One row per run: `run_id`, `status`, `run_name`, `tags.*`, `params.*`, `metrics.*`
-    (each metric's last value), as `mlflow.search_runs` names them."""
+    """One row per run of `role` (trial, study, teacher) in `experiment`, optionally only the
+    children of `parent_run_id`."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise LookupError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
+        raise StudyNotFoundError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
     clauses = [f"tags.`role` = '{role}'"]
     if parent_run_id is not None:
         clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
@@ -40,8 +57,77 @@ def run_row(run) -> dict[str, object]:
         "run_id": run.info.run_id,
         "status": run.info.status,
         "run_name": run.info.run_name,
+        "start_time": run.info.start_time,
     }
     row |= {f"tags.{key}": value for key, value in run.data.tags.items()}
     row |= {f"params.{key}": value for key, value in run.data.params.items()}
     row |= {f"metrics.{key}": value for key, value in run.data.metrics.items()}
     return row
+
+
+@dataclass
+class Study:
+    """A study as the analysis sees it: its parent run's tags and its trials' runs."""
+
+    tracking_uri: str
+    name: str
+    mode: str  # search | ablation
+    metric: str
+    direction: str  # max | min
+    parent_run_id: str
+    runs: pd.DataFrame
+    variants: list[str]  # an ablation's variants in the order its file gave them
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction == "max"
+
+
+def load_study(tracking_uri: str, experiment: str) -> Study:
+    """The study of `experiment` (one per experiment), with the runs of its trials."""
+    parents = load_runs(tracking_uri, experiment, role="study")
+    if parents.empty:
+        raise StudyNotFoundError(
+            f"MLflow experiment {experiment!r} in {tracking_uri} holds no study run"
+        )
+    parent = parents.iloc[0]
+    runs = load_runs(tracking_uri, experiment, parent_run_id=parent["run_id"])
+    return Study(
+        tracking_uri,
+        experiment,
+        parent.get("tags.mode", "ablation"),
+        parent.get("tags.metric", "val/pgd_acc"),
+        parent.get("tags.direction", "max"),
+        parent["run_id"],
+        runs,
+        json.loads(parent.get("tags.variants", "[]")),
+    )
+
+
+def metric_histories(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every logged value of every metric of `runs`, long: run_id, metric, step, value,
+    timestamp."""
+    client = MlflowClient(tracking_uri)
+    rows = []
+    for run_id in runs["run_id"]:
+        names = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+        row = runs.loc[runs["run_id"] == run_id].iloc[0]
+        for name in names:
+            if pd.isna(row[f"metrics.{name}"]):
+                continue
+            rows += [
+                {
+                    "run_id": run_id,
+                    "metric": name,
+                    "step": entry.step,
+                    "value": entry.value,
+                    "timestamp": entry.timestamp,
+                }
+                for entry in client.get_metric_history(run_id, name)
+            ]
+    return pd.DataFrame(rows, columns=["run_id", "metric", "step", "value", "timestamp"])
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, help="the study's name (its experiment)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///$PWD/mlflow.db)")

@@ -1,25 +1,31 @@
 """What a finished study prints and leaves on its parent run: the best configuration of a
-search, or the ablation's table, and how to browse the runs."""
+search, or the ablation's table, the full report, and how to browse the runs."""
 
 from __future__ import annotations
 
 import json
 
-from analysis.runs import load_runs
-from analysis.tables import mean_std_strings, seed_summary
-from gacd import metrics
+from analysis.report import write_report
+from analysis.runs import load_study
+from analysis.table import render_study
 from study.search import RAY_TRIAL_ID_ATTR, best_full_budget_trial
-from study.spec import StudySpec
-
-ABLATION_METRICS = [metrics.accuracy("test", name) for name in metrics.ATTACKS]
+from study.spec import REFERENCE, StudySpec
 
 
-def print_summary(spec: StudySpec, paths, tracking, experiment_id: str, parent_run: str) -> None:
+def print_summary(spec: StudySpec, paths, tracking, parent_run: str) -> None:
     if spec.study.mode == "search":
         summarize_search(spec, paths, tracking, parent_run)
-    else:
-        summarize_ablation(spec, paths, tracking, parent_run)
-    print(f"\nbrowse the runs: {browse_command(paths.tracking_uri)}")
+    study = load_study(paths.tracking_uri, spec.name)
+    if spec.study.mode == "ablation":
+        table = render_study(study, None, REFERENCE, "md", top=10)
+        print(
+            f"\n{spec.name}: test split, mean ± std over seeds (difference to {REFERENCE}, "
+            f"paired t-test over shared seeds)\n{table}"
+        )
+    report = write_report(study, paths.experiment(spec.name) / "report", paths.optuna_url)
+    tracking.client.log_artifacts(parent_run, str(report.parent), "report")
+    print(f"\nreport: {report} (also on the study's MLflow run, under report/)")
+    print(f"browse the runs: {browse_command(paths.tracking_uri)}")
 
 
 def summarize_search(spec: StudySpec, paths, tracking, parent_run: str) -> None:
@@ -41,14 +47,6 @@ def summarize_search(spec: StudySpec, paths, tracking, parent_run: str) -> None:
         f"{best.number}, Ray trial {summary['ray_trial_id']})"
     )
     print(json.dumps(best.params, indent=2))
-
-
-def summarize_ablation(spec: StudySpec, paths, tracking, parent_run: str) -> None:
-    runs = load_runs(paths.tracking_uri, spec.name, parent_run)
-    table = mean_std_strings(seed_summary(runs, ABLATION_METRICS, list(spec.variants())))
-    text = table.to_string()
-    tracking.client.log_text(parent_run, table.to_csv(), "ablation_table.csv")
-    print(f"\n{spec.name}: test-split accuracy, mean ± std over seeds\n{text}")
 
 
 def browse_command(tracking_uri: str) -> str:

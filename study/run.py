@@ -53,7 +53,7 @@ class StudyPaths:
 
 def study_paths(storage: str | None, tracking_uri: str | None, optuna: str | None) -> StudyPaths:
     """Absolute paths: every trial runs in a working directory of its own."""
-    from study.tracking import default_tracking_uri
+    from analysis.runs import default_tracking_uri
 
     storage_path = storage or "ray_results"
     if "://" in storage_path and not storage_path.startswith("file://"):
@@ -414,7 +414,7 @@ def run_on_ray(
             file=sys.stderr,
         )
         return 130
-    print_summary(spec, paths, tracking, experiment_id, parent_run)
+    print_summary(spec, paths, tracking, parent_run)
     tracking.finish(parent_run, "FINISHED")
     return 0
 

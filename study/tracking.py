@@ -38,6 +38,7 @@ TAG_MODE = "mode"
 TAG_METRIC = "metric"
 TAG_DIRECTION = "direction"
 TAG_VARIANT = "variant"
+TAG_VARIANTS = "variants"  # on the study's run: the ablation's variants in file order
 TAG_SEED = "seed"
 TAG_RAY_TRIAL = "ray_trial_id"
 TAG_OPTUNA_TRIAL = "optuna_trial_number"
@@ -74,10 +75,6 @@ def git_commit() -> str:
 def is_metric(key: str) -> bool:
     """Metrics of `gacd` (`train/`, `val/`, `test/`, `time/`, `lr`), not Ray's bookkeeping."""
     return key == metrics.LR or key.split("/")[0] in ("train", "val", "test", "time")
-
-
-def default_tracking_uri() -> str:
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -146,6 +143,8 @@ class Tracking:
             TAG_DIRECTION: spec.study.direction,
             TAG_GIT_COMMIT: commit,
         }
+        if spec.study.mode == "ablation":
+            tags[TAG_VARIANTS] = json.dumps(list(spec.variants()))
         run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
         self.client.log_dict(run.info.run_id, spec.to_dict(), "study.json")
         return experiment_id, run.info.run_id

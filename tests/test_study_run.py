@@ -165,7 +165,8 @@ def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     out = capsys.readouterr().out
     assert "full" in out and "no_reweight" in out and "test/pgd_acc" in out
     parent = load_runs(uri, "ablate", role="study").run_id[0]
-    assert "ablation_table.csv" in {a.path for a in client.list_artifacts(parent)}
+    report = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/pareto.png", "report/curves.png"} <= report
 
 
 def test_an_interrupted_search_resumes_losing_and_repeating_nothing(

@@ -1,0 +1,192 @@
+"""A study's pictures, as PNG files drawn by matplotlib (no browser needed):
+
+- `pareto.png`: clean against robust accuracy, the Pareto front drawn through the points no
+  other point beats on both (ablation: test split, mean and std over seeds per variant;
+  search: validation split, one point per full-budget trial);
+- `curves.png`: per-epoch validation curves (ablation: mean over seeds per variant; search: one
+  line per trial, dashed where a scheduler stopped it);
+- `params.png` (search): each searched parameter against the study's metric;
+- `importance.png` (search): see `analysis.importance`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.runs import (  # noqa: E402
+    Study,
+    StudyNotFoundError,
+    add_store_arguments,
+    default_tracking_uri,
+    load_study,
+    metric_histories,
+)
+
+FIGURE_SIZE = (8.0, 5.0)  # inches at DPI: 800 x 500 pixels per panel row
+DPI = 100
+
+
+def figure(rows: int = 1, columns: int = 1):
+    width, height = FIGURE_SIZE
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height * rows), dpi=DPI, squeeze=False)
+    return fig, list(axes.flat)
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """Indices of the points [N, 2] that no other point beats or equals on both (maximising)."""
+    front = []
+    for i, point in enumerate(points):
+        dominated = np.any(np.all(points >= point, axis=1) & np.any(points > point, axis=1))
+        if not dominated:
+            front.append(i)
+    return np.array(front, dtype=int)
+
+
+def accuracy_points(study: Study) -> tuple[pd.DataFrame, str, str]:
+    """(points with `clean`, `robust`, `clean_std`, `robust_std` per label, x name, y name)."""
+    runs = study.runs[study.runs["status"] == "FINISHED"]
+    if study.mode == "ablation":
+        clean, robust = "test/clean_acc", "test/pgd_acc"
+        grouped = runs.groupby("tags.variant")[[f"metrics.{clean}", f"metrics.{robust}"]]
+        means, stds = grouped.mean(), grouped.std(ddof=1)
+    else:
+        clean, robust = "val/clean_acc", "val/pgd_acc"
+        runs = runs[runs.get("tags.full_budget") == "true"].set_index("run_name")
+        means = runs[[f"metrics.{clean}", f"metrics.{robust}"]]
+        stds = means * np.nan
+    points = pd.DataFrame(
+        {
+            "clean": means[f"metrics.{clean}"],
+            "robust": means[f"metrics.{robust}"],
+            "clean_std": stds[f"metrics.{clean}"],
+            "robust_std": stds[f"metrics.{robust}"],
+        }
+    ).dropna(subset=["clean", "robust"])
+    return points, clean, robust
+
+
+def plot_pareto(study: Study, path: Path) -> Path:
+    points, clean, robust = accuracy_points(study)
+    fig, (axis,) = figure()
+    axis.errorbar(
+        points["clean"],
+        points["robust"],
+        xerr=points["clean_std"].fillna(0),
+        yerr=points["robust_std"].fillna(0),
+        fmt="o",
+        capsize=3,
+    )
+    for label, row in points.iterrows():
+        axis.annotate(
+            str(label),
+            (row["clean"], row["robust"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    if len(points):
+        front = points.iloc[pareto_front(points[["clean", "robust"]].to_numpy())]
+        front = front.sort_values("clean")
+        axis.step(
+            front["clean"], front["robust"], where="post", color="tab:red", label="Pareto front"
+        )
+        axis.legend()
+    axis.set_xlabel(clean)
+    axis.set_ylabel(robust)
+    axis.set_title(f"{study.name}: clean against robust accuracy")
+    return save(fig, path)
+
+
+def plot_curves(study: Study, histories: pd.DataFrame, path: Path, metric: str) -> Path:
+    runs = study.runs.set_index("run_id")
+    curves = histories[histories["metric"] == metric]
+    fig, (axis,) = figure()
+    if study.mode == "ablation":
+        curves = curves.assign(variant=runs.loc[curves["run_id"], "tags.variant"].to_numpy())
+        for variant, part in curves.groupby("variant", sort=False):
+            mean = part.groupby("step")["value"].mean()
+            axis.plot(mean.index, mean.to_numpy(), marker=".", label=variant)
+    else:
+        for run_id, part in curves.groupby("run_id"):
+            full = runs.loc[run_id].get("tags.full_budget") == "true"
+            axis.plot(
+                part["step"],
+                part["value"],
+                linestyle="-" if full else "--",
+                label=runs.loc[run_id, "run_name"],
+            )
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(metric)
+    axis.set_title(f"{study.name}: {metric} per epoch")
+    axis.legend(fontsize=7, ncol=2)
+    return save(fig, path)
+
+
+def plot_params(study: Study, path: Path) -> Path:
+    """Each searched value (from the runs' `overrides` tags) against the study's metric."""
+    runs = study.runs[study.runs["status"] == "FINISHED"]
+    values = pd.DataFrame(runs["tags.overrides"].map(json.loads).tolist(), index=runs.index)
+    metric = runs[f"metrics.{study.metric}"]
+    full = runs.get("tags.full_budget") == "true"
+    fig, axes = figure(len(values.columns))
+    for axis, name in zip(axes, values.columns, strict=True):
+        column = pd.to_numeric(values[name], errors="coerce")
+        x = column if column.notna().all() else values[name].astype(str)
+        axis.scatter(x[full], metric[full], label="full budget")
+        axis.scatter(x[~full], metric[~full], marker="x", label="stopped early")
+        if column.notna().all() and (column > 0).all() and column.max() / column.min() > 10:
+            axis.set_xscale("log")
+        axis.set_xlabel(name)
+        axis.set_ylabel(f"{study.metric} (last epoch)")
+        axis.legend(fontsize=7)
+    return save(fig, path)
+
+
+def write_plots(study: Study, out: Path, importance: pd.DataFrame | None = None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    histories = metric_histories(study.tracking_uri, study.runs)
+    written = [plot_pareto(study, out / "pareto.png")]
+    written.append(plot_curves(study, histories, out / "curves.png", "val/pgd_acc"))
+    if study.mode == "search":
+        written.append(plot_params(study, out / "params.png"))
+        if importance is not None and not importance.empty:
+            from analysis.importance import plot_importance
+
+            written.append(plot_importance(importance, out / "importance.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__)
+    add_store_arguments(parser)
+    parser.add_argument("--out", required=True, help="folder for the PNG files")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.tracking_uri or default_tracking_uri(), args.experiment)
+    except StudyNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in write_plots(study, Path(args.out)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

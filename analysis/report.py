@@ -1,0 +1,120 @@
+"""A study in one Markdown page: its table, its pictures and (for a search) the importance of
+its parameters; `--log` also stores the page and pictures on the study's MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.plots import write_plots
+from analysis.runs import (
+    Study,
+    StudyNotFoundError,
+    add_store_arguments,
+    default_tracking_uri,
+    load_study,
+)
+from analysis.table import render_study
+
+REPORT_FILE = "report.md"
+
+
+def search_importance(study: Study, optuna_url: str | None) -> pd.DataFrame | None:
+    """Importance of a search's parameters, or None when its Optuna study is not at hand or
+    too small (the report says which)."""
+    if study.mode != "search" or optuna_url is None:
+        return None
+    import optuna
+
+    from analysis.importance import importance_table
+
+    try:
+        optuna_study = optuna.load_study(study_name=study.name, storage=optuna_url)
+        return importance_table(optuna_study, bootstrap=30)
+    except (KeyError, ValueError):
+        return None
+
+
+def write_report(study: Study, out: Path, optuna_url: str | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    importance = search_importance(study, optuna_url)
+    pictures = write_plots(study, out, importance)
+    finished = (study.runs["status"] == "FINISHED").sum() if not study.runs.empty else 0
+    lines = [
+        f"# {study.name}",
+        "",
+        f"A {study.mode} study: {len(study.runs)} trials ({finished} finished), "
+        f"metric `{study.metric}` ({study.direction}); MLflow run `{study.parent_run_id}` "
+        f"in `{study.tracking_uri}`.",
+        "",
+    ]
+    if study.mode == "ablation":
+        lines += [
+            "## Test split, mean ± std over seeds",
+            "",
+            "Each cell: mean ± sample std over the seeds that finished; in brackets the mean "
+            "difference to `full` over the seeds both ran and the two-sided paired t-test's "
+            "p-value; the best mean per column in bold; `n` the variant's finished seeds.",
+            "",
+            render_study(study, None, "full", "md", top=10),
+        ]
+    else:
+        lines += [
+            "## Best full-budget trials (validation split)",
+            "",
+            render_study(study, None, "full", "md", top=10),
+        ]
+        if importance is None:
+            lines += [
+                "",
+                "Parameter importance: not computed (it needs the search's Optuna storage and "
+                "at least 4 full-budget trials; see `python -m analysis.importance`).",
+            ]
+        else:
+            lines += [
+                "",
+                "## Parameter importance",
+                "",
+                f"Over the {importance['trials'].iloc[0]} full-budget trials, normalised, with "
+                "95% bootstrap intervals (30 resamples); PED-ANOVA and fANOVA can disagree.",
+                "",
+                importance.to_markdown(index=False, floatfmt=".3f"),
+            ]
+    lines += ["", "## Pictures", ""]
+    lines += [f"![{path.stem}]({path.name})" for path in pictures]
+    report = out / REPORT_FILE
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__)
+    add_store_arguments(parser)
+    parser.add_argument("--out", required=True, help="folder for report.md and its pictures")
+    parser.add_argument(
+        "--optuna-storage", help="a search's Optuna database, for importance (optional)"
+    )
+    parser.add_argument(
+        "--log", action="store_true", help="also log the report to the study's MLflow run"
+    )
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        study = load_study(uri, args.experiment)
+        report = write_report(study, Path(args.out), args.optuna_storage)
+    except StudyNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.log:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).log_artifacts(study.parent_run_id, str(report.parent), "report")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Ablation tables: one row per variant, mean +/- std of each metric over seeds, the difference
+to the reference variant with a paired t-test over the seeds both ran, the best marked.
+
+Rendered as Markdown (pandas' `to_markdown`), LaTeX (pandas' `Styler.to_latex`, headers
+escaped) or CSV (one tidy row per variant and metric, the numbers unrounded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.runs import (
+    Study,
+    StudyNotFoundError,
+    add_store_arguments,
+    default_tracking_uri,
+    load_study,
+)
+
+VARIANT = "tags.variant"
+SEED = "tags.seed"
+
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracies and similarities go up; losses and times go down."""
+    return not metric.startswith(("train/loss", "time/"))
+
+
+@dataclass
+class AblationTable:
+    """`stats` has one row per (variant, metric): mean, std, n, diff, p_value, n_paired, best."""
+
+    stats: pd.DataFrame
+    reference: str
+    variants: list[str]
+    metrics: list[str]
+    seeds: dict[str, int]  # finished seeds per variant
+
+    def cell(self, variant: str, metric: str) -> pd.Series:
+        return self.stats.loc[(variant, metric)]
+
+
+def seed_values(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Finished runs' values of `metric` as a variant x seed table (NaN where missing)."""
+    finished = runs[runs["status"] == "FINISHED"]
+    column = f"metrics.{metric}"
+    if column not in finished:
+        return pd.DataFrame()
+    values = finished[[VARIANT, SEED, column]].dropna()
+    return values.pivot_table(index=VARIANT, columns=SEED, values=column, aggfunc="mean")
+
+
+def paired_test(variant: pd.Series, reference: pd.Series) -> tuple[float, float, int]:
+    """Mean difference and two-sided paired t-test p-value over the seeds both have."""
+    shared = variant.dropna().index.intersection(reference.dropna().index)
+    if len(shared) == 0:
+        return np.nan, np.nan, 0
+    differences = variant[shared] - reference[shared]
+    p_value = np.nan
+    if len(shared) >= 2 and differences.std(ddof=1) > 0:
+        p_value = float(stats.ttest_rel(variant[shared], reference[shared]).pvalue)
+    return float(differences.mean()), p_value, len(shared)
+
+
+def ablation_table(
+    runs: pd.DataFrame,
+    metrics: list[str],
+    reference: str = "full",
+    order: list[str] | None = None,
+) -> AblationTable:
+    finished = runs[runs["status"] == "FINISHED"]
+    present = list(dict.fromkeys(finished[VARIANT])) if not finished.empty else []
+    default = [reference] + sorted(v for v in present if v != reference)
+    variants = [v for v in (order or default) if v in present]
+    variants += [v for v in sorted(present) if v not in variants]
+    rows = []
+    for metric in metrics:
+        table = seed_values(runs, metric)
+        if table.empty:
+            continue
+        for variant in variants:
+            rows.append(metric_row(table, variant, metric, reference))
+    frame = pd.DataFrame(rows).set_index(["variant", "metric"]) if rows else pd.DataFrame()
+    kept = list(dict.fromkeys(frame.index.get_level_values("metric"))) if rows else []
+    if rows:
+        mark_best(frame)
+    seeds = finished.groupby(VARIANT)[SEED].nunique().to_dict() if present else {}
+    return AblationTable(frame, reference, variants, kept, seeds)
+
+
+def metric_row(table: pd.DataFrame, variant: str, metric: str, reference: str) -> dict:
+    values = table.loc[variant] if variant in table.index else pd.Series(dtype=float)
+    row = {
+        "variant": variant,
+        "metric": metric,
+        "mean": values.mean(),
+        "std": values.std(ddof=1),
+        "n": int(values.notna().sum()),
+        "diff": np.nan,
+        "p_value": np.nan,
+        "n_paired": 0,
+    }
+    if variant != reference and reference in table.index:
+        row["diff"], row["p_value"], row["n_paired"] = paired_test(values, table.loc[reference])
+    return row
+
+
+def mark_best(frame: pd.DataFrame) -> None:
+    frame["best"] = False
+    for metric in frame.index.get_level_values("metric").unique():
+        means = frame.xs(metric, level="metric")["mean"]
+        if means.notna().any():
+            best = means.idxmax() if higher_is_better(metric) else means.idxmin()
+            frame.loc[(best, metric), "best"] = True
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def significance_mark(p_value: float) -> str:
+    if np.isnan(p_value):
+        return ""
+    return "**" if p_value < 0.01 else "*" if p_value < 0.05 else ""
+
+
+def cell_text(row: pd.Series, is_reference: bool, digits: int, pm: str) -> str:
+    if row["n"] == 0:
+        return "-"
+    text = f"{row['mean']:.{digits}f}"
+    if row["n"] > 1:
+        text += f" {pm} {row['std']:.{digits}f}"
+    if not is_reference and not np.isnan(row["diff"]):
+        p_value = "n/a" if np.isnan(row["p_value"]) else f"{row['p_value']:.3f}"
+        text += f" ({row['diff']:+.{digits}f}, p={p_value})"
+    return text
+
+
+def display_frame(table: AblationTable, digits: int, pm: str, bold) -> pd.DataFrame:
+    """Strings: one row per variant, one column per metric, then the seed count `n`."""
+    frame = pd.DataFrame(index=pd.Index(table.variants, name="variant"))
+    for metric in table.metrics:
+        column = []
+        for variant in table.variants:
+            row = table.cell(variant, metric)
+            text = cell_text(row, variant == table.reference, digits, pm)
+            column.append(bold(text) if row["best"] else text)
+        frame[metric] = column
+    frame["n"] = [table.seeds.get(variant, 0) for variant in table.variants]
+    return frame
+
+
+def to_markdown(table: AblationTable, digits: int = 3) -> str:
+    frame = display_frame(table, digits, "±", lambda text: f"**{text}**")
+    return frame.to_markdown(colalign=["left"] + ["right"] * len(frame.columns))
+
+
+def to_latex(table: AblationTable, digits: int = 3) -> str:
+    """A booktabs tabular; metric names and variants escaped for LaTeX."""
+    frame = display_frame(table, digits, r"$\pm$", lambda text: rf"\textbf{{{text}}}")
+    styler = frame.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
+    styler = styler.format(lambda value: str(value).replace("%", r"\%"))
+    styler = styler.hide(axis="index", names=True)  # one header row, not a second for "variant"
+    return styler.to_latex(hrules=True, column_format="l" + "r" * len(frame.columns))
+
+
+def to_csv(table: AblationTable) -> str:
+    """Tidy: one row per variant and metric, unrounded."""
+    return table.stats.reset_index().to_csv(index=False)
+
+
+RENDERERS = {"md": to_markdown, "latex": to_latex, "csv": to_csv}
+
+
+# --- a search -------------------------------------------------------------------------------
+
+
+def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -> pd.DataFrame:
+    """The best `top` trials that ran their full budget, with the values they were given."""
+    column = f"metrics.{metric}"
+    full = runs[(runs["status"] == "FINISHED") & (runs.get("tags.full_budget") == "true")]
+    if full.empty or column not in full:
+        return pd.DataFrame()
+    ranked = full.sort_values(column, ascending=not maximize).head(top)
+    overrides = pd.DataFrame(ranked["tags.overrides"].map(json.loads).tolist(), index=ranked.index)
+    trials = ranked[["run_name", column]].rename(columns={column: metric})
+    table = pd.concat([trials, overrides], axis=1)
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.set_index("rank")
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def render_study(
+    study: Study, metrics: list[str] | None, reference: str, fmt: str, top: int
+) -> str:
+    """The ablation's table, or a search's best full-budget trials, in `fmt`."""
+    if study.mode == "search":
+        table = top_trials(study.runs, study.metric, study.maximize, top)
+        if table.empty:
+            raise StudyNotFoundError(f"study {study.name!r}: no trial ran its full budget")
+        if fmt == "latex":
+            return table.style.format_index(escape="latex", axis=1).to_latex(hrules=True)
+        return table.to_markdown() if fmt == "md" else table.to_csv()
+    names = metrics or default_metrics(study.runs)
+    table = ablation_table(study.runs, names, reference, order=study.variants)
+    if table.stats.empty:
+        raise StudyNotFoundError(f"study {study.name!r}: no finished run has {names}")
+    return RENDERERS[fmt](table)
+
+
+def default_metrics(runs: pd.DataFrame) -> list[str]:
+    """Test accuracies in attack order, then structural and transfer metrics, if logged."""
+    logged = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+    order = [f"test/{name}_acc" for name in ("clean", "fgsm", "pgd", "cw", "autoattack")]
+    chosen = [name for name in order if name in logged]
+    chosen += sorted(n for n in logged if n.startswith(("test/", "transfer/")) and n not in chosen)
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.table",
+        description="An ablation's table (mean ± std over seeds, paired tests against the "
+        "reference, best marked) or a search's best full-budget trials.",
+    )
+    add_store_arguments(parser)
+    parser.add_argument("--metrics", nargs="+", help="metric names (default: the test metrics)")
+    parser.add_argument("--reference", default="full", help="the variant others are compared to")
+    parser.add_argument("--format", choices=sorted(RENDERERS), default="md")
+    parser.add_argument("--top", type=int, default=10, help="trials shown for a search")
+    parser.add_argument("--out", help="write to this file instead of printing")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.tracking_uri or default_tracking_uri(), args.experiment)
+        text = render_study(study, args.metrics, args.reference, args.format, args.top)
+    except StudyNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

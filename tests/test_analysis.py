@@ -1,0 +1,177 @@
+"""analysis/ on a real MLflow store (SQLite) filled through MLflow's client with known values."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from analysis import export, importance, plots, report, table
+from analysis.runs import load_study
+
+PGD = {  # variant -> seed -> test/pgd_acc; b lacks seed 2 (its run failed)
+    "full": {0: 0.50, 1: 0.60, 2: 0.70},
+    "a": {0: 0.55, 1: 0.62, 2: 0.80},
+    "b": {0: 0.40, 1: 0.55},
+}
+CLEAN = {"full": 0.9, "a": 0.8, "b": 0.95}
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An ablation study as `study.run` leaves it: a parent run and one child per trial."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("known", artifact_location=(tmp_path / "a").as_uri())
+    tags = {"role": "study", "study": "known", "mode": "ablation", "metric": "test/pgd_acc"}
+    tags |= {"direction": "max", "variants": json.dumps(["full", "a", "b"])}
+    parent = client.create_run(experiment, tags=tags, run_name="known").info.run_id
+    for variant, seeds in PGD.items():
+        for seed in (0, 1, 2):
+            run_tags = {"role": "trial", "mlflow.parentRunId": parent, "variant": variant}
+            run_tags["seed"] = str(seed)
+            run = client.create_run(experiment, tags=run_tags, run_name=f"{variant}-{seed}")
+            run_id = run.info.run_id
+            client.log_param(run_id, "reweight.gamma", {"full": 1, "a": 0, "b": 2}[variant])
+            history = [
+                Metric("val/pgd_acc", 0.1 * step + seed / 100, 0, step) for step in (1, 2, 3)
+            ]
+            client.log_batch(run_id, metrics=history)
+            if seed in seeds:
+                client.log_metric(run_id, "test/pgd_acc", seeds[seed], step=3)
+                client.log_metric(run_id, "test/clean_acc", CLEAN[variant] + seed / 100, step=3)
+                client.set_terminated(run_id, "FINISHED")
+            else:
+                client.set_terminated(run_id, "FAILED")
+    return uri
+
+
+def test_the_table_holds_the_numbers_computed_by_hand(store):
+    study = load_study(store, "known")
+    result = table.ablation_table(study.runs, ["test/pgd_acc", "test/clean_acc"], "full")
+    for variant, seeds in PGD.items():
+        cell = result.cell(variant, "test/pgd_acc")
+        values = np.array(list(seeds.values()))
+        assert cell["mean"] == pytest.approx(values.mean())
+        assert cell["std"] == pytest.approx(values.std(ddof=1))
+        assert cell["n"] == len(values)
+    a = result.cell("a", "test/pgd_acc")
+    full = np.array([0.50, 0.60, 0.70])
+    assert a["diff"] == pytest.approx(np.mean(np.array([0.55, 0.62, 0.80]) - full))
+    assert a["p_value"] == pytest.approx(stats.ttest_rel([0.55, 0.62, 0.80], full).pvalue)
+    # b misses seed 2: its own n, and the paired test uses only the seeds both ran.
+    b = result.cell("b", "test/pgd_acc")
+    assert (b["n"], b["n_paired"]) == (2, 2)
+    assert b["diff"] == pytest.approx(np.mean([0.40 - 0.50, 0.55 - 0.60]))
+    assert b["p_value"] == pytest.approx(stats.ttest_rel([0.40, 0.55], [0.50, 0.60]).pvalue)
+    assert result.seeds == {"full": 3, "a": 3, "b": 2}
+    assert result.cell("a", "test/pgd_acc")["best"]
+    assert result.cell("b", "test/clean_acc")["best"]
+    assert result.variants == ["full", "a", "b"]
+
+
+def test_markdown_latex_and_csv_render_the_same_numbers(store):
+    study = load_study(store, "known")
+    result = table.ablation_table(study.runs, ["test/pgd_acc"], "full", order=study.variants)
+    markdown = table.to_markdown(result)
+    a = result.cell("a", "test/pgd_acc")
+    expected = f"**{a['mean']:.3f} ± {a['std']:.3f} ({a['diff']:+.3f}, p={a['p_value']:.3f})**"
+    assert expected in markdown
+    assert "| full " in markdown and "0.600 ± 0.100 " in markdown
+    latex = table.to_latex(result)
+    assert latex.count(r"\begin{tabular}") == 1 and latex.count(r"\end{tabular}") == 1
+    assert r"test/pgd\_acc" in latex and r"$\pm$" in latex and r"\textbf{" in latex
+    assert r"\toprule" in latex and latex.count(r"\\") == 4  # header and three variants
+    assert latex.count("{") == latex.count("}")
+    tidy = pd.read_csv(io.StringIO(table.to_csv(result)))
+    row = tidy[(tidy.variant == "a") & (tidy.metric == "test/pgd_acc")].iloc[0]
+    assert row["mean"] == pytest.approx(a["mean"]) and row["p_value"] == pytest.approx(a["p_value"])
+
+
+def test_table_command_writes_each_format_and_refuses_an_unknown_study(store, tmp_path, capsys):
+    out = tmp_path / "table.tex"
+    args = ["--experiment", "known", "--tracking-uri", store]
+    assert table.main([*args, "--format", "latex", "--out", str(out)]) == 0
+    assert r"\begin{tabular}" in out.read_text()
+    assert table.main([*args, "--metrics", "test/clean_acc"]) == 0
+    assert "test/clean_acc" in capsys.readouterr().out
+    assert table.main(["--experiment", "nope", "--tracking-uri", store]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: no MLflow experiment 'nope'") and error.count("\n") == 1
+
+
+def test_export_round_trips_through_parquet(store, tmp_path):
+    path = tmp_path / "runs.parquet"
+    assert export.main(["--experiment", "known", "--tracking-uri", store, "--out", str(path)]) == 0
+    written = export.tidy_runs(load_study(store, "known"))
+    read = pd.read_parquet(path)
+    pd.testing.assert_frame_equal(read, written, check_dtype=False)
+    assert len(read) == 9 * 3 + 8 * 2  # 9 runs x 3 epochs of val, 8 finished x 2 test metrics
+    final = read[read.final & (read.metric == "val/pgd_acc")]
+    assert set(final.step) == {3} and final.run_id.nunique() == 9
+    assert set(read["params.reweight.gamma"]) == {"0", "1", "2"}
+
+
+def png_size(path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_plots_and_report_are_written(store, tmp_path):
+    study = load_study(store, "known")
+    pictures = plots.write_plots(study, tmp_path / "plots")
+    assert [p.name for p in pictures] == ["pareto.png", "curves.png"]
+    for path in pictures:
+        assert path.stat().st_size > 5_000 and png_size(path) == (800, 500)
+    page = report.write_report(study, tmp_path / "report").read_text()
+    assert "![pareto](pareto.png)" in page and "| a " in page
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = np.array([[0.9, 0.1], [0.8, 0.5], [0.7, 0.4], [0.5, 0.6], [0.5, 0.6]])
+    assert pareto_list(points) == [0, 1, 3, 4]
+
+
+def pareto_list(points):
+    return plots.pareto_front(points).tolist()
+
+
+def test_importance_ranks_the_parameter_that_matters_over_full_budget_trials_only():
+    study = optuna.create_study(direction="maximize")
+    rng = np.random.default_rng(0)
+    space = {
+        "x": optuna.distributions.FloatDistribution(0, 1),
+        "y": optuna.distributions.FloatDistribution(0, 1),
+    }
+    for _ in range(30):
+        x, y = rng.random(2)
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": x, "y": y}, distributions=space, value=x + 0.01 * y
+            )
+        )
+    for _ in range(5):  # stopped early: must not count
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": 0.0, "y": 1.0},
+                distributions=space,
+                state=optuna.trial.TrialState.PRUNED,
+                intermediate_values={1: 100.0},
+            )
+        )
+    result = importance.importance_table(study, bootstrap=10)
+    assert set(result.evaluator) == {"ped_anova", "fanova"} and set(result.trials) == {30}
+    for name, part in result.groupby("evaluator"):
+        by_param = part.set_index("param")
+        assert by_param.loc["x", "importance"] > by_param.loc["y", "importance"], name
+        assert (part.ci_low <= part.importance + 1e-9).all()
+        assert (part.importance <= part.ci_high + 1e-9).all()
