@@ -63,7 +63,8 @@ def accuracy_points(study: Study) -> tuple[pd.DataFrame, str, str]:
     """(points with `clean`, `robust`, `clean_std`, `robust_std` per label, x name, y name)."""
     runs = study.runs[study.runs["status"] == "FINISHED"]
     if study.mode == "ablation":
-        clean, robust = "test/clean_acc", "test/pgd_acc"
+        split = "test" if "metrics.test/pgd_acc" in runs else "val"  # val: analysis.confirm
+        clean, robust = f"{split}/clean_acc", f"{split}/pgd_acc"
         grouped = runs.groupby("tags.variant")[[f"metrics.{clean}", f"metrics.{robust}"]]
         means, stds = grouped.mean(), grouped.std(ddof=1)
     else:
@@ -104,8 +105,15 @@ def plot_pareto(study: Study, path: Path) -> Path:
     if len(points):
         front = points.iloc[pareto_front(points[["clean", "robust"]].to_numpy())]
         front = front.sort_values("clean")
-        axis.step(
-            front["clean"], front["robust"], where="post", color="tab:red", label="Pareto front"
+        axis.plot(
+            front["clean"],
+            front["robust"],
+            drawstyle="steps-post",
+            marker="s",
+            markerfacecolor="none",
+            markersize=12,
+            color="tab:red",
+            label="Pareto front",
         )
         axis.legend()
     axis.set_xlabel(clean)

@@ -46,7 +46,8 @@ def write_report(study: Study, out: Path, optuna_url: str | None = None) -> Path
     lines = [
         f"# {study.name}",
         "",
-        f"A {study.mode} study: {len(study.runs)} trials ({finished} finished), "
+        f"{'An' if study.mode == 'ablation' else 'A'} {study.mode} study: "
+        f"{len(study.runs)} trials ({finished} finished), "
         f"metric `{study.metric}` ({study.direction}); MLflow run `{study.parent_run_id}` "
         f"in `{study.tracking_uri}`.",
         "",

@@ -223,7 +223,8 @@ def default_metrics(runs: pd.DataFrame) -> list[str]:
     order = [f"test/{name}_acc" for name in ("clean", "fgsm", "pgd", "cw", "autoattack")]
     chosen = [name for name in order if name in logged]
     chosen += sorted(n for n in logged if n.startswith(("test/", "transfer/")) and n not in chosen)
-    return chosen
+    # Runs kept off the test split (analysis.confirm) are compared on validation.
+    return chosen or [name for name in ("val/clean_acc", "val/pgd_acc") if name in logged]
 
 
 def main(argv: list[str] | None = None) -> int:

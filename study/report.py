@@ -19,7 +19,8 @@ def print_summary(spec: StudySpec, paths, tracking, parent_run: str) -> None:
     if spec.study.mode == "ablation":
         table = render_study(study, None, REFERENCE, "md", top=10)
         print(
-            f"\n{spec.name}: test split, mean ± std over seeds (difference to {REFERENCE}, "
+            f"\n{spec.name}: {'test' if spec.ablation.test_split else 'validation'} split, "
+            f"mean ± std over seeds (difference to {REFERENCE}, "
             f"paired t-test over shared seeds)\n{table}"
         )
     report = write_report(study, paths.experiment(spec.name) / "report", paths.optuna_url)

@@ -107,6 +107,9 @@ class AblationSpec:
     from_study: str | None = None
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Evaluate every run on the test split after its last epoch. `false` keeps an ablation on
+    # the validation split: `analysis.confirm` re-ranks a search's best trials that way.
+    test_split: bool = True
 
 
 @dataclass
@@ -158,7 +161,7 @@ class StudySpec:
             if key in ray_config:
                 set_dotted(values, key, ray_config[key])
         # Select on validation, report on test: only ablation runs ever see the test split.
-        values["final"] = self.study.mode == "ablation"
+        values["final"] = self.study.mode == "ablation" and self.ablation.test_split
         return values
 
     def trial_config(self, ray_config: dict[str, Any]) -> Config:
@@ -379,7 +382,7 @@ SEARCH_METRICS = (metrics.VAL_CLEAN_ACC, metrics.VAL_PGD_ACC, metrics.TRAIN_LOSS
 
 def validate_metric(spec: StudySpec) -> None:
     metric = spec.study.metric
-    if spec.study.mode == "search":
+    if spec.study.mode == "search" or not spec.ablation.test_split:
         # Searches select on validation only; the test split is for final runs.
         require(
             metric in SEARCH_METRICS, "study.metric", f"one of {', '.join(SEARCH_METRICS)}", metric

@@ -210,3 +210,30 @@ def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
     restored = [r for r in results if r.metrics["iterations_since_restore"] < epochs]
     assert restored, "no trial continued from a checkpoint: they restarted at epoch 0"
     assert all(r.metrics["training_iteration"] == epochs for r in results)
+
+
+def test_confirm_reruns_the_top_trials_on_fresh_seeds_without_the_test_split(
+    tmp_path, ray_cluster, robust_teacher_path, capsys
+):
+    from analysis import confirm
+
+    spec = {
+        "study": {"name": "winner", "num_samples": 3, "scheduler": {"name": "none"}},
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": digits_base(epochs=2),
+        "search": {"reweight.gamma": {"distribution": "uniform", "low": 0.0, "high": 3.0}},
+    }
+    args = study_args(tmp_path, ray_cluster)
+    assert main([write_study(tmp_path, spec), *args]) == 0
+    assert confirm.main(["--study", "winner", "--top", "2", "--seeds", "2", *args]) == 0
+    runs = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "winner_confirm")
+    study = optuna.load_study(study_name="winner", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    best = sorted(study.trials, key=lambda trial: -trial.value)[:2]
+    expected = {"full"} | {f"trial-{trial.number:03d}" for trial in best}
+    assert set(runs["tags.variant"]) == expected and len(runs) == 6
+    assert set(runs["tags.seed"]) == {"1000", "1001"} and set(runs.status) == {"FINISHED"}
+    assert set(runs["params.final"]) == {"False"}
+    assert not any(column.startswith("metrics.test/") for column in runs.columns)
+    gammas = {float(g) for g in runs["params.reweight.gamma"]}
+    assert gammas == {1.0} | {trial.params["reweight.gamma"] for trial in best}
+    assert "ranked by mean val/pgd_acc over fresh seeds" in capsys.readouterr().out
