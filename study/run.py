@@ -33,6 +33,11 @@ from study.spec import (
 SPEC_FILE = "gacd_study.json"
 # Local Ray instances bind to 127.0.0.1 only, so a laptop study opens no port to the network.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# An MLflow server that went away fails a call in seconds, not minutes of retries: the study
+# goes on without it and brings the missed epochs in later (study.tracking.sync_results).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 # Short trials sync Ray's experiment state often, which is what a resume needs: no warning.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
@@ -264,6 +269,12 @@ def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
             f"--resume: the study file differs from the one study {spec.name!r} started with "
             f"(saved in {path / SPEC_FILE}); resume with that file, or start a new --name"
         )
+    return load_study_spec(path, teachers)
+
+
+def load_study_spec(path: Path, teachers: Path) -> StudySpec:
+    """The resolved spec a study saved in its folder when it started."""
+    saved = json.loads((path / SPEC_FILE).read_text())
     return spec_from_dict(saved["resolved"], teacher_cache=teachers)
 
 
@@ -374,7 +385,7 @@ def run_on_ray(
 
     from study.progress import EpochLines
     from study.report import print_summary
-    from study.tracking import TAG_TEACHER_RUN, Tracking, TrialRuns, git_commit
+    from study.tracking import TAG_TEACHER_RUN, Tracking, TrialRuns, git_commit, sync_results
 
     experiment_path = paths.experiment(spec.name)
     max_concurrent = concurrency(spec, resources, args.num_cpus, args.num_gpus)
@@ -403,7 +414,16 @@ def run_on_ray(
         tuner = build_tuner(spec, paths, [runs, EpochLines(spec)], max_concurrent)
     results = tuner.fit()
     # Ray marks trials it stopped on SIGINT as terminated; their runs were never completed.
+    runs.outage = False  # whatever happened during the study, ask the store again now
     unfinished = runs.mark_unfinished("KILLED")
+    if runs.outage:
+        print(
+            f"warning: MLflow at {paths.tracking_uri} does not answer; every result is in "
+            f"{experiment_path}: bring them in with python -m study.sync {spec.name} "
+            f"--storage {paths.storage} --tracking-uri {paths.tracking_uri}",
+            file=sys.stderr,
+        )
+        return 1
     finished = len(results) - unfinished
     if finished < trial_count(spec):
         tracking.finish(parent_run, "KILLED")
@@ -414,6 +434,14 @@ def run_on_ray(
             file=sys.stderr,
         )
         return 130
+    if sync_results(runs, experiment_path):
+        print(
+            f"warning: MLflow at {paths.tracking_uri} failed while the results were brought "
+            f"in; run python -m study.sync {spec.name} --storage {paths.storage} "
+            f"--tracking-uri {paths.tracking_uri}",
+            file=sys.stderr,
+        )
+        return 1
     print_summary(spec, paths, tracking, parent_run)
     tracking.finish(parent_run, "FINISHED")
     return 0

@@ -9,7 +9,9 @@ retried trial keeps one run, and an epoch already logged is not logged again.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -54,6 +56,8 @@ TAG_PARENT = "mlflow.parentRunId"
 TEACHERS_EXPERIMENT = "gacd-teachers"
 SEARCH_VARIANT = "search"
 MAX_PARAMS_PER_BATCH = 100
+# While MLflow is down, try it again at most this often (the study never waits on it).
+RETRY_AFTER_OUTAGE_S = 30.0
 
 
 def git_commit() -> str:
@@ -191,6 +195,36 @@ class Tracking:
         return run_id
 
 
+def survives_outages(hook):
+    """A tracking hook that never stops a study: when MLflow does not answer, the study goes on
+    (Ray keeps every result) and `sync_results` brings the missed epochs in later."""
+
+    @functools.wraps(hook)
+    def guarded(self, *args: Any, **kwargs: Any) -> Any:
+        if self.outage and time.monotonic() - self.outage_since < RETRY_AFTER_OUTAGE_S:
+            return None  # do not stall every epoch on a store that is down
+        try:
+            result = hook(self, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever the store raised
+            if not self.outage:
+                first_line = (str(error).strip().splitlines() or [repr(error)])[0]
+                print(
+                    f"warning: MLflow at {self.tracking_uri} failed ({first_line[:200]}); the "
+                    "study goes on, its results stay in Ray's folder and are brought into "
+                    "MLflow at the end, or by python -m study.sync",
+                    flush=True,
+                )
+            self.outage, self.outage_since = True, time.monotonic()
+            self._reset()
+            return None
+        if self.outage:
+            print(f"MLflow at {self.tracking_uri} answers again", flush=True)
+            self.outage = False
+        return result
+
+    return guarded
+
+
 class TrialRuns(tune.Callback):
     """Logs each Ray trial to its own child run of the study's parent run.
 
@@ -213,6 +247,7 @@ class TrialRuns(tune.Callback):
         self.spec = spec
         self.commit = commit
         self.log_checkpoints = log_checkpoints
+        self.outage, self.outage_since = False, 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -284,10 +319,12 @@ class TrialRuns(tune.Callback):
 
     # --- Ray Tune's hooks ---------------------------------------------------------------
 
+    @survives_outages
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
         self.tracking.client.update_run(run_id, status="RUNNING")
 
+    @survives_outages
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
@@ -295,14 +332,21 @@ class TrialRuns(tune.Callback):
         epoch = int(result.get(metrics.EPOCH, 0))
         if epoch <= self._last_epoch.get(trial.trial_id, 0):
             return  # re-run after a restore from an older checkpoint: logged already
-        epoch_metrics = {key: value for key, value in result.items() if is_metric(key)}
+        epoch_metrics = {
+            key: value
+            for key, value in result.items()
+            if is_metric(key) and isinstance(value, int | float) and math.isfinite(value)
+        }
         self.tracking.log_epochs(run_id, [{**epoch_metrics, metrics.EPOCH: epoch}])
         self._last_epoch[trial.trial_id] = epoch
 
+    @survives_outages
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from study.search import ran_full_budget
 
         run_id = self.run_id(trial)
+        if self.tracking.client.get_run(run_id).info.status == "FINISHED":
+            return  # already ended (a sync after the study)
         full = ran_full_budget(trial.last_result)
         self.tracking.client.set_tag(run_id, TAG_FULL_BUDGET, str(full).lower())
         if self.log_checkpoints and trial.checkpoint is not None:
@@ -310,12 +354,16 @@ class TrialRuns(tune.Callback):
                 self.tracking.client.log_artifacts(run_id, folder, "checkpoint")
         self.tracking.finish(run_id, "FINISHED")
 
+    @survives_outages
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
+        if self.tracking.client.get_run(run_id).info.status == "FAILED":
+            return
         self.tracking.client.set_tag(run_id, TAG_FULL_BUDGET, "false")
         self.tracking.client.set_tag(run_id, TAG_FAILURE, failure_reason(trial))
         self.tracking.finish(run_id, "FAILED")
 
+    @survives_outages
     def mark_unfinished(self, status: str = "KILLED") -> int:
         """End the runs of trials still going when the driver stops (a resume sets them
         RUNNING again); returns how many there were."""
@@ -332,3 +380,26 @@ def failure_reason(trial: Any) -> str:
     text = str(error) if error is not None else "unknown error"
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else text)[:5000]
+
+
+def sync_results(runs: TrialRuns, experiment_path: str | Path) -> int:
+    """Bring every epoch Ray recorded for a study into MLflow, ending each run as its trial
+    ended; epochs already logged are skipped, so it can run any number of times. Returns the
+    number of trials whose runs could not be written (0 when MLflow answered throughout)."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment_path))
+    frames = analysis.trial_dataframes
+    failed = 0
+    for trial in analysis.trials:
+        runs.outage, runs.outage_since = False, 0.0
+        frame = frames.get(trial.trial_id)
+        results = [] if frame is None else frame.to_dict("records")
+        for result in sorted(results, key=lambda row: row.get(metrics.EPOCH, 0)):
+            runs.on_trial_result(0, [], trial, result)
+        if trial.status == "TERMINATED":
+            runs.on_trial_complete(0, [], trial)
+        elif trial.status == "ERROR":
+            runs.on_trial_error(0, [], trial)
+        failed += runs.outage
+    return failed

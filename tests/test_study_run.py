@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from analysis.runs import load_runs
 from gacd import metrics
 from study.run import main
+from tests.conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -98,11 +99,9 @@ def ray_results(path: Path):
     """Reopen a study's Ray results as Ray's own `ResultGrid`."""
     from ray import tune
 
-    from study.run import trainable
-    from study.spec import spec_from_dict
+    from study.run import load_study_spec, trainable
 
-    saved = json.loads((path / "gacd_study.json").read_text())
-    spec = spec_from_dict(saved["resolved"], teacher_cache=path.parent / "teachers")
+    spec = load_study_spec(path, path.parent / "teachers")
     return tune.Tuner.restore(str(path), trainable(spec)).get_results()
 
 
@@ -237,3 +236,65 @@ def test_confirm_reruns_the_top_trials_on_fresh_seeds_without_the_test_split(
     gammas = {float(g) for g in runs["params.reweight.gamma"]}
     assert gammas == {1.0} | {trial.params["reweight.gamma"] for trial in best}
     assert "ranked by mean val/pgd_acc over fresh seeds" in capsys.readouterr().out
+
+
+def mlflow_server(database: Path, port: int, log: Path) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 (its own process group, so it can be stopped)."""
+    command = [str(Path(sys.executable).with_name("mlflow")), "server"]
+    command += ["--backend-store-uri", f"sqlite:///{database}", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", "1"]
+    command += ["--artifacts-destination", str(database.parent / "artifacts")]
+    with open(log, "a") as output:
+        return subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def test_an_mlflow_server_lost_mid_study_loses_no_epoch(tmp_path, ray_cluster, robust_teacher_path):
+    """The study goes on without MLflow; `study.sync` brings every epoch in once it is back."""
+    from study import sync
+
+    port, epochs = free_port(), 8
+    server = mlflow_server(tmp_path / "server.db", port, tmp_path / "server.log")
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, server, timeout=120)
+        spec = {
+            "study": {"name": "outage", "num_samples": 2, "scheduler": {"name": "none"}},
+            "teacher": {"checkpoint": str(robust_teacher_path)},
+            "base": digits_base(epochs=epochs),
+            "search": {"tau": {"distribution": "loguniform", "low": 0.05, "high": 0.5}},
+        }
+        storage = ["--storage", str(tmp_path / "results")]
+        command = [sys.executable, "-m", "study.run", write_study(tmp_path, spec)]
+        command += ["--address", ray_cluster, "--tracking-uri", uri, *storage]
+        command += ["--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+        driver = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        seen = []
+        for line in driver.stdout:
+            seen.append(line)
+            if f"epoch 2/{epochs}" in line:
+                stop(server)
+                break
+        output = "".join(seen) + driver.stdout.read()
+        assert driver.wait(timeout=300) == 1, output[-3000:]
+        assert "study goes on" in output and "study.sync outage" in output
+        server = mlflow_server(tmp_path / "server.db", port, tmp_path / "server.log")
+        wait_for_port(port, server, timeout=120)
+        assert sync.main(["outage", "--tracking-uri", uri, *storage]) == 0
+        runs = load_runs(uri, "outage")
+        assert len(runs) == 2 and set(runs.status) == {"FINISHED"}
+        client = MlflowClient(uri)
+        for run_id in runs.run_id:
+            steps = [m.step for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)]
+            assert sorted(steps) == list(range(1, epochs + 1)), steps
+    finally:
+        if server.poll() is None:
+            stop(server)
