@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class StudyPaths:
 def study_paths(storage: str | None, tracking_uri: str | None, optuna: str | None) -> StudyPaths:
     """Absolute paths: every trial runs in a working directory of its own."""
     from analysis.runs import default_tracking_uri
+    from study.tracking import check_tracking_uri_form
 
     storage_path = storage or "ray_results"
     if "://" in storage_path and not storage_path.startswith("file://"):
@@ -68,6 +70,7 @@ def study_paths(storage: str | None, tracking_uri: str | None, optuna: str | Non
         )
     root = Path(storage_path.removeprefix("file://")).expanduser().resolve()
     uri = tracking_uri or default_tracking_uri()
+    check_tracking_uri_form(uri)
     if optuna is None:
         beside = (
             Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
@@ -346,6 +349,20 @@ def trainable(spec: StudySpec):
     )
 
 
+def fail_orphans(spec: StudySpec, paths: StudyPaths, experiment_path: Path | None) -> None:
+    """Optuna trials no restored Ray trial will tell (a killed driver asked for them)."""
+    from ray import tune
+
+    from study.search import fail_orphaned_trials, study_exists
+
+    if not study_exists(paths.optuna_url, spec.name):
+        return
+    known = set()
+    if experiment_path is not None:
+        known = {trial.trial_id for trial in tune.ExperimentAnalysis(str(experiment_path)).trials}
+    fail_orphaned_trials(paths.optuna_url, spec.name, known)
+
+
 def restore_tuner(spec: StudySpec, path: Path):
     from ray import tune
 
@@ -354,10 +371,29 @@ def restore_tuner(spec: StudySpec, path: Path):
     )
 
 
+def preflight(spec: StudySpec, paths: StudyPaths) -> None:
+    """What would fail a trial fails here, before anything starts or is written: the results
+    folder writable, the data sets on disk, the teacher readable and of its architecture."""
+    from gacd.data import load_datasets
+    from gacd.teacher import load_teacher
+
+    try:
+        paths.storage.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=paths.storage).close()
+    except OSError as error:
+        raise StudyError(
+            f"--storage {str(paths.storage)!r}: cannot write there ({error.strerror or error})"
+        ) from error
+    config = spec.trial_config(first_trial(spec))
+    data = load_datasets(config.data, config.seed)
+    trained_first = spec.teacher is not None and spec.teacher.train is not None
+    if config.teacher.checkpoint is not None and not trained_first:
+        load_teacher(config.teacher, data.spec)
+
+
 def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:
     from study.tracking import check_tracking_uri
 
-    check_tracking_uri(paths.tracking_uri)
     experiment_path = paths.experiment(spec.name)
     exists = (experiment_path / SPEC_FILE).is_file()
     if args.resume and not exists:
@@ -369,6 +405,8 @@ def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> i
         )
     if args.resume:
         spec = load_saved_spec(spec, experiment_path, paths.teachers)
+    preflight(spec, paths)
+    check_tracking_uri(paths.tracking_uri)
     resources = connect(args.address, args.num_cpus, args.num_gpus)
     try:
         return run_on_ray(spec, paths, args, exists, resources)
@@ -408,7 +446,10 @@ def run_on_ray(
         commit,
         log_checkpoints=spec.study.mode == "ablation",
     )
-    if args.resume and tune.Tuner.can_restore(str(experiment_path)):
+    restorable = args.resume and tune.Tuner.can_restore(str(experiment_path))
+    if args.resume and spec.study.mode == "search":
+        fail_orphans(spec, paths, experiment_path if restorable else None)
+    if restorable:
         tuner = restore_tuner(spec, experiment_path)
     else:  # new, or stopped before Ray wrote its first experiment state
         tuner = build_tuner(spec, paths, [runs, EpochLines(spec)], max_concurrent)

@@ -112,3 +112,14 @@ def best_full_budget_trial(url: str, name: str) -> optuna.trial.FrozenTrial:
     """The best COMPLETE trial of a search: those are exactly the full-budget ones."""
     study = optuna.load_study(study_name=name, storage=url)
     return study.best_trial
+
+
+def fail_orphaned_trials(url: str, name: str, known_trial_ids: set[str]) -> int:
+    """Optuna trials a killed driver asked for after Ray last saved its experiment state: no
+    Ray trial will ever tell them, so a resume marks them FAIL. Returns how many."""
+    study = optuna.load_study(study_name=name, storage=url)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    orphans = [t for t in running if t.user_attrs.get(RAY_TRIAL_ID_ATTR) not in known_trial_ids]
+    for trial in orphans:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)

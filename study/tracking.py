@@ -89,8 +89,8 @@ def artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Refuse a malformed URI or a store that does not answer, before anything starts."""
+def check_tracking_uri_form(uri: str) -> None:
+    """Refuse a malformed URI (before anything is written or started)."""
     scheme = urlparse(uri).scheme
     if scheme not in ("sqlite", "http", "https", "postgresql", "mysql", "databricks"):
         raise StudyError(
@@ -99,6 +99,10 @@ def check_tracking_uri(uri: str) -> None:
         )
     if scheme == "sqlite" and not Path(uri.removeprefix("sqlite:///")).parent.is_dir():
         raise StudyError(f"--tracking-uri {uri!r}: the folder of the database does not exist")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a store that does not answer, before anything starts."""
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means "unreachable"

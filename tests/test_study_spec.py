@@ -1,5 +1,6 @@
 """Study files: every shipped one plans, bad ones fail at the edge, searchers see full budgets."""
 
+import socket
 from pathlib import Path
 
 import optuna
@@ -215,3 +216,68 @@ def test_early_stopped_trials_reach_optuna_as_pruned_and_never_win():
     assert [t.user_attrs[RAY_TRIAL_ID_ATTR] for t in study.trials] == ids
     assert [t.user_attrs.get(FULL_BUDGET_ATTR) for t in study.trials] == [True, False, False]
     assert study.best_trial.user_attrs[RAY_TRIAL_ID_ATTR] == "full"
+
+
+def started(tmp_path: Path, spec: dict, *extra: str) -> int:
+    """Run a study for real (no --dry-run): these must fail before anything starts."""
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return run_main(tmp_path, str(path), *extra)[0]
+
+
+@pytest.mark.parametrize(
+    ("teacher", "fragment"),
+    [
+        ("missing", "no such file"),
+        ("corrupt", "not a readable PyTorch file"),
+        ("other_arch", "its weights do not fit"),
+    ],
+)
+def test_a_bad_teacher_refuses_to_start_and_writes_nothing(tmp_path, capsys, teacher, fragment):
+    import torch
+
+    from gacd.models import build_model
+
+    path = tmp_path / "teacher.pt"
+    if teacher == "corrupt":
+        path.write_bytes(b"not a checkpoint")
+    if teacher == "other_arch":
+        model = build_model("small_cnn", num_classes=10, in_channels=1, mean=None, std=None)
+        torch.save(model.state_dict(), path)
+    spec = digits_search(teacher={"checkpoint": str(path), "arch": "resnet18"})
+    assert started(tmp_path, spec) == 2
+    error = capsys.readouterr().err
+    assert fragment in error and "teacher.checkpoint" in error and error.count("\n") == 1
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_data_set_not_on_disk_says_how_to_get_it(tmp_path, capsys):
+    base = {"data": {"name": "cifar10", "data_dir": str(tmp_path / "none")}}
+    base["attack"] = {"epsilon": "8/255"}
+    assert started(tmp_path, digits_search(base=base)) == 2
+    error = capsys.readouterr().err
+    assert "data set 'cifar10' is not in data.data_dir" in error and "download: true" in error
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_unwritable_results_folder_and_an_absent_cluster_refuse_at_once(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(digits_search(teacher={})))
+    spec = digits_search(teacher={"checkpoint": str(tmp_path / "t.pt")})
+    spec["base"]["method"] = "pgd_at"
+    del spec["teacher"]
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--storage", str(blocker / "results")]) == 2
+    assert "--storage" in capsys.readouterr().err
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(
+        [str(path), "--address", f"127.0.0.1:{port}", "--storage", str(tmp_path / "r")]
+        + ["--tracking-uri", uri]
+    )
+    error = capsys.readouterr().err
+    assert code == 2 and f"--address '127.0.0.1:{port}': no Ray cluster answers there" in error

@@ -1,0 +1,137 @@
+"""Faults a long study meets, made real: a driver killed outright, a trial's worker killed, a
+diverging trial, a request the cluster cannot hold. Each on a real Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.runs import load_runs
+from gacd import metrics
+from study.run import main
+from tests.test_study_run import ROOT, digits_base, ray_results, study_args, write_study
+
+pytestmark = pytest.mark.slow
+
+
+def search(name: str, teacher, epochs: int, **study) -> dict:
+    return {
+        "study": {"name": name, "num_samples": 2, "scheduler": {"name": "none"}, **study},
+        "teacher": {"checkpoint": str(teacher)},
+        "base": digits_base(epochs=epochs),
+        "search": {"tau": {"distribution": "loguniform", "low": 0.05, "high": 0.5}},
+    }
+
+
+def start_driver(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def read_until(driver: subprocess.Popen, text: str) -> str:
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never printed:\n" + "".join(seen)[-3000:])
+
+
+def assert_every_epoch_logged_once(uri: str, name: str, epochs: int, trials: int) -> None:
+    runs = load_runs(uri, name)
+    assert len(runs) == trials and set(runs.status) == {"FINISHED"}, runs.status
+    client = MlflowClient(uri)
+    for run_id in runs.run_id:
+        steps = [m.step for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)]
+        assert sorted(steps) == list(range(1, epochs + 1)), steps
+
+
+def test_a_driver_killed_outright_resumes_with_nothing_lost(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    epochs = 10
+    path = write_study(tmp_path, search("sigkill", robust_teacher_path, epochs))
+    args = study_args(tmp_path, ray_cluster)
+    driver = start_driver([sys.executable, "-m", "study.run", path, *args])
+    read_until(driver, f"epoch 3/{epochs}")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    time.sleep(3)  # the cluster notices its driver is gone and ends the job's trials
+
+    assert main([path, "--resume", *args]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert_every_epoch_logged_once(uri, "sigkill", epochs, trials=2)
+    assert load_runs(uri, "sigkill", role="study").status[0] == "FINISHED"
+    study = optuna.load_study(study_name="sigkill", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [trial.state.name for trial in study.trials]
+    assert states.count("COMPLETE") == 2 and "RUNNING" not in states, states
+    results = ray_results(tmp_path / "results" / "sigkill")
+    assert any(r.metrics["iterations_since_restore"] < epochs for r in results)
+
+
+def trial_worker(experiment: Path) -> int:
+    """The pid of the process running the study's trial, from the results Ray wrote."""
+    (result_file,) = experiment.glob("*/result.json")
+    last = result_file.read_text().strip().splitlines()[-1]
+    return json.loads(last)["pid"]
+
+
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    epochs = 10
+    spec = search("worker", robust_teacher_path, epochs, num_samples=1)
+    path = write_study(tmp_path, spec)
+    driver = start_driver(
+        [sys.executable, "-m", "study.run", path, *study_args(tmp_path, ray_cluster)]
+    )
+    read_until(driver, f"epoch 3/{epochs}")
+    os.kill(trial_worker(tmp_path / "results" / "worker"), signal.SIGKILL)
+    output = driver.stdout.read()
+    assert driver.wait(timeout=300) == 0, output[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert_every_epoch_logged_once(uri, "worker", epochs, trials=1)
+    (result,) = ray_results(tmp_path / "results" / "worker")
+    assert result.metrics["training_iteration"] == epochs
+    assert result.metrics["iterations_since_restore"] < epochs  # continued, not restarted
+
+
+def test_a_diverging_trial_fails_alone_with_its_reason(
+    tmp_path, ray_cluster, robust_teacher_path, capsys
+):
+    spec = search("diverge", robust_teacher_path, epochs=2, max_failures=1)
+    spec["search"] = {"optim.lr": {"distribution": "choice", "values": [0.05, 1.0e8]}}
+    spec["study"] |= {"num_samples": 4, "sampler": {"name": "random", "seed": 0}}
+    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
+    runs = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "diverge")
+    failed = runs[runs.status == "FAILED"]
+    finished = runs[runs.status == "FINISHED"]
+    assert len(runs) == 4 and len(failed) >= 1 and len(finished) >= 1
+    assert set(failed["params.optim.lr"]) == {"100000000.0"}
+    assert set(finished["params.optim.lr"]) == {"0.05"}
+    assert failed["tags.failure"].str.contains("loss is nan at epoch 1").all()
+    study = optuna.load_study(study_name="diverge", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    told = {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
+    assert {told[trial_id] for trial_id in failed["tags.ray_trial_id"]} == {"FAIL"}
+    assert "FAILED: " in capsys.readouterr().out
+
+
+def test_more_gpus_per_trial_than_the_cluster_has_is_refused(
+    tmp_path, ray_cluster, robust_teacher_path, capsys
+):
+    spec = search("greedy", robust_teacher_path, epochs=1)
+    spec["resources"] = {"gpus_per_trial": 1}
+    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 2
+    error = capsys.readouterr().err
+    assert "resources.gpus_per_trial is 1 but the cluster has 0 GPUs" in error
+    assert not (tmp_path / "results" / "greedy").exists()
