@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from analysis.runs import load_runs
 from gacd import metrics
 from study.run import main
+from tests.conftest import free_port, wait_for_port
 from tests.test_study_run import ROOT, digits_base, ray_results, study_args, write_study
 
 pytestmark = pytest.mark.slow
@@ -135,3 +136,55 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_refused(
     error = capsys.readouterr().err
     assert "resources.gpus_per_trial is 1 but the cluster has 0 GPUs" in error
     assert not (tmp_path / "results" / "greedy").exists()
+
+
+def ray_node(arguments: list[str], log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group, so killing it takes its node down."""
+    command = [str(Path(sys.executable).with_name("ray")), "start", *arguments, "--block"]
+    command += ["--num-gpus=0", "--disable-usage-stats"]
+    with open(log, "a") as output:
+        return subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if node.poll() is None:
+        os.killpg(node.pid, sig)
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+
+def test_a_lost_worker_node_moves_its_trial_and_the_study_finishes(tmp_path, robust_teacher_path):
+    """A cluster of a head and a worker node, both on 127.0.0.1, each with one CPU: one trial
+    on each. The worker node is killed mid-study; its trial continues on the head."""
+    port, epochs = free_port(), 10
+    head = ray_node(
+        ["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+        tmp_path / "head.log",
+    )
+    worker = None
+    try:
+        wait_for_port(port, head, timeout=90)
+        worker = ray_node([f"--address=127.0.0.1:{port}", "--num-cpus=1"], tmp_path / "worker.log")
+        time.sleep(8)  # the worker node registers with the head
+        spec = search("node", robust_teacher_path, epochs, max_concurrent=2)
+        path = write_study(tmp_path, spec)
+        args = study_args(tmp_path, f"127.0.0.1:{port}")
+        driver = start_driver([sys.executable, "-m", "study.run", path, *args])
+        output = read_until(driver, f"epoch 2/{epochs}")
+        output += read_until(driver, f"epoch 2/{epochs}")  # both trials are running
+        stop_node(worker, signal.SIGKILL)
+        output += driver.stdout.read()
+        assert driver.wait(timeout=420) == 0, output[-3000:]
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        assert_every_epoch_logged_once(uri, "node", epochs, trials=2)
+        results = ray_results(tmp_path / "results" / "node")
+        assert all(r.metrics["training_iteration"] == epochs for r in results)
+    finally:
+        if worker is not None:
+            stop_node(worker)
+        stop_node(head)
