@@ -28,8 +28,14 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError | RuntimeError):
+            cause = error if isinstance(error, OSError) else error.__context__ or error
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: could not be written ({cause}); the previous one, "
+                "if any, is kept"
+            ) from error
         raise
     return path
 

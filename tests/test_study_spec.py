@@ -97,6 +97,14 @@ def test_a_search_never_sees_the_test_split_and_pins_the_evaluation_budget():
         ({"base": {"atack": {}}}, "'base.atack'"),
         ({"base": {"attack": {"epsilon": 1.5}}}, "'base.attack.epsilon'"),
         ({"base": {"student": {"arch": "resnet81"}}}, "did you mean 'resnet18'"),
+        ({"base": {"data": {"name": "cifar11"}}}, "'base.data.name': expected unknown data set"),
+        ({"base": {"method": "gacdd"}}, "did you mean 'gacd'"),
+        ({"base": {"attack": {"objective": "cw"}}}, "'base.attack.objective': expected one of"),
+        (
+            {"study": {"name": "unit", "num_samples": "many"}},
+            "'study.num_samples': expected an int",
+        ),
+        ({"resources": {"cpus_per_trial": "two"}}, "'resources.cpus_per_trial': expected a number"),
         ({"search": {}}, "'search': expected at least one"),
         (
             {"search": {"tua": {"distribution": "uniform", "low": 0, "high": 1}}},
