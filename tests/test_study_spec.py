@@ -289,3 +289,19 @@ def test_an_unwritable_results_folder_and_an_absent_cluster_refuse_at_once(tmp_p
     )
     error = capsys.readouterr().err
     assert code == 2 and f"--address '127.0.0.1:{port}': no Ray cluster answers there" in error
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_before_starting(tmp_path, capsys):
+    spec = digits_search()
+    spec["base"]["method"] = "pgd_at"
+    del spec["teacher"]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    code = main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results")])
+    error = capsys.readouterr().err
+    assert code == 2 and f"MLflow at '{uri}' does not answer" in error
+    assert error.count("\n") == 1 and not (tmp_path / "results" / "unit").exists()
