@@ -75,6 +75,8 @@ class DataConfig:
     augment: bool = True
     # Use only the first N training samples (after the seeded shuffle); for quick runs.
     train_subset: int | None = None
+    # Keep only these classes, relabelled 0..k-1 in the order given (None: every class).
+    classes: list[int] | None = None
 
 
 @dataclass
@@ -123,8 +125,9 @@ class AttackConfig:
     start: Literal["auto", "uniform", "gaussian", "none"] = AUTO
     # Temperature of the `kl` objective's softmaxes.
     temperature: float = 1.0
-    # The student's mode while attacked: `eval` freezes its batch-norm statistics.
-    student_mode: Literal["eval", "train"] = "eval"
+    # The student's mode while attacked: `eval` freezes its batch-norm statistics; `auto` takes
+    # the method's (`train` for ARD, `eval` for every other method).
+    student_mode: Literal["auto", "eval", "train"] = AUTO
 
 
 @dataclass
@@ -158,6 +161,67 @@ class ReweightConfig:
     gamma: float = 1.0
 
 
+KLReduction = Literal["element_mean", "batch_mean"]
+
+
+@dataclass
+class KDConfig:
+    """Hinton's KD: `gamma CE(S(x), y) + alpha t^2 KL(p_T^t(x) || p_S^t(x))`."""
+
+    temperature: float = 4.0
+    gamma: float = 0.1
+    alpha: float = 0.9
+
+
+@dataclass
+class CRDConfig:
+    """CRD: `gamma CE(S(x), y) + beta L_CRD` on clean inputs (RepDistiller's defaults)."""
+
+    tau: float = 0.07
+    # Negatives per sample, capped at what the memory bank holds (as `negatives.count`).
+    count: int = 16384
+    momentum: float = 0.5
+    class_aware: bool = True
+    embed_dim: int = 128
+    gamma: float = 1.0
+    beta: float = 0.8
+
+
+@dataclass
+class ARDConfig:
+    """ARD: `alpha t^2 KL(p_T^t(x) || p_S^t(x')) + (1 - alpha) CE(S(x), y)`."""
+
+    temperature: float = 30.0
+    alpha: float = 1.0
+    # ARD's code uses `nn.KLDivLoss()`'s default, the mean over batch and classes.
+    kl_reduction: KLReduction = "element_mean"
+
+
+@dataclass
+class RSLADConfig:
+    """RSLAD: `scale (w_adv KL(p_T(x) || p_S(x')) + w_nat KL(p_T(x) || p_S(x)))`, t = 1."""
+
+    adversarial_weight: float = 5 / 6
+    natural_weight: float = 1 / 6
+    # RSLAD multiplies both terms by 10 on CIFAR-100 (its element-mean KL divides by 100).
+    scale: float = 1.0
+    # RSLAD's code averages `nn.KLDivLoss(reduction='none')` over batch and classes.
+    kl_reduction: KLReduction = "element_mean"
+
+
+@dataclass
+class TransferConfig:
+    """Transfer across tasks: a linear probe on the frozen student's features of `data`."""
+
+    # The target data set (None: no transfer evaluation).
+    data: DataConfig | None = None
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 256
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -184,6 +248,13 @@ class Config:
     kd_temperature: float = 4.0
     # TRADES' weight on KL(S(x) || S(x')).
     trades_beta: float = 6.0
+    # The baselines' own terms and defaults, read only when `method` names them.
+    kd: KDConfig = field(default_factory=KDConfig)
+    crd: CRDConfig = field(default_factory=CRDConfig)
+    ard: ARDConfig = field(default_factory=ARDConfig)
+    rslad: RSLADConfig = field(default_factory=RSLADConfig)
+    # Final runs with `transfer.data` also report `transfer/<attack>_acc`.
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> Config:
@@ -322,12 +393,10 @@ def require(condition: bool, key: str, expected: str, got: object) -> None:
 
 def validate(config: Config) -> None:
     """Impossible values and unknown names; every message names the dotted key."""
-    from gacd.data import DATASETS
     from gacd.methods import METHODS
     from gacd.models import MODELS
 
     require_name(METHODS, config.method, "method")
-    require_name(DATASETS, config.data.name, "data.name")
     require_name(MODELS, config.student.arch, "student.arch")
     if config.teacher.arch is not None:
         require_name(MODELS, config.teacher.arch, "teacher.arch")
@@ -336,6 +405,8 @@ def validate(config: Config) -> None:
     validate_attack(config)
     validate_eval(config.eval)
     validate_contrastive(config)
+    validate_baselines(config)
+    validate_transfer(config.transfer)
     method = METHODS.get(config.method)
     require(
         not method.uses_teacher or config.teacher.checkpoint is not None,
@@ -358,18 +429,47 @@ def require_name(registry: Any, name: str, key: str) -> None:
         raise ConfigError(key, unknown_name_message(registry.kind, name, registry.names()))
 
 
-def validate_data(data: DataConfig) -> None:
+def validate_data(data: DataConfig, prefix: str = "data") -> None:
+    from gacd.data import DATASETS
+
+    require_name(DATASETS, data.name, f"{prefix}.name")
     require(
-        0.0 < data.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)", data.val_fraction
+        0.0 < data.val_fraction < 1.0,
+        f"{prefix}.val_fraction",
+        "a number in (0, 1)",
+        data.val_fraction,
     )
-    require(data.batch_size >= 1, "data.batch_size", "an integer >= 1", data.batch_size)
+    require(data.batch_size >= 1, f"{prefix}.batch_size", "an integer >= 1", data.batch_size)
     require(
-        data.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", data.eval_batch_size
+        data.eval_batch_size >= 1,
+        f"{prefix}.eval_batch_size",
+        "an integer >= 1",
+        data.eval_batch_size,
     )
     if data.image_size is not None:
-        require(data.image_size >= 8, "data.image_size", "an integer >= 8", data.image_size)
+        require(data.image_size >= 8, f"{prefix}.image_size", "an integer >= 8", data.image_size)
     if data.train_subset is not None:
-        require(data.train_subset >= 1, "data.train_subset", "an integer >= 1", data.train_subset)
+        require(
+            data.train_subset >= 1, f"{prefix}.train_subset", "an integer >= 1", data.train_subset
+        )
+    if data.classes is not None:
+        validate_classes(data.name, data.classes, f"{prefix}.classes")
+
+
+def validate_classes(name: str, classes: list[int], key: str) -> None:
+    """At least two distinct class indices of data set `name`."""
+    from gacd.data import CLASS_COUNTS
+
+    require(len(classes) >= 2, key, "a list of at least 2 class indices", classes)
+    require(len(set(classes)) == len(classes), key, "distinct class indices", classes)
+    count = CLASS_COUNTS.get(name)
+    expected = (
+        f"a class index in [0, {count}) (data set '{name}' has {count} classes)"
+        if count is not None
+        else "a class index >= 0"
+    )
+    for i, label in enumerate(classes):
+        require(0 <= label < (count or label + 1), f"{key}[{i}]", expected, label)
 
 
 def validate_optim(optim: OptimConfig) -> None:
@@ -429,6 +529,14 @@ def validate_attack(config: Config) -> None:
             f"an objective without a teacher (method '{config.method}' has none): ce",
             attack.objective,
         )
+    if method.attacks and attack.objective != AUTO:
+        require(
+            attack.objective in method.objectives,
+            "attack.objective",
+            f"one of {', '.join(method.objectives)} (the objectives method "
+            f"'{config.method}' supports)",
+            attack.objective,
+        )
 
 
 def validate_eval(evaluation: EvalConfig) -> None:
@@ -464,6 +572,48 @@ def validate_contrastive(config: Config) -> None:
     require(config.kd_temperature > 0, "kd_temperature", "a number > 0", config.kd_temperature)
 
 
+def validate_baselines(config: Config) -> None:
+    """The baselines' sections: weights >= 0, temperatures > 0, CRD's bank as `negatives`."""
+    weights = {
+        "kd.gamma": config.kd.gamma,
+        "kd.alpha": config.kd.alpha,
+        "crd.gamma": config.crd.gamma,
+        "crd.beta": config.crd.beta,
+        "rslad.adversarial_weight": config.rslad.adversarial_weight,
+        "rslad.natural_weight": config.rslad.natural_weight,
+        "rslad.scale": config.rslad.scale,
+    }
+    for key, value in weights.items():
+        require(value >= 0, key, "a number >= 0", value)
+    for key, value in {
+        "kd.temperature": config.kd.temperature,
+        "ard.temperature": config.ard.temperature,
+        "crd.tau": config.crd.tau,
+    }.items():
+        require(value > 0, key, "a number > 0", value)
+    require(0 <= config.ard.alpha <= 1, "ard.alpha", "a number in [0, 1]", config.ard.alpha)
+    require(config.crd.count >= 1, "crd.count", "an integer >= 1", config.crd.count)
+    require(config.crd.embed_dim >= 1, "crd.embed_dim", "an integer >= 1", config.crd.embed_dim)
+    require(0 <= config.crd.momentum < 1, "crd.momentum", "a number in [0, 1)", config.crd.momentum)
+
+
+def validate_transfer(transfer: TransferConfig) -> None:
+    if transfer.data is not None:
+        validate_data(transfer.data, "transfer.data")
+    require(transfer.epochs >= 1, "transfer.epochs", "an integer >= 1", transfer.epochs)
+    require(transfer.lr > 0, "transfer.lr", "a number > 0", transfer.lr)
+    require(
+        0 <= transfer.momentum < 1, "transfer.momentum", "a number in [0, 1)", transfer.momentum
+    )
+    require(
+        transfer.weight_decay >= 0,
+        "transfer.weight_decay",
+        "a number >= 0",
+        transfer.weight_decay,
+    )
+    require(transfer.batch_size >= 1, "transfer.batch_size", "an integer >= 1", transfer.batch_size)
+
+
 def resolve(config: Config) -> None:
     """Replace `auto` and derived defaults by concrete values, so checkpoints say what ran."""
     from gacd.methods import METHODS
@@ -474,6 +624,8 @@ def resolve(config: Config) -> None:
         attack.objective = method.default_objective
     if attack.start == AUTO:
         attack.start = method.default_start
+    if attack.student_mode == AUTO:
+        attack.student_mode = method.default_student_mode
     if attack.step_size is None:
         attack.step_size = attack.epsilon / 4
     evaluation = config.eval

@@ -11,6 +11,9 @@ Registered data sets:
   for every run). Native size 8x8; one grey level is 1/16 of the pixel range, so the default
   budget for digits is epsilon 0.1 (1.6 grey levels), see `configs/`.
 - `cifar10`, `cifar100`, `stl10`: torchvision's loaders on `data.data_dir`, with `download`.
+
+`data.classes` keeps a subset of a data set's classes, relabelled 0..k-1 in the order given
+(digits 0-4 for a student, 5-9 as the target of a transfer).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from gacd.config import DataConfig
 from gacd.registry import Registry
 
 DATASETS = Registry("data set")
+
+# Classes of each registered data set, known before loading it (config validation needs them).
+CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -92,6 +98,10 @@ def load_datasets(config: DataConfig, seed: int, with_test: bool = False) -> Dat
     """Train and seeded validation split carved from the training set; test only when asked."""
     loader = DATASETS.get(config.name)
     spec, train_full, test = loader(config, with_test)
+    if config.classes is not None:
+        train_full = select_classes(train_full, config.classes, spec.num_classes)
+        test = select_classes(test, config.classes, spec.num_classes) if test is not None else None
+        spec = DatasetSpec(**{**spec.__dict__, "num_classes": len(config.classes)})
     if config.image_size is not None and config.image_size != spec.image_size:
         train_full = resize(train_full, config.image_size)
         test = resize(test, config.image_size) if test is not None else None
@@ -103,6 +113,14 @@ def load_datasets(config: DataConfig, seed: int, with_test: bool = False) -> Dat
     if config.train_subset is not None:
         train = train.subset(torch.arange(min(config.train_subset, len(train))))
     return Datasets(spec, train, val, test)
+
+
+def select_classes(split: ImageSplit, classes: list[int], num_classes: int) -> ImageSplit:
+    """The samples of `classes` only, label `classes[i]` becoming `i`."""
+    relabel = torch.full((num_classes,), -1, dtype=torch.int64)
+    relabel[torch.as_tensor(classes, dtype=torch.int64)] = torch.arange(len(classes))
+    kept = relabel[split.labels] >= 0
+    return ImageSplit(split.images[kept], relabel[split.labels[kept]])
 
 
 def split_validation(
@@ -148,7 +166,13 @@ def load_digits(
     test = ImageSplit(images[test_idx].unsqueeze(1), labels[test_idx]) if with_test else None
     mean, std = channel_stats(train.images)
     spec = DatasetSpec(
-        num_classes=10, in_channels=1, image_size=8, mean=mean, std=std, crop_padding=1, flip=False
+        num_classes=CLASS_COUNTS["digits"],
+        in_channels=1,
+        image_size=8,
+        mean=mean,
+        std=std,
+        crop_padding=1,
+        flip=False,
     )
     return spec, train, test
 
@@ -194,14 +218,14 @@ def cifar(config: DataConfig, with_test: bool, name: str, factory, classes: int,
 def load_cifar10(config: DataConfig, with_test: bool):
     from torchvision.datasets import CIFAR10
 
-    return cifar(config, with_test, "cifar10", CIFAR10, 10, CIFAR10_STATS)
+    return cifar(config, with_test, "cifar10", CIFAR10, CLASS_COUNTS["cifar10"], CIFAR10_STATS)
 
 
 @DATASETS.register("cifar100")
 def load_cifar100(config: DataConfig, with_test: bool):
     from torchvision.datasets import CIFAR100
 
-    return cifar(config, with_test, "cifar100", CIFAR100, 100, CIFAR100_STATS)
+    return cifar(config, with_test, "cifar100", CIFAR100, CLASS_COUNTS["cifar100"], CIFAR100_STATS)
 
 
 @DATASETS.register("stl10")
@@ -217,7 +241,7 @@ def load_stl10(config: DataConfig, with_test: bool):
         )
 
     spec = DatasetSpec(
-        num_classes=10,
+        num_classes=CLASS_COUNTS["stl10"],
         in_channels=3,
         image_size=96,
         mean=STL10_STATS[0],

@@ -17,3 +17,17 @@ def self_kl(clean_logits: Tensor, adversarial_logits: Tensor) -> Tensor:
     """TRADES' `KL(softmax(S(x)) || softmax(S(x')))` per sample `[B]`, gradient through both."""
     log_adversarial = F.log_softmax(adversarial_logits, dim=1)
     return F.kl_div(log_adversarial, F.softmax(clean_logits, dim=1), reduction="none").sum(1)
+
+
+def reduce_kl(per_sample: Tensor, num_classes: int, reduction: str) -> Tensor:
+    """A per-sample KL `[B]` (summed over classes) as a scalar: one of two conventions.
+
+    `batch_mean`: `sum_i KL_i / B`, the divergence itself (`F.kl_div(reduction="batchmean")`).
+    `element_mean`: `sum_i KL_i / (B C)`, PyTorch's default `nn.KLDivLoss()` mean over batch
+    and classes, which ARD's and RSLAD's code use: the same gradient direction, `1/C` the size.
+    """
+    if reduction == "batch_mean":
+        return per_sample.mean()
+    if reduction == "element_mean":
+        return per_sample.mean() / num_classes
+    raise ValueError(f"unknown KL reduction {reduction!r}: batch_mean or element_mean")

@@ -4,6 +4,11 @@ A method is an `nn.Module` that owns the student and whatever else it trains (em
 heads) or keeps (memory bank); the frozen teacher stays outside its module tree. Calling it on
 a batch returns a dict of per-batch scalar terms with the total under `"loss"`. GACD's
 ablations are weights set to zero, not branches.
+
+Baselines (`../shared/REFERENCE.md`): natural, PGD-AT, TRADES, KD, CRD, ARD and RSLAD, each
+with its paper's defaults in its own config section. KL terms say in their docstring how they
+are reduced: `batch_mean` divides the summed KL by the batch size, `element_mean` (PyTorch's
+`nn.KLDivLoss()` default, as ARD's and RSLAD's code) by batch size times classes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from gacd import attacks
 from gacd.config import Config
 from gacd.contrastive import EmbeddingHead, InBatchContrast, MemoryBankContrast
 from gacd.data import Batch
-from gacd.losses import distillation_kl, self_kl
+from gacd.losses import distillation_kl, reduce_kl, self_kl
 from gacd.models import ImageClassifier
 from gacd.registry import Registry
 from gacd.reweight import guided_weights
@@ -32,6 +37,9 @@ class Method(nn.Module):
     attacks: ClassVar[bool] = True
     default_objective: ClassVar[str] = "ce"
     default_start: ClassVar[str] = "uniform"
+    default_student_mode: ClassVar[str] = "eval"
+    # The `attack.objective` values a config may choose for this method.
+    objectives: ClassVar[tuple[str, ...]] = ("contrastive", "ce", "kl", "trades")
 
     def __init__(
         self,
@@ -171,3 +179,148 @@ class GACD(Method):
         kd = distillation_kl(student_logits, teacher_logits, config.kd_temperature).mean()
         loss = config.alpha * ce + config.beta * contrastive + config.lambda_kd * kd
         return {"loss": loss, "ce": ce, "contrastive": contrastive, "kd": kd}
+
+
+def label_or_teacher_objective(
+    name: str, y: Tensor, teacher_logits: Tensor, temperature: float
+) -> attacks.Objective:
+    """`kl`: maximise `KL(p_T^t(x) || p_S^t(x'))` (no labels); `ce`: maximise `CE(S(x'), y)`."""
+    if name == "kl":
+        return attacks.kl_objective(teacher_logits, temperature)
+    return attacks.cross_entropy_objective(y)
+
+
+@METHODS.register("kd")
+class KnowledgeDistillation(Method):
+    """Hinton's KD on clean inputs, no attack.
+
+    `L = gamma CE(S(x), y) + alpha t^2 KL(p_T^t(x) || p_S^t(x))`, `p^t = softmax(z / t)`,
+    logits `[B, C]`; defaults `t = 4, gamma = 0.1, alpha = 0.9` (`kd.*`). The KL is the batch
+    mean (summed over classes, divided by B), as RepDistiller's `DistillKL`.
+    """
+
+    uses_teacher = True
+    attacks = False
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        kd = self.config.kd
+        teacher_logits = self.teacher.logits(batch.x)
+        student_logits = self.student(batch.x)
+        ce = F.cross_entropy(student_logits, batch.y)
+        kl = distillation_kl(student_logits, teacher_logits, kd.temperature).mean()
+        return {"loss": kd.gamma * ce + kd.alpha * kl, "ce": ce, "kd": kl}
+
+
+@METHODS.register("crd")
+class CRD(Method):
+    """Contrastive representation distillation (Tian et al. 2020) on clean inputs, no attack.
+
+    `L = gamma CE(S(x), y) + beta mean_i l_i`, `l_i` the memory-bank NCE loss (both
+    directions) between `g_T(f_T(x_i))` and `g_S(f_S(x_i))`, unit-norm embeddings `[B, k]`,
+    uniform weights (no reweighting). Defaults `tau = 0.07, K = 16384` (capped at what the bank
+    holds), momentum 0.5, `gamma = 1, beta = 0.8`, negatives from other classes (`crd.*`).
+    """
+
+    uses_teacher = True
+    attacks = False
+
+    def __init__(
+        self,
+        config: Config,
+        student: ImageClassifier,
+        teacher: FrozenTeacher | None,
+        train_labels: Tensor,
+    ) -> None:
+        super().__init__(config, student, teacher, train_labels)
+        crd = config.crd
+        self.teacher_head = EmbeddingHead(teacher.feature_dim, crd.embed_dim)
+        self.student_head = EmbeddingHead(student.feature_dim, crd.embed_dim)
+        self.contrast = MemoryBankContrast(
+            train_labels, crd.embed_dim, crd.count, crd.tau, crd.momentum, crd.class_aware
+        )
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        crd = self.config.crd
+        teacher_features = self.teacher.features(batch.x)
+        student_features = self.student.forward_features(batch.x)
+        ce = F.cross_entropy(self.student.forward_head(student_features), batch.y)
+        contrastive = self.contrast(
+            self.teacher_head(teacher_features), self.student_head(student_features), batch.index
+        ).mean()
+        loss = crd.gamma * ce + crd.beta * contrastive
+        return {"loss": loss, "ce": ce, "contrastive": contrastive}
+
+
+@METHODS.register("ard")
+class ARD(Method):
+    """Adversarially robust distillation (Goldblum et al. 2020).
+
+    `L = alpha t^2 KL(p_T^t(x) || p_S^t(x')) + (1 - alpha) CE(S(x), y)`, logits `[B, C]`,
+    the teacher on clean x; x' maximises `CE(S(x'), y)` with the student in train mode, as
+    ARD's code attacks (`attack.student_mode: auto` resolves to `train`). Defaults `t = 30,
+    alpha = 1` (`ard.*`). The KL is reduced by `ard.kl_reduction`, by default `element_mean`
+    (divided by B C, as ARD's `nn.KLDivLoss()`).
+    """
+
+    uses_teacher = True
+    default_student_mode = "train"
+    objectives = ("ce", "kl")
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        teacher_logits = self.teacher.logits(batch.x)
+        attack = self.config.attack
+        objective = label_or_teacher_objective(
+            attack.objective, batch.y, teacher_logits, attack.temperature
+        )
+        return self.loss_terms(batch, self.attack(batch.x, objective), teacher_logits)
+
+    def loss_terms(self, batch: Batch, x_adv: Tensor, teacher_logits: Tensor) -> dict[str, Tensor]:
+        """The loss on a given x' `[B, C, H, W]`."""
+        ard = self.config.ard
+        per_sample = distillation_kl(self.student(x_adv), teacher_logits, ard.temperature)
+        kl = reduce_kl(per_sample, teacher_logits.shape[1], ard.kl_reduction)
+        ce = F.cross_entropy(self.student(batch.x), batch.y)
+        loss = ard.alpha * kl + (1 - ard.alpha) * ce
+        return {"loss": loss, "ce": ce, "kd": kl}
+
+
+@METHODS.register("rslad")
+class RSLAD(Method):
+    """Robust soft label adversarial distillation (Zi et al. 2021): no hard labels at all.
+
+    `L = scale (5/6 KL(p_T(x) || p_S(x')) + 1/6 KL(p_T(x) || p_S(x)))`, `p = softmax(z)`
+    (t = 1), logits `[B, C]`, the teacher on clean x; x' maximises `KL(p_T(x) || p_S(x'))`
+    from `x + 0.001 N(0, 1)` with the student in eval mode. Weights and scale are `rslad.*`
+    (RSLAD uses scale 10 on CIFAR-100). The KLs are reduced by `rslad.kl_reduction`, by default
+    `element_mean` (divided by B C, as RSLAD's code).
+    """
+
+    uses_teacher = True
+    default_objective = "kl"
+    default_start = "gaussian"
+    objectives = ("kl", "ce")
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        teacher_logits = self.teacher.logits(batch.x)
+        attack = self.config.attack
+        objective = label_or_teacher_objective(
+            attack.objective, batch.y, teacher_logits, attack.temperature
+        )
+        return self.loss_terms(batch.x, self.attack(batch.x, objective), teacher_logits)
+
+    def loss_terms(self, x: Tensor, x_adv: Tensor, teacher_logits: Tensor) -> dict[str, Tensor]:
+        """The loss on clean x and a given x', both `[B, C, H, W]`."""
+        rslad = self.config.rslad
+        adversarial = self.soft_label_kl(x_adv, teacher_logits)
+        natural = self.soft_label_kl(x, teacher_logits)
+        weighted = rslad.adversarial_weight * adversarial + rslad.natural_weight * natural
+        return {
+            "loss": rslad.scale * weighted,
+            "kd_adversarial": adversarial,
+            "kd_natural": natural,
+        }
+
+    def soft_label_kl(self, inputs: Tensor, teacher_logits: Tensor) -> Tensor:
+        """`KL(p_T(x) || p_S(inputs))`, reduced as `rslad.kl_reduction` says."""
+        per_sample = distillation_kl(self.student(inputs), teacher_logits, 1.0)
+        return reduce_kl(per_sample, teacher_logits.shape[1], self.config.rslad.kl_reduction)

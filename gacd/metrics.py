@@ -19,3 +19,21 @@ def train_loss(term: str) -> str:
 
 VAL_CLEAN_ACC = accuracy("val", "clean")
 VAL_PGD_ACC = accuracy("val", "pgd")
+
+
+def structure(split: str, name: str) -> str:
+    """`test/cka_clean`, `test/cka_adversarial`, `test/class_corr_diff`."""
+    return f"{split}/{name}"
+
+
+CKA_CLEAN = "cka_clean"
+CKA_ADVERSARIAL = "cka_adversarial"
+CLASS_CORR_DIFF = "class_corr_diff"
+TEST_CKA_CLEAN = structure("test", CKA_CLEAN)
+TEST_CKA_ADVERSARIAL = structure("test", CKA_ADVERSARIAL)
+TEST_CLASS_CORR_DIFF = structure("test", CLASS_CORR_DIFF)
+
+# Transfer across tasks: the frozen student with a linear probe, on the target's test split.
+TRANSFER = "transfer"
+TRANSFER_CLEAN_ACC = accuracy(TRANSFER, "clean")
+TRANSFER_PGD_ACC = accuracy(TRANSFER, "pgd")

@@ -36,6 +36,11 @@ class FrozenTeacher:
     def head(self, features: Tensor) -> Tensor:
         return self.model.forward_head(features)
 
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits `[B, num_classes]` of `x` `[B, C, H, W]` in [0, 1]."""
+        return self.model(x)
+
     def to(self, device: torch.device) -> FrozenTeacher:
         self.model.to(device)
         return self

@@ -36,7 +36,9 @@ from gacd.config import (
 from gacd.data import Datasets, augment, batches, load_datasets
 from gacd.evaluate import robustness_metrics, validation_metrics
 from gacd.methods import METHODS, Method
+from gacd.structure import structure_metrics
 from gacd.teacher import build_classifier, load_teacher
+from gacd.transfer import load_target, transfer_metrics
 
 State = dict[str, Any]
 Report = Callable[[dict[str, float], State], None]
@@ -67,6 +69,8 @@ def fit(
     device = resolve_device(config.device)
     seed_everything(config.seed)
     data = data or load_datasets(config.data, config.seed, with_test=config.final)
+    # Loaded up front so that a missing target fails before training, not after it.
+    target = load_target(config, data.spec) if config.final else None
     method = build_method(config, data, device)
     optimizer = torch.optim.SGD(
         method.parameters(),
@@ -95,14 +99,7 @@ def fit(
             seed=config.seed,
         )
         if config.final and epoch + 1 == config.optim.epochs:
-            epoch_metrics |= robustness_metrics(
-                method.student,
-                data.test,
-                config.eval,
-                config.data.eval_batch_size,
-                device,
-                seed=config.seed,
-            )
+            epoch_metrics |= final_metrics(config, method, data, target, device)
         epoch_metrics[metrics.EPOCH_SECONDS] = time.perf_counter() - started
         history.append(epoch_metrics)
         state = training_state(config, epoch + 1, method, optimizer, scheduler, history)
@@ -112,12 +109,39 @@ def fit(
 
 
 def build_method(config: Config, data: Datasets, device: torch.device) -> Method:
+    """The method with its student, and the teacher when it distils from one or when a final
+    run has one configured (its structural metrics compare the student with it)."""
     method_class = METHODS.get(config.method)
+    wants_teacher = method_class.uses_teacher or config.final
     teacher = (
-        load_teacher(config.teacher, data.spec).to(device) if method_class.uses_teacher else None
+        load_teacher(config.teacher, data.spec).to(device)
+        if wants_teacher and config.teacher.checkpoint is not None
+        else None
     )
     student = build_classifier(config.student, data.spec)
     return method_class(config, student, teacher, data.train.labels).to(device)
+
+
+def final_metrics(
+    config: Config,
+    method: Method,
+    data: Datasets,
+    target: Datasets | None,
+    device: torch.device,
+) -> dict[str, float]:
+    """The test split's robust accuracy; with a teacher, the student's structural similarity
+    to it (`test/cka_clean`, ...); with `transfer.data`, its transfer (`transfer/pgd_acc`, ...)."""
+    batch_size, seed = config.data.eval_batch_size, config.seed
+    values = robustness_metrics(
+        method.student, data.test, config.eval, batch_size, device, seed=seed
+    )
+    if method.teacher is not None:
+        values |= structure_metrics(
+            method.student, method.teacher, data.test, config.eval, batch_size, device, seed=seed
+        )
+    if target is not None:
+        values |= transfer_metrics(method.student, target, config, device)
+    return values
 
 
 def train_epoch(
@@ -304,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         fit(config, report=report, resume=args.resume)
-    except (CheckpointError, FileNotFoundError, NonFiniteLossError) as error:
+    except (CheckpointError, ConfigError, FileNotFoundError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if not isinstance(error, NonFiniteLossError) else 1
     print(f"checkpoint: {out / 'checkpoint.pt'}")

@@ -259,8 +259,10 @@ def make_paths_absolute(spec: StudySpec) -> None:
         spec.teacher.train = nest_dotted(spec.teacher.train)
         configs.append(spec.teacher.train)
     for values in configs:
-        for section, name in (("data", "data_dir"), ("teacher", "checkpoint")):
-            part = values.get(section)
+        transfer = values.get("transfer")
+        parts = [values.get("data"), values.get("teacher")]
+        parts.append(transfer.get("data") if isinstance(transfer, dict) else None)
+        for part, name in zip(parts, ("data_dir", "checkpoint", "data_dir"), strict=True):
             if isinstance(part, dict) and isinstance(part.get(name), str):
                 part[name] = absolute(part[name])
     if spec.teacher is not None and spec.teacher.checkpoint is not None:

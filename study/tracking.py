@@ -77,8 +77,9 @@ def git_commit() -> str:
 
 
 def is_metric(key: str) -> bool:
-    """Metrics of `gacd` (`train/`, `val/`, `test/`, `time/`, `lr`), not Ray's bookkeeping."""
-    return key == metrics.LR or key.split("/")[0] in ("train", "val", "test", "time")
+    """Metrics of `gacd` (`train/`, `val/`, `test/`, `transfer/`, `time/`, `lr`), not Ray's
+    bookkeeping."""
+    return key == metrics.LR or key.split("/")[0] in ("train", "val", "test", "transfer", "time")
 
 
 def artifact_root(tracking_uri: str) -> str | None:

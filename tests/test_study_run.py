@@ -298,3 +298,31 @@ def test_an_mlflow_server_lost_mid_study_loses_no_epoch(tmp_path, ray_cluster, r
     finally:
         if server.poll() is None:
             stop(server)
+
+
+def test_digits_baselines_runs_every_method_with_transfer_and_structure_metrics(
+    tmp_path, ray_cluster, capsys
+):
+    """search_spaces/digits_baselines.yaml end to end, shortened to 2 epochs and one seed."""
+    spec = yaml.safe_load((ROOT / "search_spaces" / "digits_baselines.yaml").read_text())
+    spec["teacher"]["train"]["optim"]["epochs"] = 2
+    spec["base"]["optim"]["epochs"] = 2
+    spec["base"]["transfer"]["epochs"] = 5
+    spec["base"]["eval"] |= {"pgd_steps": 5, "cw_steps": 5}
+    spec["ablation"]["seeds"] = [0]
+    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
+    runs = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "digits_baselines")
+    methods = {"full", "natural", "pgd_at", "trades", "kd", "crd", "ard", "rslad"}
+    assert set(runs["tags.variant"]) == methods and set(runs.status) == {"FINISHED"}
+    for name in (
+        "test/pgd_acc",
+        "test/cka_clean",
+        "test/cka_adversarial",
+        "test/class_corr_diff",
+        "transfer/clean_acc",
+        "transfer/pgd_acc",
+    ):
+        assert runs[f"metrics.{name}"].notna().all(), name
+    assert runs["metrics.test/cka_clean"].between(0, 1.0001).all()
+    out = capsys.readouterr().out
+    assert "transfer/pgd_acc" in out and "test/cka_clean" in out and "| rslad" in out

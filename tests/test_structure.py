@@ -1,0 +1,88 @@
+"""Structural knowledge metrics: linear CKA's invariances and the class-correlation difference."""
+
+import copy
+
+import pytest
+import torch
+
+from gacd import metrics
+from gacd.structure import class_correlation_difference, linear_cka, structure_metrics
+from gacd.teacher import FrozenTeacher, load_teacher
+from gacd.train import fit
+from tests.conftest import digits_config
+
+
+def random_features(samples=500, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, dim, generator=generator) @ torch.randn(
+        dim, dim, generator=generator
+    )
+
+
+def test_cka_of_a_representation_with_itself_is_one():
+    features = random_features()
+    assert linear_cka(features, features).item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_cka_of_independent_representations_is_near_zero():
+    first = random_features(samples=4000, dim=8, seed=1)
+    second = random_features(samples=4000, dim=12, seed=2)
+    assert linear_cka(first, second).item() < 0.02
+
+
+def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    first = random_features(dim=16, seed=3)
+    second = first[:, :10] + 0.5 * random_features(dim=10, seed=4)
+    orthogonal, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    reference = linear_cka(first, second)
+    assert 0.1 < reference.item() < 0.99
+    transformed = linear_cka(first.double() @ orthogonal * 7.5, second * 0.01)
+    assert transformed.item() == pytest.approx(reference.item(), rel=1e-9)
+    assert linear_cka(second, first).item() == pytest.approx(reference.item(), rel=1e-9)
+
+
+def test_class_correlation_difference_is_zero_for_identical_logits_only():
+    logits = torch.randn(300, 10) @ torch.randn(10, 10)
+    assert class_correlation_difference(logits, logits.clone()).item() == pytest.approx(
+        0.0, abs=1e-12
+    )
+    assert class_correlation_difference(logits, torch.randn(300, 10)).item() > 0.05
+
+
+def test_a_copy_of_the_teacher_shares_its_whole_structure(digits, robust_teacher_path):
+    config = digits_config(method="natural", **{"eval.max_samples": 96})
+    teacher = load_teacher(
+        digits_config(**{"teacher.checkpoint": str(robust_teacher_path)}).teacher, digits.spec
+    )
+    twin = copy.deepcopy(teacher.model).requires_grad_(True).train()
+    values = structure_metrics(twin, teacher, digits.test, config.eval, 64, torch.device("cpu"))
+    assert values[metrics.TEST_CKA_CLEAN] == pytest.approx(1.0, abs=1e-6)
+    assert values[metrics.TEST_CKA_ADVERSARIAL] == pytest.approx(1.0, abs=1e-6)
+    assert values[metrics.TEST_CLASS_CORR_DIFF] == pytest.approx(0.0, abs=1e-6)
+    assert twin.training, "the student's mode is restored"
+    assert isinstance(teacher, FrozenTeacher) and not teacher.model.training
+
+
+def test_a_final_run_with_a_teacher_reports_structure_even_for_a_baseline(
+    digits, robust_teacher_path
+):
+    config = digits_config(
+        method="natural",
+        final=True,
+        **{
+            "teacher.checkpoint": str(robust_teacher_path),
+            "optim.epochs": 1,
+            "eval.max_samples": 64,
+            "eval.cw": False,
+        },
+    )
+    last = fit(config, data=digits).metrics
+    for name in (
+        metrics.TEST_CKA_CLEAN,
+        metrics.TEST_CKA_ADVERSARIAL,
+        metrics.TEST_CLASS_CORR_DIFF,
+    ):
+        assert name in last and 0.0 <= last[name] <= 2.0, name
+    assert 0.0 < last[metrics.TEST_CKA_CLEAN] < 1.0
+    without_teacher = digits_config(method="natural", final=True, **{"optim.epochs": 1})
+    assert metrics.TEST_CKA_CLEAN not in fit(without_teacher, data=digits).metrics
