@@ -30,8 +30,8 @@ SEED = "tags.seed"
 
 
 def higher_is_better(metric: str) -> bool:
-    """Accuracies and similarities go up; losses and times go down."""
-    return not metric.startswith(("train/loss", "time/"))
+    """Accuracies and similarities go up; losses, times and differences go down."""
+    return not metric.startswith(("train/loss", "time/")) and not metric.endswith("_diff")
 
 
 @dataclass
