@@ -12,11 +12,9 @@ import pandas as pd
 
 from analysis.runs import (
     Study,
-    StudyNotFoundError,
     add_store_arguments,
-    default_tracking_uri,
-    load_study,
     metric_histories,
+    run_with_study,
 )
 
 
@@ -34,19 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     add_store_arguments(parser)
     parser.add_argument("--out", required=True, help="a .parquet (or .csv) file")
     args = parser.parse_args(argv)
-    try:
-        study = load_study(args.tracking_uri or default_tracking_uri(), args.experiment)
-    except StudyNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    table = tidy_runs(study)
-    out = Path(args.out)
-    if out.suffix == ".csv":
-        table.to_csv(out, index=False)
-    else:
-        table.to_parquet(out, index=False)
-    print(f"{len(table)} rows, {table['run_id'].nunique()} runs -> {out}")
-    return 0
+
+    def export(study: Study) -> int:
+        table = tidy_runs(study)
+        out = Path(args.out)
+        if out.suffix == ".csv":
+            table.to_csv(out, index=False)
+        else:
+            table.to_parquet(out, index=False)
+        print(f"{len(table)} rows, {table['run_id'].nunique()} runs -> {out}")
+        return 0
+
+    return run_with_study(args, export)
 
 
 if __name__ == "__main__":

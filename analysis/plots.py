@@ -25,11 +25,9 @@ import pandas as pd  # noqa: E402
 
 from analysis.runs import (  # noqa: E402
     Study,
-    StudyNotFoundError,
     add_store_arguments,
-    default_tracking_uri,
-    load_study,
     metric_histories,
+    run_with_study,
 )
 
 FIGURE_SIZE = (8.0, 5.0)  # inches at DPI: 800 x 500 pixels per panel row
@@ -186,14 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     add_store_arguments(parser)
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     args = parser.parse_args(argv)
-    try:
-        study = load_study(args.tracking_uri or default_tracking_uri(), args.experiment)
-    except StudyNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for path in write_plots(study, Path(args.out)):
-        print(path)
-    return 0
+
+    def plot(study: Study) -> int:
+        for path in write_plots(study, Path(args.out)):
+            print(path)
+        return 0
+
+    return run_with_study(args, plot)
 
 
 if __name__ == "__main__":

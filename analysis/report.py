@@ -12,10 +12,8 @@ import pandas as pd
 from analysis.plots import write_plots
 from analysis.runs import (
     Study,
-    StudyNotFoundError,
     add_store_arguments,
-    default_tracking_uri,
-    load_study,
+    run_with_study,
 )
 from analysis.table import render_study
 
@@ -102,19 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         "--log", action="store_true", help="also log the report to the study's MLflow run"
     )
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or default_tracking_uri()
-    try:
-        study = load_study(uri, args.experiment)
-        report = write_report(study, Path(args.out), args.optuna_storage)
-    except StudyNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.log:
-        from mlflow.tracking import MlflowClient
 
-        MlflowClient(uri).log_artifacts(study.parent_run_id, str(report.parent), "report")
-    print(report)
-    return 0
+    def report(study: Study) -> int:
+        page = write_report(study, Path(args.out), args.optuna_storage)
+        if args.log:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(study.tracking_uri)
+            client.log_artifacts(study.parent_run_id, str(page.parent), "report")
+        print(page)
+        return 0
+
+    return run_with_study(args, report)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +133,13 @@ def metric_histories(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", required=True, help="the study's name (its experiment)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
+
+
+def run_with_study(args: argparse.Namespace, action: Callable[[Study], int]) -> int:
+    """A command's body on the study `--experiment` names; a missing study is one line and
+    exit status 2."""
+    try:
+        return action(load_study(args.tracking_uri or default_tracking_uri(), args.experiment))
+    except StudyNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

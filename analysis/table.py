@@ -21,8 +21,7 @@ from analysis.runs import (
     Study,
     StudyNotFoundError,
     add_store_arguments,
-    default_tracking_uri,
-    load_study,
+    run_with_study,
 )
 
 VARIANT = "tags.variant"
@@ -240,17 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=10, help="trials shown for a search")
     parser.add_argument("--out", help="write to this file instead of printing")
     args = parser.parse_args(argv)
-    try:
-        study = load_study(args.tracking_uri or default_tracking_uri(), args.experiment)
+
+    def tabulate(study: Study) -> int:
         text = render_study(study, args.metrics, args.reference, args.format, args.top)
-    except StudyNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        else:
+            print(text)
+        return 0
+
+    return run_with_study(args, tabulate)
 
 
 if __name__ == "__main__":

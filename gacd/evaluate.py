@@ -161,12 +161,7 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pandas as pd
-
-    from gacd.checkpoint import CheckpointError
-    from gacd.config import ConfigError
-    from gacd.data import DatasetNotFoundError
-    from gacd.train import add_override_argument, parse_overrides
+    from gacd.train import add_override_argument
 
     parser = argparse.ArgumentParser(
         prog="python -m gacd.evaluate",
@@ -176,11 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     add_override_argument(parser, "e.g. --set eval.autoattack=false --set device=cpu")
     args = parser.parse_args(argv)
+    return print_scores(
+        args.checkpoints,
+        lambda path, overrides: evaluate_checkpoint(path, args.split, overrides),
+        args.overrides,
+    )
+
+
+def print_scores(
+    checkpoints: list[str],
+    score: Callable[[str, dict[str, Any]], dict[str, float]],
+    override_pairs: list[str],
+) -> int:
+    """One row of `score(checkpoint, overrides)` per checkpoint, printed as a table; bad input
+    is one line and exit status 2."""
+    import pandas as pd
+
+    from gacd.checkpoint import CheckpointError
+    from gacd.config import ConfigError
+    from gacd.data import DatasetNotFoundError
+    from gacd.train import parse_overrides
+
     rows = {}
     try:
-        overrides = parse_overrides(args.overrides)
-        for path in args.checkpoints:
-            rows[path] = evaluate_checkpoint(path, args.split, overrides)
+        overrides = parse_overrides(override_pairs)
+        for path in checkpoints:
+            rows[path] = score(path, overrides)
     except (CheckpointError, ConfigError, DatasetNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

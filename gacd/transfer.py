@@ -201,11 +201,8 @@ def transfer_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pandas as pd
-
-    from gacd.checkpoint import CheckpointError
-    from gacd.data import DatasetNotFoundError
-    from gacd.train import add_override_argument, parse_overrides
+    from gacd.evaluate import print_scores
+    from gacd.train import add_override_argument
 
     parser = argparse.ArgumentParser(
         prog="python -m gacd.transfer",
@@ -217,17 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         parser, "e.g. --set transfer.data.name=stl10 --set transfer.data.image_size=32"
     )
     args = parser.parse_args(argv)
-    rows = {}
-    try:
-        overrides = parse_overrides(args.overrides)
-        for path in args.checkpoints:
-            rows[path] = transfer_checkpoint(path, overrides)
-    except (CheckpointError, ConfigError, DatasetNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    print(table.to_string(float_format=lambda value: f"{value:.3f}"))
-    return 0
+    return print_scores(args.checkpoints, transfer_checkpoint, args.overrides)
 
 
 if __name__ == "__main__":
