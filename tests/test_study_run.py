@@ -326,3 +326,17 @@ def test_digits_baselines_runs_every_method_with_transfer_and_structure_metrics(
     assert runs["metrics.test/cka_clean"].between(0, 1.0001).all()
     out = capsys.readouterr().out
     assert "transfer/pgd_acc" in out and "test/cka_clean" in out and "| rslad" in out
+
+
+def test_a_local_ray_instance_listens_on_127_0_0_1_only():
+    """What `study.run` starts without --address: a fresh instance, bound to the loopback."""
+    import ray
+
+    from study.run import connect
+
+    try:
+        resources = connect(None, num_cpus=1, num_gpus=0)
+        assert "node:127.0.0.1" in resources and resources["CPU"] == 1
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    finally:
+        ray.shutdown()
