@@ -227,6 +227,9 @@ class Config:
     seed: int = 0
     method: str = "gacd"
     device: str = AUTO
+    # Training arithmetic: `bf16` runs the attack and the step under bfloat16 autocast (on CUDA
+    # or CPU); evaluation always runs in float32, so robust accuracy is never flattered.
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Evaluate the test split (every attack) at the end: for final and ablation runs only.
     final: bool = False
     data: DataConfig = field(default_factory=DataConfig)

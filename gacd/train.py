@@ -68,6 +68,8 @@ def fit(
     """Train `config` from scratch, or from a checkpoint payload or file given as `resume`."""
     device = resolve_device(config.device)
     seed_everything(config.seed)
+    # Fixed input shapes: let cuDNN pick its fastest kernels (results stay seeded, not bitwise).
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     data = data or load_datasets(config.data, config.seed, with_test=config.final)
     # Loaded up front so that a missing target fails before training, not after it.
     target = load_target(config, data.spec) if config.final else None
@@ -158,26 +160,49 @@ def train_epoch(
     shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     crops = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 500_000)
     sums: dict[str, torch.Tensor] = {}
+    recent: list[dict[str, torch.Tensor]] = []  # the terms of the steps not yet checked
     steps = 0
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
     for step, batch in enumerate(
         batches(data.train, config.data.batch_size, device, shuffle, drop_last=True)
     ):
         if config.data.augment:
             batch.x = augment(batch.x, data.spec, crops)
-        terms = method(batch)
-        if not torch.isfinite(terms["loss"]):
-            raise NonFiniteLossError(
-                f"loss is {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1} "
-                f"(terms: { {k: v.item() for k, v in terms.items()} }); lower optim.lr or "
-                "check the loss weights"
-            )
+        with autocast:
+            terms = {name: value.float() for name, value in method(batch).items()}
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.detach()
+        recent.append({name: value.detach() for name, value in terms.items()})
+        for name, value in recent[-1].items():
+            sums[name] = sums.get(name, 0.0) + value
         steps += 1
+        # Checking every step would make a GPU wait for each batch; every few steps is enough
+        # to stop a diverged run early and still name the step where it went.
+        if len(recent) == FINITE_CHECK_STEPS:
+            check_finite(recent, epoch, step + 1 - len(recent))
+            recent.clear()
+    check_finite(recent, epoch, steps - len(recent))
     return {metrics.train_loss(name): (total / steps).item() for name, total in sums.items()}
+
+
+FINITE_CHECK_STEPS = 20
+
+
+def check_finite(recent: list[dict[str, torch.Tensor]], epoch: int, first_step: int) -> None:
+    """Raise `NonFiniteLossError` naming the first of `recent` steps whose loss is NaN/inf
+    (one host-device synchronisation for all of them)."""
+    if not recent:
+        return
+    finite = torch.isfinite(torch.stack([terms["loss"] for terms in recent])).tolist()
+    if all(finite):
+        return
+    index = finite.index(False)
+    terms = {name: value.item() for name, value in recent[index].items()}
+    raise NonFiniteLossError(
+        f"loss is {terms['loss']} at epoch {epoch + 1}, step {first_step + index + 1} "
+        f"(terms: {terms}); lower optim.lr or check the loss weights"
+    )
 
 
 def lr_factor(optim: OptimConfig) -> Callable[[int], float]:

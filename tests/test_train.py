@@ -1,6 +1,7 @@
 """The training loop: resuming, failing loudly, checkpoints and teachers."""
 
 import json
+import math
 import pickle
 
 import pytest
@@ -254,3 +255,27 @@ def test_resuming_a_finished_run_trains_nothing_and_returns_its_state(digits):
     finished = fit(config, data=digits)
     again = fit(config, data=digits, resume=finished.state)
     assert again.history == finished.history and again.state["epoch"] == 1
+
+
+def test_the_deferred_finite_check_names_the_same_step_as_a_check_every_step(digits, monkeypatch):
+    """Non-finite losses are looked for every few steps (one GPU sync for many); the error must
+    still name the first step that went wrong."""
+    import gacd.train
+
+    config = digits_config(method="natural", **{"optim.lr": 1e6, "optim.epochs": 3})
+    with pytest.raises(NonFiniteLossError) as deferred:
+        fit(config, data=digits)
+    monkeypatch.setattr(gacd.train, "FINITE_CHECK_STEPS", 1)
+    with pytest.raises(NonFiniteLossError) as every_step:
+        fit(config, data=digits)
+    assert str(deferred.value) == str(every_step.value)
+
+
+def test_bf16_training_runs_and_learns_while_evaluation_stays_float32(digits, robust_teacher_path):
+    config = digits_config(
+        **{"precision": "bf16", "teacher.checkpoint": str(robust_teacher_path), "optim.epochs": 3}
+    )
+    history = fit(config, data=digits).history
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert all(math.isfinite(value) for value in history[-1].values())
+    assert history[-1]["val/clean_acc"] > 0.5
