@@ -9,6 +9,7 @@ payload continues to the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -114,12 +115,12 @@ def build_method(config: Config, data: Datasets, device: torch.device) -> Method
     """The method with its student, and the teacher when it distils from one or when a final
     run has one configured (its structural metrics compare the student with it)."""
     method_class = METHODS.get(config.method)
-    wants_teacher = method_class.uses_teacher or config.final
-    teacher = (
-        load_teacher(config.teacher, data.spec).to(device)
-        if wants_teacher and config.teacher.checkpoint is not None
-        else None
-    )
+    teacher = None
+    if config.teacher.checkpoint is not None and (method_class.uses_teacher or config.final):
+        # Building the teacher draws random initial weights (then overwritten): a method that
+        # only measures against the teacher must start from the same student without it.
+        with contextlib.nullcontext() if method_class.uses_teacher else torch.random.fork_rng():
+            teacher = load_teacher(config.teacher, data.spec).to(device)
     student = build_classifier(config.student, data.spec)
     return method_class(config, student, teacher, data.train.labels).to(device)
 

@@ -279,3 +279,16 @@ def test_bf16_training_runs_and_learns_while_evaluation_stays_float32(digits, ro
     assert history[-1]["train/loss"] < history[0]["train/loss"]
     assert all(math.isfinite(value) for value in history[-1].values())
     assert history[-1]["val/clean_acc"] > 0.5
+
+
+def test_measuring_structure_against_a_teacher_does_not_change_what_a_baseline_trains(
+    digits, robust_teacher_path
+):
+    values = {"method": "natural", "final": True, "eval.cw": False, "eval.fgsm": False}
+    alone = fit(digits_config(**values), data=digits)
+    measured = fit(
+        digits_config(**values, **{"teacher.checkpoint": str(robust_teacher_path)}), data=digits
+    )
+    assert "test/cka_clean" in measured.metrics and "test/cka_clean" not in alone.metrics
+    for name, weight in alone.state["student"].items():
+        assert torch.equal(weight, measured.state["student"][name]), name
