@@ -33,4 +33,4 @@ test: install lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf runs ray_results mlflow.db
+	rm -rf runs ray_results mlflow.db optuna.db mlartifacts
