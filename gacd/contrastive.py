@@ -39,10 +39,26 @@ def nce_loss(
     `l_i = -[log h(a_i, s_i) + sum_k log(1 - h(a_i, s_k))]`, in log space for stability.
     anchor, positive `[B, k]`; negatives `[B, K, k]`; `log_normaliser` is `log Z` (scalar).
     """
-    count = negatives.shape[1]
-    log_noise = math.log(count / num_samples)
-    positive_logit = (anchor * positive).sum(1) / temperature - log_normaliser
-    negative_logit = torch.einsum("bk,bnk->bn", anchor, negatives) / temperature - log_normaliser
+    return nce_from_similarities(
+        (anchor * positive).sum(1),
+        torch.einsum("bk,bnk->bn", anchor, negatives),
+        temperature,
+        log_normaliser,
+        num_samples,
+    )
+
+
+def nce_from_similarities(
+    positive: Tensor,
+    negatives: Tensor,
+    temperature: float,
+    log_normaliser: Tensor,
+    num_samples: int,
+) -> Tensor:
+    """`nce_loss` from the dot products: `a_i.s_i` `[B]` and `a_i.s_k` `[B, K]`."""
+    log_noise = math.log(negatives.shape[1] / num_samples)
+    positive_logit = positive / temperature - log_normaliser
+    negative_logit = negatives / temperature - log_normaliser
     log_h_positive = positive_logit - torch.logaddexp(
         positive_logit, _full(positive_logit, log_noise)
     )
@@ -50,6 +66,20 @@ def nce_loss(
         negative_logit, _full(negative_logit, log_noise)
     )
     return -(log_h_positive + log_1m_h_negative.sum(1))
+
+
+# Score against the whole bank (one matrix multiply) rather than gather the sampled rows when
+# the bank holds at most this many times the negatives drawn: `a @ bank.T` costs B N k
+# multiply-adds from a bank read once, the gather moves B K k values through memory (and keeps
+# them for the backward pass), which is slower on CPUs and GPUs alike unless N >> K.
+FULL_BANK_FACTOR = 16
+
+
+def bank_similarities(anchor: Tensor, bank: Tensor, rows: Tensor) -> Tensor:
+    """`anchor_i . bank[rows_ik]`: anchor `[B, k]`, bank `[N, k]`, rows `[B, K]` -> `[B, K]`."""
+    if bank.shape[0] <= FULL_BANK_FACTOR * rows.shape[1]:
+        return (anchor @ bank.T).gather(1, rows)
+    return torch.einsum("bk,bnk->bn", anchor, bank[rows])
 
 
 def _full(like: Tensor, value: float) -> Tensor:
@@ -90,39 +120,47 @@ class MemoryBankContrast(nn.Module):
         self.count = min(count, self.bank.max_negatives())
         self.temperature = temperature
         self.register_buffer("log_normaliser", torch.full((2,), float("nan")))
+        # Whether both `log Z` are set: known on the host, so that a training step does not wait
+        # for the device to ask. Re-read after a state dict is loaded.
+        self.normaliser_fixed = False
+        self.register_load_state_dict_post_hook(lambda module, _: module.forget_normaliser())
+
+    def forget_normaliser(self) -> None:
+        self.normaliser_fixed = False
 
     def forward(self, teacher: Tensor, student: Tensor, index: Tensor) -> Tensor:
-        negative_rows = self.bank.sample(index, self.count)
-        directions = (
-            (teacher, student, self.bank.student[negative_rows]),
-            (student, teacher, self.bank.teacher[negative_rows]),
+        rows = self.bank.sample(index, self.count)
+        positive = (teacher * student).sum(1)
+        # Teacher anchors against stored student embeddings, and the other way round.
+        negatives = (
+            bank_similarities(teacher, self.bank.student, rows),
+            bank_similarities(student, self.bank.teacher, rows),
         )
+        if not self.normaliser_fixed:
+            self._fix_normaliser(positive, negatives)
         loss = torch.zeros(len(index), device=teacher.device)
-        for direction, (anchor, positive, negatives) in enumerate(directions):
-            log_z = self._normaliser(direction, anchor, positive, negatives)
-            loss = loss + nce_loss(
-                anchor, positive, negatives, self.temperature, log_z, self.bank.num_samples
+        for direction, similarities in enumerate(negatives):
+            loss = loss + nce_from_similarities(
+                positive,
+                similarities,
+                self.temperature,
+                self.log_normaliser[direction],
+                self.bank.num_samples,
             )
         self.bank.update(index, teacher, student)
         return loss
 
     @torch.no_grad()
-    def _normaliser(
-        self, direction: int, anchor: Tensor, positive: Tensor, negatives: Tensor
-    ) -> Tensor:
+    def _fix_normaliser(self, positive: Tensor, negatives: tuple[Tensor, Tensor]) -> None:
         """CRD's `Z = N * mean(exp(a.s / tau))` over the first batch's pairs, then fixed."""
-        if torch.isnan(self.log_normaliser[direction]):
-            logits = torch.cat(
-                [
-                    (anchor * positive).sum(1, keepdim=True),
-                    torch.einsum("bk,bnk->bn", anchor, negatives),
-                ],
-                1,
-            )
-            logits = logits / self.temperature
+        unset = torch.isnan(self.log_normaliser).tolist()
+        for direction, similarities in enumerate(negatives):
+            if not unset[direction]:
+                continue
+            logits = torch.cat([positive[:, None], similarities], 1).float() / self.temperature
             mean_log = torch.logsumexp(logits.flatten(), 0) - math.log(logits.numel())
             self.log_normaliser[direction] = mean_log + math.log(self.bank.num_samples)
-        return self.log_normaliser[direction]
+        self.normaliser_fixed = True
 
 
 class InBatchContrast(nn.Module):

@@ -57,7 +57,12 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, index: Tensor, teacher: Tensor, student: Tensor) -> None:
-        """Blend the new embeddings `[B, k]` into rows `index` and re-normalise them."""
-        for bank, new in ((self.teacher, teacher), (self.student, student)):
-            blended = self.momentum * bank[index] + (1 - self.momentum) * new.detach()
-            bank[index] = F.normalize(blended, dim=1)
+        """Blend the new embeddings `[B, k]` into rows `index` and re-normalise them.
+
+        Out of place (a new bank tensor): this step's loss was scored against the old bank,
+        which its backward pass still needs as it was.
+        """
+        for name, new in (("teacher", teacher), ("student", student)):
+            bank = getattr(self, name)
+            blended = self.momentum * bank[index] + (1 - self.momentum) * new.detach().float()
+            setattr(self, name, bank.index_copy(0, index, F.normalize(blended, dim=1)))
