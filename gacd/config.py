@@ -230,6 +230,11 @@ class Config:
     # Training arithmetic: `bf16` runs the attack and the step under bfloat16 autocast (on CUDA
     # or CPU); evaluation always runs in float32, so robust accuracy is never flattered.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Speed switches that leave the arithmetic's meaning alone: the models' and images' memory
+    # layout (`auto`: channels-last on CUDA, contiguous on CPU), and the models' feature
+    # extractors compiled with `torch.compile` (a one-off compile per trial and model mode).
+    memory_format: Literal["auto", "channels_last", "contiguous"] = AUTO
+    compile: bool = False
     # Evaluate the test split (every attack) at the end: for final and ablation runs only.
     final: bool = False
     data: DataConfig = field(default_factory=DataConfig)

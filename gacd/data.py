@@ -52,6 +52,9 @@ class ImageSplit:
     def subset(self, indices: Tensor) -> ImageSplit:
         return ImageSplit(self.images[indices], self.labels[indices])
 
+    def to(self, device: torch.device) -> ImageSplit:
+        return ImageSplit(self.images.to(device), self.labels.to(device))
+
 
 @dataclass
 class DatasetSpec:
@@ -72,6 +75,12 @@ class Datasets:
     train: ImageSplit
     val: ImageSplit
     test: ImageSplit | None
+
+    def to(self, device: torch.device) -> Datasets:
+        """The splits held on `device` (as uint8: CIFAR's training set is 150 MB), so batches
+        are gathered there instead of copied from the host; a new object, this one unchanged."""
+        test = self.test.to(device) if self.test is not None else None
+        return Datasets(self.spec, self.train.to(device), self.val.to(device), test)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -270,37 +279,45 @@ def batches(
     drop_last: bool = False,
     limit: int | None = None,
 ) -> Iterator[Batch]:
-    """Batches of a split, shuffled by `generator` when given, moved to `device`."""
+    """Batches of a split, shuffled by `generator` (on the CPU) when given, on `device`.
+
+    A split already on `device` (`Datasets.to`) is gathered there: one small copy of the
+    batch's indices per batch, no images through the host.
+    """
     count = len(split) if limit is None else min(limit, len(split))
     order = (
         torch.randperm(len(split), generator=generator)[:count]
         if generator is not None
         else torch.arange(count)
     )
+    order = order.to(split.images.device, non_blocking=True)
     stop = count - count % batch_size if drop_last and count >= batch_size else count
     for start in range(0, stop, batch_size):
         index = order[start : start + batch_size]
         x = to_float(split.images[index].to(device, non_blocking=True))
-        yield Batch(x, split.labels[index].to(device, non_blocking=True), index.to(device))
+        y = split.labels[index].to(device, non_blocking=True)
+        yield Batch(x, y, index.to(device, non_blocking=True))
 
 
 def augment(x: Tensor, spec: DatasetSpec, generator: torch.Generator) -> Tensor:
     """Random crop with zero padding and (if the data set allows) horizontal flip, per sample.
 
     Done on the batch, on its device; the random draws come from `generator` (on the CPU), so
-    a resumed run draws the same crops.
+    a resumed run draws the same crops on any device. They reach the device by asynchronous
+    copies: a blocking copy would make the host wait for the device's queued work.
     """
     batch, _, height, width = x.shape
     padding = spec.crop_padding
     if padding > 0:
         offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator)
+        offsets = offsets.to(x.device, non_blocking=True)
         padded = F.pad(x, (padding, padding, padding, padding))
-        rows = offsets[0].to(x.device)[:, None] + torch.arange(height, device=x.device)
-        cols = offsets[1].to(x.device)[:, None] + torch.arange(width, device=x.device)
+        rows = offsets[0][:, None] + torch.arange(height, device=x.device)
+        cols = offsets[1][:, None] + torch.arange(width, device=x.device)
         batch_idx = torch.arange(batch, device=x.device)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]]
         x = x.permute(0, 3, 1, 2).contiguous()
     if spec.flip:
-        flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device)
+        flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x

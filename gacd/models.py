@@ -5,7 +5,9 @@ Every model maps pixels in [0, 1] of shape [B, C, H, W] (any C, H and W >= 8) to
 and the penultimate (pooled) features are exposed through `forward_features` for distillation.
 """
 
-from collections.abc import Sequence
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -73,6 +75,11 @@ class ImageClassifier(nn.Module):
     depth_is_configurable: ClassVar[bool] = False
     default_width: ClassVar[float]
     fc: nn.Linear
+    # The memory layout of the weights and of the images they take: `set_memory_format`.
+    memory_format: torch.memory_format = torch.contiguous_format
+    # `eager_features` compiled by `torch.compile`, called with the model as its first argument
+    # (so a deep copy calls it on itself, not on the original); None: eager.
+    compiled_features: Callable[[nn.Module, Tensor], Tensor] | None = None
 
     def __init__(
         self,
@@ -99,8 +106,26 @@ class ImageClassifier(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """Pixels [B, C, H, W] in [0, 1] -> pooled penultimate features [B, feature_dim]."""
+        images = images.contiguous(memory_format=self.memory_format)
+        if self.compiled_features is not None:
+            return self.compiled_features(self, images)
+        return self.eager_features(images)
+
+    def eager_features(self, images: Tensor) -> Tensor:
         feature_map = self.forward_backbone(self.normalize(images))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(feature_map, 1), 1)
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> ImageClassifier:
+        """Weights and input images in `memory_format` (channels-last: faster convolutions on
+        GPUs with tensor cores); the arithmetic, state dict keys and results are unchanged."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
+
+    def compile_features(self) -> ImageClassifier:
+        """Run `forward_features` through `torch.compile` (compiled on the first call of each
+        mode and input shape); `forward` and attacks use it too."""
+        self.compiled_features = torch.compile(type(self).eager_features)
+        return self
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Features [B, feature_dim] -> logits [B, num_classes]."""

@@ -14,7 +14,9 @@ from gacd.models import ImageClassifier, build_model
 
 
 class FrozenTeacher:
-    """A teacher frozen three ways: `eval()`, `requires_grad_(False)`, and calls under `no_grad`.
+    """A teacher frozen three ways: `eval()`, `requires_grad_(False)`, and calls under
+    `torch.inference_mode` (no autograd bookkeeping at all; the outputs are returned as
+    ordinary tensors, so trainable heads and attack objectives can take them).
 
     Deliberately not an `nn.Module`: it never joins a student's module tree, so it is not in
     the optimizer, not in the student's checkpoint, and `train()` never reaches it.
@@ -27,19 +29,22 @@ class FrozenTeacher:
     def feature_dim(self) -> int:
         return self.model.feature_dim
 
-    @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features `[B, d]` of `x` `[B, C, H, W]` in [0, 1]."""
-        return self.model.forward_features(x)
+        with torch.inference_mode():
+            features = self.model.forward_features(x)
+        return features.clone()
 
-    @torch.no_grad()
     def head(self, features: Tensor) -> Tensor:
-        return self.model.forward_head(features)
+        with torch.inference_mode():
+            logits = self.model.forward_head(features)
+        return logits.clone()
 
-    @torch.no_grad()
     def logits(self, x: Tensor) -> Tensor:
         """Logits `[B, num_classes]` of `x` `[B, C, H, W]` in [0, 1]."""
-        return self.model(x)
+        with torch.inference_mode():
+            logits = self.model(x)
+        return logits.clone()
 
     def to(self, device: torch.device) -> FrozenTeacher:
         self.model.to(device)

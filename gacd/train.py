@@ -34,9 +34,10 @@ from gacd.config import (
     read_yaml_file,
     set_dotted,
 )
-from gacd.data import Datasets, augment, batches, load_datasets
+from gacd.data import Batch, Datasets, augment, batches, load_datasets
 from gacd.evaluate import robustness_metrics, validation_metrics
 from gacd.methods import METHODS, Method
+from gacd.models import ImageClassifier
 from gacd.structure import structure_metrics
 from gacd.teacher import build_classifier, load_teacher
 from gacd.transfer import load_target, transfer_metrics
@@ -71,7 +72,7 @@ def fit(
     seed_everything(config.seed)
     # Fixed input shapes: let cuDNN pick its fastest kernels (results stay seeded, not bitwise).
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    data = data or load_datasets(config.data, config.seed, with_test=config.final)
+    data = (data or load_datasets(config.data, config.seed, with_test=config.final)).to(device)
     # Loaded up front so that a missing target fails before training, not after it.
     target = load_target(config, data.spec) if config.final else None
     method = build_method(config, data, device)
@@ -122,7 +123,25 @@ def build_method(config: Config, data: Datasets, device: torch.device) -> Method
         with contextlib.nullcontext() if method_class.uses_teacher else torch.random.fork_rng():
             teacher = load_teacher(config.teacher, data.spec).to(device)
     student = build_classifier(config.student, data.spec)
-    return method_class(config, student, teacher, data.train.labels).to(device)
+    method = method_class(config, student, teacher, data.train.labels).to(device)
+    for model in (method.student, teacher.model if teacher is not None else None):
+        if model is not None:
+            tune_model(model, config, device)
+    return method
+
+
+def tune_model(model: ImageClassifier, config: Config, device: torch.device) -> None:
+    """Apply `memory_format` and `compile` to a model already on `device`."""
+    model.set_memory_format(memory_format(config.memory_format, device))
+    if config.compile:
+        model.compile_features()
+
+
+def memory_format(name: str, device: torch.device) -> torch.memory_format:
+    """`auto`: channels-last on CUDA (tensor-core convolutions), contiguous on the CPU."""
+    if name == "channels_last" or (name == "auto" and device.type == "cuda"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def final_metrics(
@@ -154,8 +173,10 @@ def train_epoch(
     config: Config,
     epoch: int,
     device: torch.device,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
-    """One pass over the training split; returns the mean of each loss term."""
+    """One pass over the training split (or its first `max_steps` batches); returns the mean
+    of each loss term. Nothing in it waits for the device but a NaN check every few steps."""
     method.train()
     # Data order and crops depend only on (seed, epoch), so a resumed run sees the same ones.
     shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -163,18 +184,13 @@ def train_epoch(
     sums: dict[str, torch.Tensor] = {}
     recent: list[dict[str, torch.Tensor]] = []  # the terms of the steps not yet checked
     steps = 0
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
+    limit = None if max_steps is None else max_steps * config.data.batch_size
     for step, batch in enumerate(
-        batches(data.train, config.data.batch_size, device, shuffle, drop_last=True)
+        batches(data.train, config.data.batch_size, device, shuffle, drop_last=True, limit=limit)
     ):
         if config.data.augment:
             batch.x = augment(batch.x, data.spec, crops)
-        with autocast:
-            terms = {name: value.float() for name, value in method(batch).items()}
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        recent.append({name: value.detach() for name, value in terms.items()})
+        recent.append(training_step(method, optimizer, batch, config.precision))
         for name, value in recent[-1].items():
             sums[name] = sums.get(name, 0.0) + value
         steps += 1
@@ -185,6 +201,20 @@ def train_epoch(
             recent.clear()
     check_finite(recent, epoch, steps - len(recent))
     return {metrics.train_loss(name): (total / steps).item() for name, total in sums.items()}
+
+
+def training_step(
+    method: Method, optimizer: torch.optim.Optimizer, batch: Batch, precision: str
+) -> dict[str, torch.Tensor]:
+    """One update: attack, loss (under bfloat16 autocast for `precision: bf16`), backward,
+    optimizer step. Returns the loss terms, detached and still on the device."""
+    autocast = torch.autocast(batch.x.device.type, torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        terms = {name: value.float() for name, value in method(batch).items()}
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return {name: value.detach() for name, value in terms.items()}
 
 
 FINITE_CHECK_STEPS = 20

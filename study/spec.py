@@ -434,10 +434,11 @@ def teacher_checkpoint_path(cache: Path, config: Config) -> Path:
 
 
 def config_hash(config: Config, ignore: tuple[str, ...] = ()) -> str:
-    """A short hash of what determines a run's result: not where its data lie, nor its device,
-    nor the dotted keys in `ignore`."""
+    """A short hash of what determines a run's result: not where its data lie, nor its device
+    and the speed switches that only change how it is computed, nor the dotted keys in
+    `ignore`."""
     values = flatten(config.to_dict())
-    for key in ("device", "data.data_dir", *ignore):
+    for key in ("device", "memory_format", "compile", "data.data_dir", *ignore):
         for name in [name for name in values if name == key or name.startswith(key + ".")]:
             values.pop(name)
     text = json.dumps(values, sort_keys=True, default=str)

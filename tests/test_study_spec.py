@@ -7,9 +7,10 @@ import optuna
 import pytest
 import yaml
 
+from gacd.config import Config
 from study.run import main
 from study.search import FULL_BUDGET_ATTR, RAY_TRIAL_ID_ATTR, StudySearch, search_space
-from study.spec import EPOCHS_TOTAL, load_study, spec_from_dict
+from study.spec import EPOCHS_TOTAL, config_hash, load_study, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -305,3 +306,12 @@ def test_an_mlflow_server_that_does_not_answer_is_refused_before_starting(tmp_pa
     error = capsys.readouterr().err
     assert code == 2 and f"MLflow at '{uri}' does not answer" in error
     assert error.count("\n") == 1 and not (tmp_path / "results" / "unit").exists()
+
+
+def test_the_config_hash_ignores_how_a_run_is_computed_but_not_what():
+    base = {"method": "natural", "device": "cpu"}
+    same = config_hash(Config.from_dict(base))
+    for how in ({"device": "cuda"}, {"memory_format": "channels_last"}, {"compile": True}):
+        assert config_hash(Config.from_dict({**base, **how})) == same, how
+    for what in ({"precision": "bf16"}, {"seed": 1}, {"attack.steps": 3}):
+        assert config_hash(Config.from_dict({**base, **what})) != same, what
