@@ -236,7 +236,7 @@ def ensure_teacher(spec: StudySpec, tracking, commit: str) -> str | None:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=spec.study.max_failures)(
             train_teacher
         )
-        ray.get(task.remote(config.to_dict(), str(checkpoint), cpus))
+        ray.get(task.remote(config.to_dict(), str(checkpoint), cpus, gpus))
     return tracking.teacher_run(checkpoint, commit)
 
 

@@ -25,10 +25,23 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 
 
-def set_up_worker(cpus: float) -> None:
+def limit_gpu_memory(gpus: float) -> float | None:
+    """Cap this process's CUDA caching allocator at a fractional GPU's share of the device, so
+    trials packed onto one card fail with a CUDA out-of-memory error in their own process
+    instead of starving their neighbours. Returns the fraction applied, or None (no CUDA, or
+    `gpus` not in (0, 1)). Ray's `CUDA_VISIBLE_DEVICES` makes the current device the one held."""
+    if not 0 < gpus < 1 or not torch.cuda.is_available():
+        return None
+    torch.cuda.set_per_process_memory_fraction(gpus, torch.cuda.current_device())
+    return gpus
+
+
+def set_up_worker(cpus: float, gpus: float) -> None:
     """As many intra-op threads as CPUs the trial holds, so packed trials do not oversubscribe;
-    Ray's per-checkpoint info lines silenced (the driver prints one line per epoch)."""
+    a fractional GPU's memory capped at its share; Ray's per-checkpoint info lines silenced
+    (the driver prints one line per epoch)."""
     torch.set_num_threads(max(1, int(cpus)))
+    limit_gpu_memory(gpus)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
@@ -43,7 +56,7 @@ def restored_state() -> State | None:
 def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     """A Ray Tune function trainable: fit the trial's config, one report per epoch."""
     config = spec.trial_config(ray_config)
-    set_up_worker(spec.resources.cpus_per_trial)
+    set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
 
     def report(epoch_metrics: dict[str, float], state: State) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -57,10 +70,10 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     fit(config, report=report, resume=restored_state())
 
 
-def train_teacher(config_values: dict[str, Any], checkpoint: str, cpus: float) -> str:
+def train_teacher(config_values: dict[str, Any], checkpoint: str, cpus: float, gpus: float) -> str:
     """Train a teacher into `checkpoint` (a Ray task); continues a partial one if present."""
     config = Config.from_dict(config_values)
-    set_up_worker(cpus)
+    set_up_worker(cpus, gpus)
     path = Path(checkpoint)
     resume = load_checkpoint(path) if path.is_file() else None
     fit(config, report=lambda _, state: save_checkpoint(state, path), resume=resume)
