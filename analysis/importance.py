@@ -36,6 +36,10 @@ def importances(
     return optuna.importance.get_param_importances(study, evaluator=evaluator)
 
 
+def varies(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    return len({trial.value for trial in trials}) > 1
+
+
 def importance_table(
     study: optuna.Study,
     evaluators: tuple[str, ...] = ("ped_anova", "fanova"),
@@ -50,6 +54,11 @@ def importance_table(
             f"study {study.study_name!r} has {len(trials)} full-budget trials; importance "
             f"needs at least {MIN_TRIALS}"
         )
+    if not varies(trials):
+        raise ValueError(
+            f"study {study.study_name!r}: all {len(trials)} full-budget trials scored "
+            f"{trials[0].value}; importance is undefined without differences to explain"
+        )
     rng = np.random.default_rng(seed)
     rows = []
     for name in evaluators:
@@ -57,6 +66,8 @@ def importance_table(
         samples: dict[str, list[float]] = {param: [] for param in point}
         for _ in range(bootstrap):
             resampled = [trials[i] for i in rng.integers(0, len(trials), len(trials))]
+            if not varies(resampled):  # a resample of equal scores explains nothing: skipped
+                continue
             for param, value in importances(
                 resampled, study.direction, EVALUATORS[name](seed)
             ).items():

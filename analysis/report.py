@@ -20,25 +20,27 @@ from analysis.table import render_study
 REPORT_FILE = "report.md"
 
 
-def search_importance(study: Study, optuna_url: str | None) -> pd.DataFrame | None:
-    """Importance of a search's parameters, or None when its Optuna study is not at hand or
-    too small (the report says which)."""
+def search_importance(study: Study, optuna_url: str | None) -> tuple[pd.DataFrame | None, str]:
+    """Importance of a search's parameters, or None and why not (its Optuna study is not at
+    hand, has too few full-budget trials, or they all scored the same)."""
     if study.mode != "search" or optuna_url is None:
-        return None
+        return None, "it needs the search's Optuna storage"
     import optuna
 
     from analysis.importance import importance_table
 
     try:
         optuna_study = optuna.load_study(study_name=study.name, storage=optuna_url)
-        return importance_table(optuna_study, bootstrap=30)
-    except (KeyError, ValueError):
-        return None
+        return importance_table(optuna_study, bootstrap=30), ""
+    except KeyError:
+        return None, f"no Optuna study {study.name!r} in the storage"
+    except ValueError as error:
+        return None, str(error)
 
 
 def write_report(study: Study, out: Path, optuna_url: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    importance = search_importance(study, optuna_url)
+    importance, missing = search_importance(study, optuna_url)
     pictures = write_plots(study, out, importance)
     finished = (study.runs["status"] == "FINISHED").sum() if not study.runs.empty else 0
     lines = [
@@ -69,8 +71,8 @@ def write_report(study: Study, out: Path, optuna_url: str | None = None) -> Path
         if importance is None:
             lines += [
                 "",
-                "Parameter importance: not computed (it needs the search's Optuna storage and "
-                "at least 4 full-budget trials; see `python -m analysis.importance`).",
+                f"Parameter importance: not computed ({missing}; see "
+                "`python -m analysis.importance`).",
             ]
         else:
             lines += [

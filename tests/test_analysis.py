@@ -175,3 +175,23 @@ def test_importance_ranks_the_parameter_that_matters_over_full_budget_trials_onl
         assert by_param.loc["x", "importance"] > by_param.loc["y", "importance"], name
         assert (part.ci_low <= part.importance + 1e-9).all()
         assert (part.importance <= part.ci_high + 1e-9).all()
+
+
+def test_importance_of_trials_that_all_scored_the_same_is_refused_by_name():
+    study = optuna.create_study(direction="maximize", study_name="flat")
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for x in (0.1, 0.5, 0.9, 0.3):
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=space, value=0.16))
+    with pytest.raises(ValueError, match="'flat': all 4 full-budget trials scored 0.16"):
+        importance.importance_table(study, bootstrap=5)
+
+
+def test_importance_bootstrap_skips_resamples_without_differences():
+    study = optuna.create_study(direction="maximize")
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for x, value in ((0.1, 0.2), (0.5, 0.2), (0.9, 0.2), (0.3, 0.2), (0.7, 0.9)):
+        study.add_trial(
+            optuna.trial.create_trial(params={"x": x}, distributions=space, value=value)
+        )
+    result = importance.importance_table(study, bootstrap=20)  # many resamples miss the 0.9
+    assert set(result.param) == {"x"} and result.importance.notna().all()
