@@ -55,17 +55,14 @@ def nce_from_similarities(
     log_normaliser: Tensor,
     num_samples: int,
 ) -> Tensor:
-    """`nce_loss` from the dot products: `a_i.s_i` `[B]` and `a_i.s_k` `[B, K]`."""
-    log_noise = math.log(negatives.shape[1] / num_samples)
-    positive_logit = positive / temperature - log_normaliser
-    negative_logit = negatives / temperature - log_normaliser
-    log_h_positive = positive_logit - torch.logaddexp(
-        positive_logit, _full(positive_logit, log_noise)
-    )
-    log_1m_h_negative = log_noise - torch.logaddexp(
-        negative_logit, _full(negative_logit, log_noise)
-    )
-    return -(log_h_positive + log_1m_h_negative.sum(1))
+    """`nce_loss` from the dot products: `a_i.s_i` `[B]` and `a_i.s_k` `[B, K]`.
+
+    With `u = a.s / tau - log Z - log(K/N)`: `-log h = softplus(-u)` and
+    `-log(1 - h) = softplus(u)`, one fused, stable operation each.
+    """
+    shift = log_normaliser + math.log(negatives.shape[1] / num_samples)
+    positive_term = F.softplus(shift - positive / temperature)
+    return positive_term + F.softplus(negatives / temperature - shift).sum(1)
 
 
 # Score against the whole bank (one matrix multiply) rather than gather the sampled rows when
@@ -80,10 +77,6 @@ def bank_similarities(anchor: Tensor, bank: Tensor, rows: Tensor) -> Tensor:
     if bank.shape[0] <= FULL_BANK_FACTOR * rows.shape[1]:
         return (anchor @ bank.T).gather(1, rows)
     return torch.einsum("bk,bnk->bn", anchor, bank[rows])
-
-
-def _full(like: Tensor, value: float) -> Tensor:
-    return torch.full_like(like, value)
 
 
 def info_nce_loss(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gacd.contrastive import InBatchContrast, MemoryBankContrast, info_nce_loss, nce_loss
+from gacd.contrastive import (
+    InBatchContrast,
+    MemoryBankContrast,
+    bank_similarities,
+    info_nce_loss,
+    nce_loss,
+)
 from gacd.data import batches
 from gacd.memory_bank import MemoryBank
 from gacd.methods import GACD
@@ -71,6 +77,30 @@ def test_aligned_features_give_a_lower_loss_than_shuffled():
     aligned_nce = nce_loss(teacher, aligned, negatives, 0.1, log_z, 1000).mean()
     shuffled_nce = nce_loss(teacher, shuffled, negatives, 0.1, log_z, 1000).mean()
     assert aligned_nce < shuffled_nce
+
+
+def test_nce_loss_is_crds_critic_written_out():
+    torch.manual_seed(0)
+    anchor, positive, negatives = unit(8, 16), unit(8, 16), unit(8, 50, 16)
+    log_z, tau, n = torch.tensor(2.0), 0.2, 1000
+
+    def h(a, s):  # CRD: P / (P + K/N), P = exp(a.s / tau) / Z
+        p = torch.exp((a * s).sum(-1).double() / tau) / log_z.double().exp()
+        return p / (p + 50 / n)
+
+    expected = -(
+        torch.log(h(anchor, positive)) + torch.log(1 - h(anchor[:, None], negatives)).sum(1)
+    )
+    actual = nce_loss(anchor, positive, negatives, tau, log_z, n)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("count", [4, 200])  # gathered rows / scores against the whole bank
+def test_bank_similarities_are_the_dot_products_with_the_sampled_rows(count):
+    anchor, bank = unit(8, 16), unit(300, 16)
+    rows = torch.randint(0, 300, (8, count))
+    expected = torch.einsum("bk,bnk->bn", anchor, bank[rows])
+    torch.testing.assert_close(bank_similarities(anchor, bank, rows), expected)
 
 
 def test_memory_bank_contrast_prefers_aligned_pairs():
