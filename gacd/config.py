@@ -231,9 +231,10 @@ class Config:
     # or CPU); evaluation always runs in float32, so robust accuracy is never flattered.
     precision: Literal["fp32", "bf16"] = "fp32"
     # Speed switches that leave the arithmetic's meaning alone: the models' and images' memory
-    # layout (`auto`: channels-last on CUDA, contiguous on CPU), and the models' feature
-    # extractors compiled with `torch.compile` (a one-off compile per trial and model mode).
-    memory_format: Literal["auto", "channels_last", "contiguous"] = AUTO
+    # layout (channels-last measured faster for convolutions on CPU, and the layout of tensor
+    # cores on GPUs: `docs/performance.md`), and the models' feature extractors compiled with
+    # `torch.compile` (a one-off compile per trial and model mode).
+    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
     compile: bool = False
     # Evaluate the test split (every attack) at the end: for final and ablation runs only.
     final: bool = False

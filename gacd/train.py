@@ -132,16 +132,10 @@ def build_method(config: Config, data: Datasets, device: torch.device) -> Method
 
 def tune_model(model: ImageClassifier, config: Config, device: torch.device) -> None:
     """Apply `memory_format` and `compile` to a model already on `device`."""
-    model.set_memory_format(memory_format(config.memory_format, device))
+    channels_last = config.memory_format == "channels_last"
+    model.set_memory_format(torch.channels_last if channels_last else torch.contiguous_format)
     if config.compile:
         model.compile_features()
-
-
-def memory_format(name: str, device: torch.device) -> torch.memory_format:
-    """`auto`: channels-last on CUDA (tensor-core convolutions), contiguous on the CPU."""
-    if name == "channels_last" or (name == "auto" and device.type == "cuda"):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def final_metrics(

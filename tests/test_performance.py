@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from gacd.contrastive import MemoryBankContrast
 from gacd.data import load_datasets
 from gacd.teacher import build_classifier, load_teacher
-from gacd.train import fit, memory_format
+from gacd.train import fit
 from tests.conftest import digits_config
 
 
@@ -33,13 +33,6 @@ def test_memory_bank_normaliser_is_fixed_by_the_first_batch_and_kept_through_a_s
     assert not restored.normaliser_fixed  # re-read from the loaded buffer, not assumed
     restored(unit(32, 16), unit(32, 16), index)
     assert torch.equal(restored.log_normaliser, first)
-
-
-def test_auto_memory_format_is_channels_last_on_cuda_only():
-    assert memory_format("auto", torch.device("cpu")) == torch.contiguous_format
-    assert memory_format("auto", torch.device("cuda")) == torch.channels_last
-    assert memory_format("channels_last", torch.device("cpu")) == torch.channels_last
-    assert memory_format("contiguous", torch.device("cuda")) == torch.contiguous_format
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
