@@ -16,8 +16,8 @@ Each case runs in several variants of the speed switches (`precision`, `memory_f
 - the real loop (`gacd.train.train_epoch`: batches gathered and augmented on the device) over
   a few batches of a synthetic data set of the case's size, and from it seconds per epoch.
 
-Medians of repeated timings; the machine is noisy, so only ratios measured in one run are
-compared.
+Medians of repeated timings, interleaved (the step and its parts take turns); the machine is
+noisy, so only ratios measured in one run are compared.
 """
 
 from __future__ import annotations
@@ -124,16 +124,26 @@ def synchronize(device: torch.device) -> None:
 def median_seconds(
     function: Callable[[], object], device: torch.device, repeats: int, warmup: int
 ) -> float:
+    return interleaved_medians({"f": function}, device, repeats, warmup)["f"]
+
+
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds of each function, timed in rounds (one call of each per round), so that
+    the machine's drifts in speed fall on all of them alike and their ratios stay fair."""
     for _ in range(warmup):
-        function()
+        for function in functions.values():
+            function()
     synchronize(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @dataclass
@@ -223,7 +233,7 @@ def step_flops(setup: Setup) -> int:
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
     """The device's measured dense matrix-multiply rate in FLOP/s for `dtype`."""
-    size = 8192 if device.type == "cuda" else 1024
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, device, repeats, warmup=3)
@@ -254,10 +264,19 @@ def measure(case: Case, variant: str, repeats: int, warmup: int, loop_batches: i
         # The contrastive critic alone (memory-bank NCE, both directions), forward+backward.
         method.contrast(anchors, embeddings.requires_grad_(True), batch.index).sum().backward()
 
-    step_s = median_seconds(setup.step, device, repeats, warmup)
-    contrast_s = median_seconds(contrast_pass, device, repeats, warmup)
-    student_s = median_seconds(student_pass, device, repeats, warmup)
-    teacher_s = median_seconds(teacher_pass, device, repeats, warmup)
+    seconds = interleaved_medians(
+        {
+            "step": setup.step,
+            "contrast": contrast_pass,
+            "student": student_pass,
+            "teacher": teacher_pass,
+        },
+        device,
+        repeats,
+        warmup,
+    )
+    step_s, contrast_s = seconds["step"], seconds["contrast"]
+    student_s, teacher_s = seconds["student"], seconds["teacher"]
     floor_s = (case.steps + 1) * student_s + teacher_s
 
     # The real loop: batches gathered from the device-held split and augmented there.

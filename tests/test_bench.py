@@ -78,3 +78,17 @@ def test_a_fractional_gpu_cannot_allocate_beyond_its_share():
             torch.empty(int(0.3 * total), dtype=torch.uint8, device=device)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+@pytest.mark.slow
+def test_study_bench_compares_a_real_study_with_the_same_trials_run_directly(tmp_path):
+    from bench import study
+
+    out = tmp_path / "study.json"
+    assert study.main(["--trials", "1", "--epochs", "3", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["direct_trial_s"]) == len(result["study_trial_s"]) == 1
+    # Every ratio is a time over a time of the same work: positive, and a study is no free lunch.
+    assert result["study_wall_s"] > result["study_trial_s"][0] > 0
+    assert result["ratio_whole_study"] > 1
+    assert result["ratio_per_trial_startup_excluded"] > 0.9
