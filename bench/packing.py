@@ -48,7 +48,7 @@ PACKING_CASES = {
     ),
 }
 DEFAULT_CASE = {"cpu": "digits_cnn_cpu", "cuda": "resnet18_resnet18_cuda"}
-DEFAULT_VARIANT = {"cpu": "fp32", "cuda": "bf16_channels_last"}
+DEFAULT_VARIANT = {"cpu": "fp32_channels_last", "cuda": "bf16_channels_last"}
 
 
 class Barrier:
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variant",
         choices=sorted(VARIANTS),
-        help="bench.step's speed switches for every trial (default: fp32 on CPU, "
-        "bf16_channels_last on CUDA)",
+        help="bench.step's speed switches for every trial (default: fp32_channels_last on "
+        "CPU, bf16_channels_last on CUDA)",
     )
     parser.add_argument("--out", default="bench/results/packing.json")
     args = parser.parse_args(argv)

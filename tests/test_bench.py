@@ -14,11 +14,11 @@ from study.trainable import limit_gpu_memory
 
 def test_step_bench_compares_variants_against_their_floors_and_counts_every_pass(tmp_path):
     out = tmp_path / "step.json"
-    argv = ["--cases", "digits_cnn_cpu", "--variants", "fp32", "fp32_channels_last"]
+    argv = ["--cases", "digits_cnn_cpu", "--variants", "fp32_contiguous", "fp32_channels_last"]
     argv += ["--repeats", "2", "--warmup", "1", "--loop-batches", "2", "--out", str(out)]
     assert step.main(argv) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [row["variant"] for row in rows] == ["fp32", "fp32_channels_last"]
+    assert [row["variant"] for row in rows] == ["fp32_contiguous", "fp32_channels_last"]
     case = step.CASES["digits_cnn_cpu"]
     setup = step.build(case, torch.device("cpu"))
     with step.CountFlops() as student:

@@ -130,3 +130,20 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
             setup.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_path_trains_like_the_cpu_path_with_every_speed_switch(
+    digits, robust_teacher_path
+):
+    def history(**values):
+        values = {"teacher.checkpoint": str(robust_teacher_path), "optim.epochs": 3, **values}
+        return fit(digits_config(**values), data=digits).history
+
+    cpu = history(device="cpu")
+    cuda = history(device="cuda")
+    fast = history(device="cuda", precision="bf16", compile=True)
+    assert cuda[-1]["train/loss"] == pytest.approx(cpu[-1]["train/loss"], rel=0.05)
+    assert fast[-1]["train/loss"] == pytest.approx(cpu[-1]["train/loss"], rel=0.1)
+    assert abs(fast[-1]["val/clean_acc"] - cpu[-1]["val/clean_acc"]) < 0.1
