@@ -117,7 +117,8 @@ class ImageClassifier(nn.Module):
 
     def set_memory_format(self, memory_format: torch.memory_format) -> ImageClassifier:
         """Weights and input images in `memory_format` (channels-last: faster convolutions on
-        GPUs with tensor cores); the arithmetic, state dict keys and results are unchanged."""
+        CPUs and tensor-core GPUs); state dict keys and results are unchanged, up to float
+        rounding."""
         self.memory_format = memory_format
         return self.to(memory_format=memory_format)
 
