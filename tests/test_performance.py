@@ -112,6 +112,21 @@ def test_compiled_features_match_eager_and_a_deep_copy_runs_its_own_weights():
     torch.testing.assert_close(model(x), eager, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_features_give_the_attack_its_input_gradients_in_train_mode():
+    torch.manual_seed(0)
+    spec = load_datasets(digits_config(method="natural").data, seed=0).spec
+    eager = build_classifier(digits_config(method="natural").student, spec).train()
+    compiled = copy.deepcopy(eager).compile_features()
+    x = torch.rand(16, 1, 8, 8)
+    grads = []
+    for model in (eager, compiled):
+        x_in = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(x_in).logsumexp(1).sum(), x_in)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4 * grads[0].abs().max())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
