@@ -125,6 +125,11 @@ class ImageClassifier(nn.Module):
     def compile_features(self) -> ImageClassifier:
         """Run `forward_features` through `torch.compile` (compiled on the first call of each
         mode and input shape); `forward` and attacks use it too."""
+        # Every model shares this one function's code, and each mode it meets (train or eval,
+        # grad, no_grad or inference, input gradients or not, a new batch size) compiles a graph
+        # of its own: 7 in a final GACD run on digits, next to Dynamo's default limit of 8, past
+        # which it would quietly run eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.compiled_features = torch.compile(type(self).eager_features)
         return self
 
