@@ -322,11 +322,12 @@ def validate_sections(spec: StudySpec) -> None:
         "a number > 0",
         resources.cpus_per_trial,
     )
+    gpus = resources.gpus_per_trial
     require(
-        resources.gpus_per_trial >= 0,
+        gpus >= 0 and (gpus <= 1 or float(gpus).is_integer()),
         "resources.gpus_per_trial",
-        "a number >= 0",
-        resources.gpus_per_trial,
+        "a number >= 0: a share of one GPU (0.25 packs four trials on a card) or whole GPUs",
+        gpus,
     )
     validate_mode(spec)
     validate_metric(spec)

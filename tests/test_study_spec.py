@@ -94,6 +94,7 @@ def test_a_search_never_sees_the_test_split_and_pins_the_evaluation_budget():
         ({"study": {"name": "has space"}}, "'study.name'"),
         ({"study": {"name": "unit", "num_samples": 0}}, "'study.num_samples'"),
         ({"resources": {"gpus_per_trial": -1}}, "'resources.gpus_per_trial'"),
+        ({"resources": {"gpus_per_trial": 1.5}}, "'resources.gpus_per_trial': expected a number"),
         ({"resources": {"cpus": 2}}, "did you mean 'resources.cpus_per_trial'"),
         ({"base": {"atack": {}}}, "'base.atack'"),
         ({"base": {"attack": {"epsilon": 1.5}}}, "'base.attack.epsilon'"),
@@ -315,3 +316,11 @@ def test_the_config_hash_ignores_how_a_run_is_computed_but_not_what():
         assert config_hash(Config.from_dict({**base, **how})) == same, how
     for what in ({"precision": "bf16"}, {"seed": 1}, {"attack.steps": 3}):
         assert config_hash(Config.from_dict({**base, **what})) != same, what
+
+
+@pytest.mark.parametrize("gpus", [0, 0.25, 0.5, 1, 2])
+def test_a_share_of_one_gpu_or_whole_gpus_are_accepted(gpus):
+    assert (
+        spec_from_dict(digits_search(resources={"gpus_per_trial": gpus})).resources.gpus_per_trial
+        == gpus
+    )
