@@ -65,13 +65,18 @@ def contrastive_objective(embed: Callable[[Tensor], Tensor], anchor: Tensor) -> 
 
 
 def cw_margin_objective(y: Tensor, kappa: float = 50.0) -> Objective:
-    """CW margin `max_{j != y} z_j - z_y`, clamped below at `-kappa`."""
+    """`min(max_{j != y} z_j - z_y, kappa)`: minus Carlini-Wagner's `f`, logits `[B, C]`.
+
+    Clamped from above: once another class leads the true one by `kappa` the sample is
+    misclassified with margin to spare and its gradient stops; wherever the true class still
+    leads (however far, as on an overconfident model) the gradient flows.
+    """
 
     def objective(model: nn.Module, x_adv: Tensor) -> Tensor:
         logits = model(x_adv)
         true_logit = logits.gather(1, y[:, None]).squeeze(1)
         others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-        return (others.amax(1) - true_logit).clamp(min=-kappa)
+        return (others.amax(1) - true_logit).clamp(max=kappa)
 
     return objective
 
@@ -146,18 +151,46 @@ def autoattack_available() -> bool:
     return True
 
 
+# The standard version's targeted attacks (APGD-T, FAB-T) aim at the 9 classes ranked after
+# the true one; a model with fewer classes has only `classes - 1` to aim at.
+STANDARD_TARGETS = 9
+# APGD-T's targeted DLR loss reads the 3rd and 4th largest logits.
+APGD_T_MIN_CLASSES = 4
+
+
+def autoattack_targets(num_classes: int) -> int:
+    return min(STANDARD_TARGETS, num_classes - 1)
+
+
+def autoattack_version(num_classes: int) -> str:
+    """What the standard version runs on a model with `num_classes` outputs, in words."""
+    targets = autoattack_targets(num_classes)
+    if targets == STANDARD_TARGETS:
+        return "standard"
+    without = "; APGD-T left out" if num_classes < APGD_T_MIN_CLASSES else ""
+    return f"standard with {targets} target classes ({num_classes}-class model){without}"
+
+
 def autoattack(
     model: nn.Module, x: Tensor, y: Tensor, epsilon: float, batch_size: int = 256, seed: int = 0
 ) -> Tensor:
-    """AutoAttack, standard version, with the authors' code (`pyautoattack`)."""
+    """AutoAttack, standard version, with the authors' code (`pyautoattack`); on a model with
+    fewer than 10 classes its targeted attacks aim at every other class (`autoattack_version`).
+    """
     from pyautoattack import AutoAttack
 
     was_training = model.training
     model.eval()
     try:
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[1]
         adversary = AutoAttack(
             model, norm="Linf", eps=epsilon, version="standard", device=x.device, seed=seed
         )
+        adversary.apgd_targeted.n_target_classes = autoattack_targets(num_classes)
+        adversary.fab.n_target_classes = autoattack_targets(num_classes)
+        if num_classes < APGD_T_MIN_CLASSES:
+            adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a != "apgd-t"]
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         return x_adv.detach()
     finally:

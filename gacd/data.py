@@ -35,6 +35,11 @@ DATASETS = Registry("data set")
 CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
 
 
+def class_count(config: DataConfig) -> int:
+    """The classes a model of this data config tells apart (after `data.classes`)."""
+    return len(config.classes) if config.classes is not None else CLASS_COUNTS[config.name]
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A data set that is not on disk; the message says how to get it."""
 

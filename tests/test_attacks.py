@@ -103,6 +103,88 @@ def test_budget_zero_changes_nothing(digits, natural_model):
     assert torch.equal(x_adv, x)
 
 
+def reference_cw_loss(output, target, confidence=50.0, num_classes=10):
+    """The robustness literature's CW-inf loss (RSLAD's and MART's `cwloss`), re-typed."""
+    target_onehot = torch.zeros(target.size() + (num_classes,))
+    target_onehot.scatter_(1, target.unsqueeze(1), 1.0)
+    real = (target_onehot * output).sum(1)
+    other = ((1.0 - target_onehot) * output - target_onehot * 10000.0).max(1)[0]
+    loss = -torch.clamp(real - other + confidence, min=0.0)
+    return loss.sum()
+
+
+class Scaled(torch.nn.Module):
+    """A model made overconfident: its logits times `factor` (same predictions)."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x):
+        return self.model(x) * self.factor
+
+
+@pytest.mark.parametrize("factor", [1.0, 200.0])
+def test_cw_objective_matches_the_literatures_cw_loss_in_value_and_gradient(
+    digits, natural_model, factor
+):
+    x, y = first_batch(digits.test, 64)
+    model = Scaled(natural_model.eval(), factor)
+    kappa = 50.0
+    x_ours = x.clone().requires_grad_(True)
+    ours = attacks.cw_margin_objective(y, kappa)(model, x_ours).sum()
+    (grad_ours,) = torch.autograd.grad(ours, x_ours)
+    x_ref = x.clone().requires_grad_(True)
+    reference = reference_cw_loss(model(x_ref), y, kappa)
+    (grad_ref,) = torch.autograd.grad(reference, x_ref)
+    # Ours is min(margin, kappa); theirs min(margin, kappa) - kappa: the same up to a constant.
+    assert torch.allclose(ours - len(y) * kappa, reference, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(grad_ours, grad_ref, rtol=1e-5, atol=1e-6)
+    assert grad_ours.abs().sum() > 0
+
+
+def test_cw_inf_is_as_strong_on_an_overconfident_model(digits, natural_model):
+    """Scaling the logits changes no prediction, so it must not change CW-inf's accuracy; a
+    margin clamped from below at -kappa has no gradient where the true class leads by more."""
+    config = digits_config(method="natural", **{"eval.fgsm": False}).eval
+    device = torch.device("cpu")
+    cw = attack_suite(config)["cw"]
+    plain = accuracy(natural_model, digits.test, cw, 512, device)
+    confident = accuracy(Scaled(natural_model, 200.0), digits.test, cw, 512, device)
+    clean = accuracy(natural_model, digits.test, None, 512, device)
+    assert confident <= plain + 0.02, (plain, confident)
+    assert confident < clean - 0.3, (clean, confident)
+
+
+def test_autoattack_names_the_targets_of_a_model_with_fewer_than_ten_classes():
+    assert attacks.autoattack_version(10) == "standard"
+    assert attacks.autoattack_version(100) == "standard"
+    assert attacks.autoattack_version(5) == "standard with 4 target classes (5-class model)"
+    assert "APGD-T left out" in attacks.autoattack_version(3)
+
+
+@pytest.mark.slow
+def test_autoattack_runs_on_a_five_class_model_and_is_at_least_as_strong_as_pgd20():
+    """APGD-T with the standard 9 targets fails with an IndexError on a 5-class model as soon
+    as one point survives APGD-CE: a robust model makes sure some do."""
+    pytest.importorskip("pyautoattack")
+    from gacd.data import load_datasets
+    from gacd.train import fit
+    from study.tracking import TAG_AUTOATTACK, evaluation_tags
+
+    overrides = {"data.classes": [0, 1, 2, 3, 4], "optim.epochs": 8, "eval.max_samples": 96}
+    config = digits_config(method="pgd_at", **overrides, **{"eval.autoattack": True})
+    data = load_datasets(config.data, config.seed, with_test=True)
+    model = fit(config, data=data).method.student
+    suite = attack_suite(config.eval)
+    device = torch.device("cpu")
+    auto = accuracy(model, data.test, suite["autoattack"], 96, device, limit=96)
+    pgd = accuracy(model, data.test, suite["pgd"], 96, device, limit=96)
+    assert 0 < auto <= pgd + 1e-9, (auto, pgd)
+    final = digits_config(method="pgd_at", final=True, **overrides, **{"eval.autoattack": True})
+    assert evaluation_tags(final) == {TAG_AUTOATTACK: attacks.autoattack_version(5)}
+
+
 @pytest.mark.slow
 def test_autoattack_is_at_least_as_strong_as_pgd(digits, natural_model):
     pytest.importorskip("pyautoattack")
