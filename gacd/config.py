@@ -118,7 +118,9 @@ class OptimConfig:
 class AttackConfig:
     """The training attack; `auto` values take the method's default."""
 
-    objective: Literal["auto", "contrastive", "ce", "kl", "trades"] = AUTO
+    # What PGD maximises; each method accepts only those it runs (`none`: a method trained on
+    # clean inputs, which makes no adversarial examples).
+    objective: Literal["auto", "contrastive", "ce", "kl", "trades", "none"] = AUTO
     epsilon: float = 8 / 255
     step_size: float | None = None  # None: epsilon / 4
     steps: int = 10
@@ -126,7 +128,8 @@ class AttackConfig:
     # Temperature of the `kl` objective's softmaxes.
     temperature: float = 1.0
     # The student's mode while attacked: `eval` freezes its batch-norm statistics; `auto` takes
-    # the method's (`train` for ARD, `eval` for every other method).
+    # the method's (`train` for ARD, `eval` for every other method). `start` and
+    # `student_mode` stay `auto` for methods that do not attack.
     student_mode: Literal["auto", "eval", "train"] = AUTO
 
 
@@ -153,6 +156,9 @@ class NegativesConfig:
     momentum: float = 0.5
     # Draw memory-bank negatives only from samples of other classes.
     class_aware: bool = True
+    # Each direction's positive: the other side's `current` embedding of the sample (the
+    # spec's reading), or its `memory` row in the bank, detached (RepDistiller's CRD).
+    positive: Literal["current", "memory"] = "current"
 
 
 @dataclass
@@ -182,6 +188,9 @@ class CRDConfig:
     count: int = 16384
     momentum: float = 0.5
     class_aware: bool = True
+    # As RepDistiller's `ContrastMemory`: each direction's positive is the bank's stored row of
+    # the sample itself (`negatives.positive` explains the switch).
+    positive: Literal["current", "memory"] = "memory"
     embed_dim: int = 128
     gamma: float = 1.0
     beta: float = 0.8
@@ -531,21 +540,23 @@ def validate_attack(config: Config) -> None:
             f"a number > 0 (method '{config.method}' trains on adversarial inputs)",
             attack.epsilon,
         )
-    if attack.objective in ("contrastive", "kl"):
-        require(
-            method.uses_teacher,
-            "attack.objective",
-            f"an objective without a teacher (method '{config.method}' has none): ce",
-            attack.objective,
-        )
-    if method.attacks and attack.objective != AUTO:
+    if attack.objective != AUTO:
         require(
             attack.objective in method.objectives,
             "attack.objective",
-            f"one of {', '.join(method.objectives)} (the objectives method "
-            f"'{config.method}' supports)",
+            f"one of auto, {', '.join(method.objectives)} (what method '{config.method}' "
+            + ("attacks with" if method.attacks else "runs: it trains on clean inputs")
+            + ")",
             attack.objective,
         )
+    if not method.attacks:
+        for name in ("start", "student_mode"):
+            require(
+                getattr(attack, name) == AUTO,
+                f"attack.{name}",
+                f"auto (method '{config.method}' trains on clean inputs: nothing is attacked)",
+                getattr(attack, name),
+            )
 
 
 def validate_eval(evaluation: EvalConfig) -> None:
@@ -576,6 +587,15 @@ def validate_contrastive(config: Config) -> None:
         config.negatives.momentum,
     )
     require(config.reweight.gamma >= 0, "reweight.gamma", "a number >= 0", config.reweight.gamma)
+    negatives = config.negatives
+    require(
+        config.method != "gacd"
+        or negatives.source == "memory_bank"
+        or negatives.positive != "memory",
+        "negatives.positive",
+        "current with negatives.source in_batch (in-batch negatives keep no memory)",
+        negatives.positive,
+    )
     for name in ("alpha", "beta", "lambda_kd", "trades_beta"):
         require(getattr(config, name) >= 0, name, "a number >= 0", getattr(config, name))
     require(config.kd_temperature > 0, "kd_temperature", "a number > 0", config.kd_temperature)
@@ -631,9 +651,9 @@ def resolve(config: Config) -> None:
     attack = config.attack
     if attack.objective == AUTO:
         attack.objective = method.default_objective
-    if attack.start == AUTO:
+    if attack.start == AUTO and method.attacks:
         attack.start = method.default_start
-    if attack.student_mode == AUTO:
+    if attack.student_mode == AUTO and method.attacks:
         attack.student_mode = method.default_student_mode
     if attack.step_size is None:
         attack.step_size = attack.epsilon / 4

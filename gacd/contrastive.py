@@ -95,8 +95,15 @@ class MemoryBankContrast(nn.Module):
     """NCE against memory-bank negatives, summed over both directions (as CRD).
 
     Teacher embedding as anchor against stored student embeddings, and student embedding as
-    anchor against stored teacher embeddings; the positive is the other side's current
-    embedding of the same sample. `log Z` of each direction is fixed on the first batch.
+    anchor against stored teacher embeddings. Each direction's positive is, with `positive`:
+
+    - `current`: the other side's current embedding of the same sample (`t_i . s_i` in both
+      directions, the spec's reading): both terms train both heads;
+    - `memory`: the other side's stored row of the same sample, detached (RepDistiller's
+      `ContrastMemory`, column 0 of `contrast_idx`): the teacher-anchored term trains only the
+      teacher's head, the student-anchored term only the student.
+
+    `log Z` of each direction is fixed on the first batch (over its positives and negatives).
     """
 
     def __init__(
@@ -107,11 +114,13 @@ class MemoryBankContrast(nn.Module):
         temperature: float,
         momentum: float,
         class_aware: bool,
+        positive: str = "current",
     ) -> None:
         super().__init__()
         self.bank = MemoryBank(labels, embed_dim, momentum, class_aware)
         self.count = min(count, self.bank.max_negatives())
         self.temperature = temperature
+        self.positive = positive
         self.register_buffer("log_normaliser", torch.full((2,), float("nan")))
         # Whether both `log Z` are set: known on the host, so that a training step does not wait
         # for the device to ask. Re-read after a state dict is loaded.
@@ -123,16 +132,24 @@ class MemoryBankContrast(nn.Module):
 
     def forward(self, teacher: Tensor, student: Tensor, index: Tensor) -> Tensor:
         rows = self.bank.sample(index, self.count)
-        positive = (teacher * student).sum(1)
         # Teacher anchors against stored student embeddings, and the other way round.
         negatives = (
             bank_similarities(teacher, self.bank.student, rows),
             bank_similarities(student, self.bank.teacher, rows),
         )
+        if self.positive == "memory":
+            positives = (
+                (teacher * self.bank.student[index]).sum(1),
+                (student * self.bank.teacher[index]).sum(1),
+            )
+        else:
+            shared = (teacher * student).sum(1)
+            positives = (shared, shared)
         if not self.normaliser_fixed:
-            self._fix_normaliser(positive, negatives)
+            self._fix_normaliser(positives, negatives)
         loss = torch.zeros(len(index), device=teacher.device)
-        for direction, similarities in enumerate(negatives):
+        for direction, pair in enumerate(zip(positives, negatives, strict=True)):
+            positive, similarities = pair
             loss = loss + nce_from_similarities(
                 positive,
                 similarities,
@@ -144,10 +161,13 @@ class MemoryBankContrast(nn.Module):
         return loss
 
     @torch.no_grad()
-    def _fix_normaliser(self, positive: Tensor, negatives: tuple[Tensor, Tensor]) -> None:
+    def _fix_normaliser(
+        self, positives: tuple[Tensor, Tensor], negatives: tuple[Tensor, Tensor]
+    ) -> None:
         """CRD's `Z = N * mean(exp(a.s / tau))` over the first batch's pairs, then fixed."""
         unset = torch.isnan(self.log_normaliser).tolist()
-        for direction, similarities in enumerate(negatives):
+        for direction, pair in enumerate(zip(positives, negatives, strict=True)):
+            positive, similarities = pair
             if not unset[direction]:
                 continue
             logits = torch.cat([positive[:, None], similarities], 1).float() / self.temperature

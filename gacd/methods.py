@@ -38,8 +38,8 @@ class Method(nn.Module):
     default_objective: ClassVar[str] = "ce"
     default_start: ClassVar[str] = "uniform"
     default_student_mode: ClassVar[str] = "eval"
-    # The `attack.objective` values a config may choose for this method.
-    objectives: ClassVar[tuple[str, ...]] = ("contrastive", "ce", "kl", "trades")
+    # The `attack.objective` values this method runs; any other is refused at config time.
+    objectives: ClassVar[tuple[str, ...]] = ("ce",)
 
     def __init__(
         self,
@@ -69,6 +69,8 @@ class Natural(Method):
     """`CE(S(x), y)` on clean inputs."""
 
     attacks = False
+    default_objective = "none"
+    objectives = ("none",)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         ce = F.cross_entropy(self.student(batch.x), batch.y)
@@ -90,6 +92,7 @@ class TRADES(Method):
     """`CE(S(x), y) + beta KL(S(x) || S(x'))`, x' maximising that KL from x + 0.001 N(0, 1)."""
 
     default_objective = "trades"
+    objectives = ("trades",)
     default_start = "gaussian"
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
@@ -122,6 +125,7 @@ class GACD(Method):
 
     uses_teacher = True
     default_objective = "contrastive"
+    objectives = ("contrastive", "ce", "kl")
 
     def __init__(
         self,
@@ -142,6 +146,7 @@ class GACD(Method):
                 config.tau,
                 negatives.momentum,
                 negatives.class_aware,
+                negatives.positive,
             )
         else:
             self.contrast = InBatchContrast(config.tau)
@@ -201,6 +206,8 @@ class KnowledgeDistillation(Method):
 
     uses_teacher = True
     attacks = False
+    default_objective = "none"
+    objectives = ("none",)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         kd = self.config.kd
@@ -218,11 +225,15 @@ class CRD(Method):
     `L = gamma CE(S(x), y) + beta mean_i l_i`, `l_i` the memory-bank NCE loss (both
     directions) between `g_T(f_T(x_i))` and `g_S(f_S(x_i))`, unit-norm embeddings `[B, k]`,
     uniform weights (no reweighting). Defaults `tau = 0.07, K = 16384` (capped at what the bank
-    holds), momentum 0.5, `gamma = 1, beta = 0.8`, negatives from other classes (`crd.*`).
+    holds), momentum 0.5, `gamma = 1, beta = 0.8`, negatives from other classes, each
+    direction's positive the bank's stored row of the sample (`crd.positive: memory`, as
+    RepDistiller; `current` scores the current embeddings against each other) (`crd.*`).
     """
 
     uses_teacher = True
     attacks = False
+    default_objective = "none"
+    objectives = ("none",)
 
     def __init__(
         self,
@@ -236,7 +247,13 @@ class CRD(Method):
         self.teacher_head = EmbeddingHead(teacher.feature_dim, crd.embed_dim)
         self.student_head = EmbeddingHead(student.feature_dim, crd.embed_dim)
         self.contrast = MemoryBankContrast(
-            train_labels, crd.embed_dim, crd.count, crd.tau, crd.momentum, crd.class_aware
+            train_labels,
+            crd.embed_dim,
+            crd.count,
+            crd.tau,
+            crd.momentum,
+            crd.class_aware,
+            crd.positive,
         )
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:

@@ -60,7 +60,7 @@ def test_resolved_config_round_trips():
         ({"method": "gcd"}, "method", "did you mean 'gacd'"),
         ({"attack.objective": "pgd"}, "attack.objective", "one of"),
         ({"teacher.checkpoint": None}, "teacher.checkpoint", "distils from a teacher"),
-        ({"method": "pgd_at", "attack.objective": "kl"}, "attack.objective", "without a teacher"),
+        ({"method": "pgd_at", "attack.objective": "kl"}, "attack.objective", "auto, ce (what"),
         ({"optim.milestones": [0.8, 0.5]}, "optim.milestones", "increasing"),
         ({"tau": 0}, "tau", "> 0"),
         ({"reweight.gamma": -1}, "reweight.gamma", ">= 0"),
@@ -77,3 +77,63 @@ def test_bad_values_name_the_dotted_key(values, key, fragment):
 
 def test_nest_dotted_merges():
     assert nest_dotted({"a.b": 1, "a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"method": "pgd_at", "attack.objective": "trades"}, "one of auto, ce (what method"),
+        ({"method": "gacd", "attack.objective": "trades"}, "auto, contrastive, ce, kl"),
+        ({"method": "trades", "attack.objective": "ce"}, "one of auto, trades"),
+        ({"method": "ard", "attack.objective": "trades"}, "one of auto, ce, kl"),
+        ({"method": "rslad", "attack.objective": "contrastive"}, "one of auto, kl, ce"),
+        ({"method": "natural", "attack.objective": "ce"}, "auto, none (what method 'natural'"),
+        ({"method": "kd", "attack.objective": "kl"}, "trains on clean inputs"),
+        ({"method": "crd", "attack.objective": "contrastive"}, "trains on clean inputs"),
+        ({"method": "gacd", "attack.objective": "none"}, "auto, contrastive, ce, kl"),
+    ],
+)
+def test_an_objective_the_method_does_not_run_is_refused_with_those_it_does(values, fragment):
+    error = error_for({"teacher.checkpoint": "teacher.pt", **values})
+    assert error.key == "attack.objective" and fragment in str(error), str(error)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"method": "natural", "attack.start": "gaussian"}, "attack.start"),
+        ({"method": "kd", "attack.student_mode": "train"}, "attack.student_mode"),
+        ({"negatives.source": "in_batch", "negatives.positive": "memory"}, "negatives.positive"),
+    ],
+)
+def test_switches_a_run_would_ignore_are_refused_by_name(values, key):
+    error = error_for({"teacher.checkpoint": "teacher.pt", **values})
+    assert error.key == key
+
+
+def test_every_objective_a_method_accepts_resolves_to_itself_and_round_trips():
+    from gacd.methods import METHODS
+
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        for objective in method.objectives:
+            config = Config.from_dict(
+                {"method": name, "teacher.checkpoint": "t.pt", "attack.objective": objective}
+            )
+            assert config.attack.objective == objective
+            assert Config.from_dict(flatten(config.to_dict())) == config
+        default = Config.from_dict({"method": name, "teacher.checkpoint": "t.pt"})
+        assert default.attack.objective == method.default_objective in method.objectives
+        if not method.attacks:
+            assert (default.attack.start, default.attack.student_mode) == ("auto", "auto")
+
+
+def test_gacd_train_refuses_an_ignored_switch_with_exit_status_2(tmp_path, capsys):
+    from gacd.train import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("method: pgd_at\nattack: {objective: trades}\n")
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "'attack.objective'" in error and "one of auto, ce" in error
+    assert not (tmp_path / "out").exists()

@@ -118,6 +118,99 @@ def test_memory_bank_contrast_prefers_aligned_pairs():
     assert losses["aligned"] < losses["shuffled"]
 
 
+class RepDistillerCRD:
+    """RepDistiller's `ContrastMemory.forward` (crd/memory.py) and `ContrastLoss`
+    (crd/criterion.py), re-typed for the CPU; `v1` the student's embeddings, `v2` the
+    teacher's, `contrast_idx[:, 0]` the sample itself (the memory positive)."""
+
+    def __init__(self, memory_student, memory_teacher, temperature, momentum):
+        self.memory_v1, self.memory_v2 = memory_student.clone(), memory_teacher.clone()
+        self.T, self.momentum = temperature, momentum
+        self.Z_v1 = self.Z_v2 = -1.0
+
+    def memory_forward(self, v1, v2, y, idx):
+        batch, k_plus_1 = idx.shape
+        size, dim = self.memory_v1.shape
+        weight_v1 = torch.index_select(self.memory_v1, 0, idx.view(-1)).detach()
+        weight_v1 = weight_v1.view(batch, k_plus_1, dim)
+        out_v2 = torch.exp(torch.div(torch.bmm(weight_v1, v2.view(batch, dim, 1)), self.T))
+        weight_v2 = torch.index_select(self.memory_v2, 0, idx.view(-1)).detach()
+        weight_v2 = weight_v2.view(batch, k_plus_1, dim)
+        out_v1 = torch.exp(torch.div(torch.bmm(weight_v2, v1.view(batch, dim, 1)), self.T))
+        if self.Z_v1 < 0:
+            self.Z_v1 = (out_v1.mean() * size).item()
+        if self.Z_v2 < 0:
+            self.Z_v2 = (out_v2.mean() * size).item()
+        out_v1, out_v2 = out_v1 / self.Z_v1, out_v2 / self.Z_v2
+        with torch.no_grad():
+            for name, v in (("memory_v1", v1), ("memory_v2", v2)):
+                memory = getattr(self, name)
+                l_pos = torch.index_select(memory, 0, y.view(-1))
+                l_pos.mul_(self.momentum)
+                l_pos.add_(torch.mul(v, 1 - self.momentum))
+                l_norm = l_pos.pow(2).sum(1, keepdim=True).pow(0.5)
+                memory.index_copy_(0, y, l_pos.div(l_norm))
+        return out_v1, out_v2
+
+    @staticmethod
+    def contrast_loss(x, n_data, eps=1e-7):
+        bsz, m = x.shape[0], x.size(1) - 1
+        Pn = 1 / float(n_data)
+        P_pos = x.select(1, 0)
+        log_D1 = torch.div(P_pos, P_pos.add(m * Pn + eps)).log_()
+        P_neg = x.narrow(1, 1, m)
+        log_D0 = torch.div(P_neg.clone().fill_(m * Pn), P_neg.add(m * Pn + eps)).log_()
+        return -(log_D1.sum(0) + log_D0.view(-1, 1).sum(0)) / bsz
+
+    def loss(self, student, teacher, index, contrast_idx):
+        out_s, out_t = self.memory_forward(student, teacher, index, contrast_idx)
+        n_data = self.memory_v1.shape[0]
+        return self.contrast_loss(out_s, n_data) + self.contrast_loss(out_t, n_data)
+
+
+def test_memory_positive_is_repdistillers_crd_in_value_gradient_and_memory():
+    """Two steps (the second with `Z` fixed by the first and the banks updated) against
+    RepDistiller's code on the same embeddings, banks and negative indices."""
+    torch.manual_seed(0)
+    labels, count, tau, momentum = torch.arange(400) % 10, 64, 0.07, 0.5
+    ours = MemoryBankContrast(labels, 16, count, tau, momentum, True, positive="memory")
+    reference = RepDistillerCRD(ours.bank.student, ours.bank.teacher, tau, momentum)
+    for step in range(2):
+        index = torch.randperm(400)[:32]
+        teacher, student = unit(32, 16).requires_grad_(), unit(32, 16).requires_grad_()
+        state = torch.get_rng_state()
+        rows = ours.bank.sample(index, count)
+        torch.set_rng_state(state)  # ours draws the same rows again
+        loss = ours(teacher, student, index).mean()
+        grads = torch.autograd.grad(loss, (teacher, student))
+        teacher_ref = teacher.detach().clone().requires_grad_()
+        student_ref = student.detach().clone().requires_grad_()
+        contrast_idx = torch.cat([index[:, None], rows], 1)
+        expected = reference.loss(student_ref, teacher_ref, index, contrast_idx)
+        expected_grads = torch.autograd.grad(expected.sum(), (teacher_ref, student_ref))
+        torch.testing.assert_close(loss, expected.squeeze(), rtol=1e-5, atol=1e-5)
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours.bank.student, reference.memory_v1)
+        torch.testing.assert_close(ours.bank.teacher, reference.memory_v2)
+        assert step == 1 or math.isclose(
+            ours.log_normaliser[0].exp().item(), reference.Z_v2, rel_tol=1e-5
+        )
+
+
+def test_current_positive_is_not_crds_loss():
+    """The spec's reading (`current`) scores `t_i . s_i` in both directions: another loss."""
+    torch.manual_seed(0)
+    labels, index = torch.arange(400) % 10, torch.arange(32)
+    teacher, student = unit(32, 16), unit(32, 16)
+    losses = {}
+    for positive in ("current", "memory"):
+        torch.manual_seed(1)
+        contrast = MemoryBankContrast(labels, 16, 64, 0.07, 0.5, True, positive=positive)
+        losses[positive] = contrast(teacher, student, index).mean().item()
+    assert abs(losses["current"] - losses["memory"]) > 0.1, losses
+
+
 def test_memory_bank_rows_stay_unit_norm_and_update_at_the_given_rows():
     bank = MemoryBank(torch.arange(200) % 10, dim=16, momentum=0.5)
     assert torch.allclose(bank.teacher.norm(dim=1), torch.ones(200), atol=1e-5)
