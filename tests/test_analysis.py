@@ -168,7 +168,7 @@ def test_importance_ranks_the_parameter_that_matters_over_full_budget_trials_onl
                 intermediate_values={1: 100.0},
             )
         )
-    result = importance.importance_table(study, bootstrap=10)
+    result = importance.importance_table(study, resamples=10)
     assert set(result.evaluator) == {"ped_anova", "fanova"} and set(result.trials) == {30}
     for name, part in result.groupby("evaluator"):
         by_param = part.set_index("param")
@@ -183,15 +183,15 @@ def test_importance_of_trials_that_all_scored_the_same_is_refused_by_name():
     for x in (0.1, 0.5, 0.9, 0.3):
         study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=space, value=0.16))
     with pytest.raises(ValueError, match="'flat': all 4 full-budget trials scored 0.16"):
-        importance.importance_table(study, bootstrap=5)
+        importance.importance_table(study, resamples=5)
 
 
-def test_importance_bootstrap_skips_resamples_without_differences():
+def test_importance_subsampling_skips_subsets_without_differences():
     study = optuna.create_study(direction="maximize")
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for x, value in ((0.1, 0.2), (0.5, 0.2), (0.9, 0.2), (0.3, 0.2), (0.7, 0.9)):
         study.add_trial(
             optuna.trial.create_trial(params={"x": x}, distributions=space, value=value)
         )
-    result = importance.importance_table(study, bootstrap=20)  # many resamples miss the 0.9
+    result = importance.importance_table(study, resamples=20)  # a subset of 4 misses the 0.9
     assert set(result.param) == {"x"} and result.importance.notna().all()
