@@ -1,8 +1,9 @@
 """A study's pictures, as PNG files drawn by matplotlib (no browser needed):
 
 - `pareto.png`: clean against robust accuracy, the Pareto front drawn through the points no
-  other point beats on both (ablation: test split, mean and std over seeds per variant;
-  search: validation split, one point per full-budget trial);
+  other point beats on both (ablation: test split, mean and std over seeds per variant, at the
+  last epoch's checkpoint, `pareto_best.png` at the best validation epoch's; search:
+  validation split, one point per full-budget trial);
 - `curves.png`: per-epoch validation curves (ablation: mean over seeds per variant; search: one
   line per trial, dashed where a scheduler stopped it);
 - `params.png` (search): each searched parameter against the study's metric;
@@ -29,6 +30,7 @@ from analysis.runs import (  # noqa: E402
     metric_histories,
     run_with_study,
 )
+from gacd import metrics  # noqa: E402
 
 FIGURE_SIZE = (8.0, 5.0)  # inches at DPI: 800 x 500 pixels per panel row
 DPI = 100
@@ -57,11 +59,14 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
     return np.array(front, dtype=int)
 
 
-def accuracy_points(study: Study) -> tuple[pd.DataFrame, str, str]:
-    """(points with `clean`, `robust`, `clean_std`, `robust_std` per label, x name, y name)."""
+def accuracy_points(study: Study, checkpoint: str = "last") -> tuple[pd.DataFrame, str, str]:
+    """(points with `clean`, `robust`, `clean_std`, `robust_std` per label, x name, y name);
+    an ablation's at the last epoch's checkpoint or at the best validation epoch's."""
     runs = study.runs[study.runs["status"] == "FINISHED"]
     if study.mode == "ablation":
         split = "test" if "metrics.test/pgd_acc" in runs else "val"  # val: analysis.confirm
+        if split == "test" and checkpoint == "best":
+            split = metrics.best("test/").rstrip("/")
         clean, robust = f"{split}/clean_acc", f"{split}/pgd_acc"
         grouped = runs.groupby("tags.variant")[[f"metrics.{clean}", f"metrics.{robust}"]]
         means, stds = grouped.mean(), grouped.std(ddof=1)
@@ -81,8 +86,8 @@ def accuracy_points(study: Study) -> tuple[pd.DataFrame, str, str]:
     return points, clean, robust
 
 
-def plot_pareto(study: Study, path: Path) -> Path:
-    points, clean, robust = accuracy_points(study)
+def plot_pareto(study: Study, path: Path, checkpoint: str = "last") -> Path:
+    points, clean, robust = accuracy_points(study, checkpoint)
     fig, (axis,) = figure()
     axis.errorbar(
         points["clean"],
@@ -116,7 +121,8 @@ def plot_pareto(study: Study, path: Path) -> Path:
         axis.legend()
     axis.set_xlabel(clean)
     axis.set_ylabel(robust)
-    axis.set_title(f"{study.name}: clean against robust accuracy")
+    which = f", {checkpoint} checkpoint" if study.mode == "ablation" else ""
+    axis.set_title(f"{study.name}: clean against robust accuracy{which}")
     return save(fig, path)
 
 
@@ -165,10 +171,25 @@ def plot_params(study: Study, path: Path) -> Path:
     return save(fig, path)
 
 
-def write_plots(study: Study, out: Path, importance: pd.DataFrame | None = None) -> list[Path]:
+def has_best_metrics(study: Study) -> bool:
+    needed = (metrics.accuracy("test", "clean"), metrics.accuracy("test", "pgd"))
+    return all(f"metrics.{metrics.best(name)}" in study.runs for name in needed)
+
+
+def write_plots(
+    study: Study, out: Path, importance: pd.DataFrame | None = None, checkpoint: str = "last"
+) -> list[Path]:
+    """The study's pictures; an ablation's Pareto plot for the last epoch's checkpoint
+    (`pareto.png`), the best validation epoch's (`pareto_best.png`), or both."""
     out.mkdir(parents=True, exist_ok=True)
     histories = metric_histories(study.tracking_uri, study.runs)
-    written = [plot_pareto(study, out / "pareto.png")]
+    shown = ["last", "best"] if checkpoint == "both" else [checkpoint]
+    if study.mode != "ablation" or not has_best_metrics(study):
+        shown = ["last"]
+    written = [
+        plot_pareto(study, out / f"pareto{'_best' if which == 'best' else ''}.png", which)
+        for which in shown
+    ]
     written.append(plot_curves(study, histories, out / "curves.png", "val/pgd_acc"))
     if study.mode == "search":
         written.append(plot_params(study, out / "params.png"))
@@ -183,10 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__)
     add_store_arguments(parser)
     parser.add_argument("--out", required=True, help="folder for the PNG files")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("last", "best", "both"),
+        default="last",
+        help="an ablation's Pareto plot at the last epoch, the epoch of best val/pgd_acc, or both",
+    )
     args = parser.parse_args(argv)
 
     def plot(study: Study) -> int:
-        for path in write_plots(study, Path(args.out)):
+        for path in write_plots(study, Path(args.out), checkpoint=args.checkpoint):
             print(path)
         return 0
 

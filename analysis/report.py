@@ -15,7 +15,15 @@ from analysis.runs import (
     add_store_arguments,
     run_with_study,
 )
-from analysis.table import render_study
+from analysis.table import (
+    CHECKPOINTS,
+    STANDARD_ERROR,
+    checkpoint_caption,
+    full_budget_trials,
+    render_study,
+    top_trials,
+)
+from gacd import metrics
 
 REPORT_FILE = "report.md"
 
@@ -31,17 +39,65 @@ def search_importance(study: Study, optuna_url: str | None) -> tuple[pd.DataFram
 
     try:
         optuna_study = optuna.load_study(study_name=study.name, storage=optuna_url)
-        return importance_table(optuna_study, bootstrap=30), ""
+        return importance_table(optuna_study, resamples=30), ""
     except KeyError:
         return None, f"no Optuna study {study.name!r} in the storage"
     except ValueError as error:
         return None, str(error)
 
 
-def write_report(study: Study, out: Path, optuna_url: str | None = None) -> Path:
+def ablation_section(study: Study, checkpoint: str) -> list[str]:
+    """The ablation's table for one checkpoint; an empty list when its runs have no such
+    metrics (runs of a version without best-epoch metrics, or kept off the test split)."""
+    try:
+        table = render_study(study, None, "full", "md", top=10, checkpoint=checkpoint)
+    except LookupError:
+        return []
+    split = (
+        "Test" if any(c.startswith("metrics.test") for c in study.runs.columns) else "Validation"
+    )
+    return [
+        f"## {split} split, {checkpoint} checkpoint, mean ± std over seeds",
+        "",
+        f"Each run evaluated at {checkpoint_caption(checkpoint)}. Each cell: mean ± sample "
+        "std over the seeds that finished; in brackets the mean difference to `full` over the "
+        "seeds both ran and the two-sided paired t-test's p-value; the best mean per column "
+        "in bold; `n` the variant's finished seeds.",
+        "",
+        table,
+        "",
+    ]
+
+
+def search_noise(study: Study) -> list[str]:
+    """How far apart the trials are against how precisely each was measured."""
+    trials = top_trials(study.runs, study.metric, study.maximize, top=10_000)
+    if trials.empty or STANDARD_ERROR not in trials:
+        return []
+    samples = full_budget_trials(study.runs)[f"metrics.{metrics.VAL_SAMPLES}"].median()
+    spread = trials[study.metric].std(ddof=1)
+    return [
+        f"`{STANDARD_ERROR}`: the binomial standard error `sqrt(p (1 - p) / n)` of each value, "
+        f"measured on n = {samples:.0f} validation images. Median standard error "
+        f"{trials[STANDARD_ERROR].median():.3f} against a spread (std) of "
+        f"{spread:.3f} across the {len(trials)} full-budget trials"
+        + (
+            ": trials closer than about two standard errors are not told apart."
+            if len(trials) > 1
+            else "."
+        ),
+        "",
+    ]
+
+
+def write_report(
+    study: Study, out: Path, optuna_url: str | None = None, checkpoint: str = "both"
+) -> Path:
+    """`report.md` and its pictures in `out`; an ablation's tables for the last epoch's
+    checkpoint, the best validation epoch's, or both."""
     out.mkdir(parents=True, exist_ok=True)
     importance, missing = search_importance(study, optuna_url)
-    pictures = write_plots(study, out, importance)
+    pictures = write_plots(study, out, importance, checkpoint)
     finished = (study.runs["status"] == "FINISHED").sum() if not study.runs.empty else 0
     lines = [
         f"# {study.name}",
@@ -53,20 +109,15 @@ def write_report(study: Study, out: Path, optuna_url: str | None = None) -> Path
         "",
     ]
     if study.mode == "ablation":
-        lines += [
-            "## Test split, mean ± std over seeds",
-            "",
-            "Each cell: mean ± sample std over the seeds that finished; in brackets the mean "
-            "difference to `full` over the seeds both ran and the two-sided paired t-test's "
-            "p-value; the best mean per column in bold; `n` the variant's finished seeds.",
-            "",
-            render_study(study, None, "full", "md", top=10),
-        ]
+        for shown in ("last", "best") if checkpoint == "both" else (checkpoint,):
+            lines += ablation_section(study, shown)
     else:
         lines += [
             "## Best full-budget trials (validation split)",
             "",
             render_study(study, None, "full", "md", top=10),
+            "",
+            *search_noise(study),
         ]
         if importance is None:
             lines += [
@@ -80,7 +131,8 @@ def write_report(study: Study, out: Path, optuna_url: str | None = None) -> Path
                 "## Parameter importance",
                 "",
                 f"Over the {importance['trials'].iloc[0]} full-budget trials, normalised, with "
-                "95% bootstrap intervals (30 resamples); PED-ANOVA and fANOVA can disagree.",
+                "95% symmetric subsampling intervals (up to 30 subsets of about half the trials, "
+                "drawn without replacement; column `interval`); PED-ANOVA and fANOVA can disagree.",
                 "",
                 importance.to_markdown(index=False, floatfmt=".3f"),
             ]
@@ -101,10 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--log", action="store_true", help="also log the report to the study's MLflow run"
     )
+    parser.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINTS,
+        default="both",
+        help="an ablation's tables for the last epoch, the epoch of best val/pgd_acc, or both",
+    )
     args = parser.parse_args(argv)
 
     def report(study: Study) -> int:
-        page = write_report(study, Path(args.out), args.optuna_storage)
+        page = write_report(study, Path(args.out), args.optuna_storage, args.checkpoint)
         if args.log:
             from mlflow.tracking import MlflowClient
 

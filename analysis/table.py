@@ -23,6 +23,7 @@ from analysis.runs import (
     add_store_arguments,
     run_with_study,
 )
+from gacd import metrics as names
 
 VARIANT = "tags.variant"
 SEED = "tags.seed"
@@ -31,6 +32,44 @@ SEED = "tags.seed"
 def higher_is_better(metric: str) -> bool:
     """Accuracies and similarities go up; losses, times and differences go down."""
     return not metric.startswith(("train/loss", "time/")) and not metric.endswith("_diff")
+
+
+def ranked(metric: str) -> bool:
+    """Whether a column's best value means anything (an epoch number does not)."""
+    return metric != names.BEST_EPOCH
+
+
+# --- which checkpoint ----------------------------------------------------------------------
+
+# A final run reports the test split for its last epoch (`test/...`) and for its epoch of best
+# validation PGD accuracy (`test_best/...`); tables show either, or both side by side.
+CHECKPOINTS = ("last", "best", "both")
+TESTED_SPLITS = ("test/", "transfer/")
+
+
+def checkpoint_caption(checkpoint: str) -> str:
+    selection = f"the epoch of best `{names.SELECTION}` (chosen on validation, never on test)"
+    return {
+        "last": "the last epoch's checkpoint",
+        "best": f"the checkpoint of {selection}",
+        "both": f"the last epoch (`test/`) and {selection} (`test_best/`, its epoch "
+        f"`{names.BEST_EPOCH}`)",
+    }[checkpoint]
+
+
+def for_checkpoint(metrics: list[str], checkpoint: str) -> list[str]:
+    """Test and transfer metrics of the last epoch, of the best one, or both side by side (the
+    best epoch last); other metrics as they are."""
+    chosen: list[str] = []
+    for metric in metrics:
+        tested = metric.startswith(TESTED_SPLITS)
+        if checkpoint in ("last", "both") or not tested:
+            chosen.append(metric)
+        if checkpoint in ("best", "both") and tested:
+            chosen.append(names.best(metric))
+    if checkpoint != "last" and any(m.startswith(TESTED_SPLITS) for m in metrics):
+        chosen.append(names.BEST_EPOCH)
+    return list(dict.fromkeys(chosen))
 
 
 @dataclass
@@ -115,6 +154,8 @@ def metric_row(table: pd.DataFrame, variant: str, metric: str, reference: str) -
 def mark_best(frame: pd.DataFrame) -> None:
     frame["best"] = False
     for metric in frame.index.get_level_values("metric").unique():
+        if not ranked(metric):
+            continue
         means = frame.xs(metric, level="metric")["mean"]
         if means.notna().any():
             best = means.idxmax() if higher_is_better(metric) else means.idxmin()
@@ -181,15 +222,35 @@ RENDERERS = {"md": to_markdown, "latex": to_latex, "csv": to_csv}
 # --- a search -------------------------------------------------------------------------------
 
 
+STANDARD_ERROR = "se"
+
+
+def standard_error(accuracy: pd.Series, samples: pd.Series) -> pd.Series:
+    """Binomial standard error `sqrt(p (1 - p) / n)` of accuracies measured on n images."""
+    return np.sqrt(accuracy * (1 - accuracy) / samples)
+
+
+def full_budget_trials(runs: pd.DataFrame) -> pd.DataFrame:
+    if runs.empty:
+        return runs
+    return runs[(runs["status"] == "FINISHED") & (runs.get("tags.full_budget") == "true")]
+
+
 def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -> pd.DataFrame:
-    """The best `top` trials that ran their full budget, with the values they were given."""
+    """The best `top` trials that ran their full budget, with the values they were given; an
+    accuracy on validation has its standard error beside it (`se`, from `val/samples`)."""
     column = f"metrics.{metric}"
-    full = runs[(runs["status"] == "FINISHED") & (runs.get("tags.full_budget") == "true")]
+    full = full_budget_trials(runs)
     if full.empty or column not in full:
         return pd.DataFrame()
-    ranked = full.sort_values(column, ascending=not maximize).head(top)
-    overrides = pd.DataFrame(ranked["tags.overrides"].map(json.loads).tolist(), index=ranked.index)
-    trials = ranked[["run_name", column]].rename(columns={column: metric})
+    best_first = full.sort_values(column, ascending=not maximize).head(top)
+    overrides = pd.DataFrame(
+        best_first["tags.overrides"].map(json.loads).tolist(), index=best_first.index
+    )
+    trials = best_first[["run_name", column]].rename(columns={column: metric})
+    samples = f"metrics.{names.VAL_SAMPLES}"
+    if metric.startswith("val/") and metric.endswith("_acc") and samples in best_first:
+        trials[STANDARD_ERROR] = standard_error(best_first[column], best_first[samples])
     table = pd.concat([trials, overrides], axis=1)
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.set_index("rank")
@@ -199,9 +260,15 @@ def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -
 
 
 def render_study(
-    study: Study, metrics: list[str] | None, reference: str, fmt: str, top: int
+    study: Study,
+    metrics: list[str] | None,
+    reference: str,
+    fmt: str,
+    top: int,
+    checkpoint: str = "last",
 ) -> str:
-    """The ablation's table, or a search's best full-budget trials, in `fmt`."""
+    """The ablation's table (for `checkpoint`: last, best or both), or a search's best
+    full-budget trials, in `fmt`."""
     if study.mode == "search":
         table = top_trials(study.runs, study.metric, study.maximize, top)
         if table.empty:
@@ -209,21 +276,22 @@ def render_study(
         if fmt == "latex":
             return table.style.format_index(escape="latex", axis=1).to_latex(hrules=True)
         return table.to_markdown() if fmt == "md" else table.to_csv()
-    names = metrics or default_metrics(study.runs)
-    table = ablation_table(study.runs, names, reference, order=study.variants)
+    chosen = for_checkpoint(metrics or default_metrics(study.runs), checkpoint)
+    table = ablation_table(study.runs, chosen, reference, order=study.variants)
     if table.stats.empty:
-        raise StudyNotFoundError(f"study {study.name!r}: no finished run has {names}")
+        raise StudyNotFoundError(f"study {study.name!r}: no finished run has {chosen}")
     return RENDERERS[fmt](table)
 
 
 def default_metrics(runs: pd.DataFrame) -> list[str]:
-    """Test accuracies in attack order, then structural and transfer metrics, if logged."""
+    """The last epoch's test accuracies in attack order, then its structural and transfer
+    metrics, if logged (`for_checkpoint` gives the best epoch's)."""
     logged = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
-    order = [f"test/{name}_acc" for name in ("clean", "fgsm", "pgd", "cw", "autoattack")]
+    order = [names.accuracy("test", name) for name in names.ATTACKS]
     chosen = [name for name in order if name in logged]
-    chosen += sorted(n for n in logged if n.startswith(("test/", "transfer/")) and n not in chosen)
+    chosen += sorted(n for n in logged if n.startswith(TESTED_SPLITS) and n not in chosen)
     # Runs kept off the test split (analysis.confirm) are compared on validation.
-    return chosen or [name for name in ("val/clean_acc", "val/pgd_acc") if name in logged]
+    return chosen or [name for name in (names.VAL_CLEAN_ACC, names.VAL_PGD_ACC) if name in logged]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_store_arguments(parser)
     parser.add_argument("--metrics", nargs="+", help="metric names (default: the test metrics)")
+    parser.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINTS,
+        default="last",
+        help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both",
+    )
     parser.add_argument("--reference", default="full", help="the variant others are compared to")
     parser.add_argument("--format", choices=sorted(RENDERERS), default="md")
     parser.add_argument("--top", type=int, default=10, help="trials shown for a search")
@@ -241,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def tabulate(study: Study) -> int:
-        text = render_study(study, args.metrics, args.reference, args.format, args.top)
+        text = render_study(
+            study, args.metrics, args.reference, args.format, args.top, args.checkpoint
+        )
         if args.out:
             Path(args.out).write_text(text + "\n")
         else:

@@ -95,7 +95,8 @@ def validation_metrics(
     device: torch.device,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Clean and PGD-`val_steps` accuracy on the validation split (model selection, search)."""
+    """Clean and PGD-`val_steps` accuracy on the validation split (model selection, search),
+    and the number of images they were measured on (`val/samples`)."""
     budget = attacks.Budget(evaluation.epsilon, evaluation.step_size, evaluation.val_steps)
 
     def pgd(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -105,6 +106,7 @@ def validation_metrics(
     return {
         metrics.VAL_CLEAN_ACC: accuracy(model, split, None, batch_size, device, limit, seed),
         metrics.VAL_PGD_ACC: accuracy(model, split, pgd, batch_size, device, limit, seed),
+        metrics.VAL_SAMPLES: float(min(len(split), limit or len(split))),
     }
 
 

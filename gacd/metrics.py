@@ -19,6 +19,24 @@ def train_loss(term: str) -> str:
 
 VAL_CLEAN_ACC = accuracy("val", "clean")
 VAL_PGD_ACC = accuracy("val", "pgd")
+# How many validation images each epoch's accuracies were measured on (their standard error).
+VAL_SAMPLES = "val/samples"
+
+# Final runs report their test split twice: for the last epoch (`test/...`, `transfer/...`) and
+# for the epoch with the best `SELECTION` on validation (`test_best/...`, `transfer_best/...`,
+# and that epoch as `test_best/epoch`). Robust overfitting (Rice et al. 2020) makes the last
+# epoch of adversarial training a poor choice; the best is never chosen on test.
+SELECTION = VAL_PGD_ACC
+BEST = "_best"
+
+
+def best(name: str) -> str:
+    """`test/pgd_acc` -> `test_best/pgd_acc`, `transfer/cw_acc` -> `transfer_best/cw_acc`."""
+    split, _, rest = name.partition("/")
+    return f"{split}{BEST}/{rest}"
+
+
+BEST_EPOCH = best("test/epoch")
 
 
 def structure(split: str, name: str) -> str:

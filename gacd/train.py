@@ -61,6 +61,18 @@ class FitResult:
         return self.history[-1]
 
 
+# A final run's best epoch so far: `{"epoch", "value", "student"}` (the student's weights then).
+Best = dict[str, Any]
+
+
+def track_best(best: Best | None, epoch: int, value: float, student: torch.nn.Module) -> Best:
+    """The best epoch by `metrics.SELECTION` (the first of equals), its weights copied."""
+    if best is not None and value <= best["value"]:
+        return best
+    weights = {key: tensor.detach().clone() for key, tensor in student.state_dict().items()}
+    return {"epoch": epoch, "value": value, "student": weights}
+
+
 def fit(
     config: Config,
     report: Report | None = None,
@@ -85,10 +97,10 @@ def fit(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.optim))
     history: list[dict[str, float]] = []
-    start_epoch = 0
+    start_epoch, best = 0, None
     if resume is not None:
-        start_epoch, history = restore(resume, config, method, optimizer, scheduler)
-    state = training_state(config, start_epoch, method, optimizer, scheduler, history)
+        start_epoch, history, best = restore(resume, config, method, optimizer, scheduler)
+    state = training_state(config, start_epoch, method, optimizer, scheduler, history, best)
     for epoch in range(start_epoch, config.optim.epochs):
         started = time.perf_counter()
         epoch_metrics = {metrics.EPOCH: epoch + 1, metrics.LR: optimizer.param_groups[0]["lr"]}
@@ -102,11 +114,14 @@ def fit(
             device,
             seed=config.seed,
         )
+        if config.final:
+            best = track_best(best, epoch + 1, epoch_metrics[metrics.SELECTION], method.student)
         if config.final and epoch + 1 == config.optim.epochs:
-            epoch_metrics |= final_metrics(config, method, data, target, device)
+            last = final_metrics(config, method, data, target, device)
+            epoch_metrics |= last | best_metrics(config, method, data, target, device, best, last)
         epoch_metrics[metrics.EPOCH_SECONDS] = time.perf_counter() - started
         history.append(epoch_metrics)
-        state = training_state(config, epoch + 1, method, optimizer, scheduler, history)
+        state = training_state(config, epoch + 1, method, optimizer, scheduler, history, best)
         if report is not None:
             report(epoch_metrics, state)
     return FitResult(method, history, state)
@@ -158,6 +173,31 @@ def final_metrics(
     if target is not None:
         values |= transfer_metrics(method.student, target, config, device)
     return values
+
+
+def best_metrics(
+    config: Config,
+    method: Method,
+    data: Datasets,
+    target: Datasets | None,
+    device: torch.device,
+    best: Best,
+    last: dict[str, float],
+) -> dict[str, float]:
+    """`final_metrics` of the best epoch's student, as `test_best/...` and `transfer_best/...`,
+    with that epoch as `test_best/epoch` (the last epoch's values when it is the best)."""
+    if best["epoch"] == config.optim.epochs:
+        values = last
+    else:
+        current = {key: tensor.clone() for key, tensor in method.student.state_dict().items()}
+        method.student.load_state_dict(best["student"])
+        try:
+            values = final_metrics(config, method, data, target, device)
+        finally:
+            method.student.load_state_dict(current)
+    return {metrics.best(name): value for name, value in values.items()} | {
+        metrics.BEST_EPOCH: float(best["epoch"])
+    }
 
 
 def train_epoch(
@@ -212,6 +252,7 @@ def training_step(
 
 
 FINITE_CHECK_STEPS = 20
+BEST_CHECKPOINT_FILE = "best.pt"
 
 
 def check_finite(recent: list[dict[str, torch.Tensor]], epoch: int, first_step: int) -> None:
@@ -251,8 +292,10 @@ def training_state(
     optimizer,
     scheduler,
     history: list[dict[str, float]],
+    best: Best | None = None,
 ) -> State:
-    """Everything a resumed run needs: weights, heads, bank, optimizer, schedule, RNG, config."""
+    """Everything a resumed run needs: weights, heads, bank, optimizer, schedule, RNG, config,
+    and in a final run the best epoch so far with its student's weights."""
     task_state = {
         key: value for key, value in method.state_dict().items() if not key.startswith("student.")
     }
@@ -269,15 +312,37 @@ def training_state(
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         "history": history,
+        "best": best,
+    }
+
+
+def best_checkpoint(state: State) -> State | None:
+    """A final run's best epoch as a checkpoint of its own (`best.pt`): the student's weights
+    then, the config and the history up to it; `gacd.evaluate` reads it like any checkpoint."""
+    best = state.get("best")
+    if best is None:
+        return None
+    return {
+        "format": FORMAT,
+        "config": state["config"],
+        "epoch": best["epoch"],
+        "selected_by": metrics.SELECTION,
+        "student": best["student"],
+        "history": state["history"][: best["epoch"]],
     }
 
 
 def restore(
     resume: State | str | Path, config: Config, method: Method, optimizer, scheduler
-) -> tuple[int, list[dict[str, float]]]:
+) -> tuple[int, list[dict[str, float]], Best | None]:
     state = resume if isinstance(resume, dict) else load_checkpoint(resume)
     if state.get("format") != FORMAT:
         raise CheckpointError(f"resume: not a checkpoint of this project ({FORMAT})")
+    if "optimizer" not in state:
+        raise CheckpointError(
+            "resume: a best-epoch checkpoint holds the student only; resume from the run's "
+            "checkpoint.pt"
+        )
     if state["config"] != config.to_dict():
         changed = sorted(
             key for key in config.to_dict() if state["config"].get(key) != config.to_dict()[key]
@@ -298,7 +363,7 @@ def restore(
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["epoch"], list(state["history"])
+    return state["epoch"], list(state["history"]), state.get("best")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -372,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(epoch_metrics: dict[str, float], state: State) -> None:
         save_checkpoint(state, out / "checkpoint.pt")
+        if state["epoch"] == config.optim.epochs and (best := best_checkpoint(state)):
+            save_checkpoint(best, out / BEST_CHECKPOINT_FILE)
         with open(out / "metrics.jsonl", "a") as file:
             file.write(json.dumps(epoch_metrics) + "\n")
         print(" ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()), flush=True)
@@ -382,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2 if not isinstance(error, NonFiniteLossError) else 1
     print(f"checkpoint: {out / 'checkpoint.pt'}")
+    if (out / BEST_CHECKPOINT_FILE).is_file():
+        print(f"best epoch ({metrics.SELECTION}): {out / BEST_CHECKPOINT_FILE}")
     return 0
 
 

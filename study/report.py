@@ -7,7 +7,7 @@ import json
 
 from analysis.report import write_report
 from analysis.runs import load_study
-from analysis.table import render_study
+from analysis.table import checkpoint_caption, render_study
 from study.search import RAY_TRIAL_ID_ATTR, best_full_budget_trial
 from study.spec import REFERENCE, StudySpec
 
@@ -17,12 +17,14 @@ def print_summary(spec: StudySpec, paths, tracking, parent_run: str) -> None:
         summarize_search(spec, paths, tracking, parent_run)
     study = load_study(paths.tracking_uri, spec.name)
     if spec.study.mode == "ablation":
-        table = render_study(study, None, REFERENCE, "md", top=10)
-        print(
-            f"\n{spec.name}: {'test' if spec.ablation.test_split else 'validation'} split, "
-            f"mean ± std over seeds (difference to {REFERENCE}, "
-            f"paired t-test over shared seeds)\n{table}"
-        )
+        # Runs kept off the test split have no best-epoch test metrics to show.
+        for checkpoint in ("last", "best") if spec.ablation.test_split else ("last",):
+            table = render_study(study, None, REFERENCE, "md", top=10, checkpoint=checkpoint)
+            print(
+                f"\n{spec.name}: {'test' if spec.ablation.test_split else 'validation'} split "
+                f"at {checkpoint_caption(checkpoint)}, mean ± std over seeds (difference to "
+                f"{REFERENCE}, paired t-test over shared seeds)\n{table}"
+            )
     report = write_report(study, paths.experiment(spec.name) / "report", paths.optuna_url)
     tracking.client.log_artifacts(parent_run, str(report.parent), "report")
     print(f"\nreport: {report} (also on the study's MLflow run, under report/)")

@@ -2,8 +2,16 @@
 
 Ray's `OptunaSearch` tells Optuna every trial as COMPLETE with its last value, including trials
 a scheduler stopped after a few epochs (REFERENCE.md, pitfall 3). `StudySearch` tells those
-PRUNED instead (their intermediate values are already reported), so Optuna's best trial, its
-importance and the ablation's `from_study` only ever see trials that ran the full budget.
+PRUNED instead, so Optuna's best trial, its importance and the ablation's `from_study` only ever
+see trials that ran the full budget; a trial that raised is told FAIL.
+
+Ray hands a searcher every result of a trial through `on_trial_result` except the last, which
+goes only to `on_trial_complete`. `StudySearch` reports the study metric of every result,
+the last included, as an Optuna intermediate value at step = the result's epoch (not Ray's
+`training_iteration`, which a restored trial may renumber), once: an epoch Optuna already holds
+(a retried trial re-reporting from an older checkpoint, a resumed study) is skipped. So Optuna's
+intermediate values are the epochs Ray and MLflow hold, a COMPLETE trial's value is its last
+epoch's, and so is a PRUNED one's (Optuna takes it from the last intermediate value).
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ def ran_full_budget(result: dict[str, Any] | None) -> bool:
 
 
 class StudySearch(OptunaSearch):
-    """`OptunaSearch` that links Optuna and Ray trials and prunes early-stopped ones."""
+    """`OptunaSearch` that links Optuna and Ray trials, reports every epoch (the last one
+    included) once at step = epoch, and prunes early-stopped trials."""
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         params = super().suggest(trial_id)
@@ -64,9 +73,34 @@ class StudySearch(OptunaSearch):
         optuna_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         return {**params, OPTUNA_NUMBER_KEY: optuna_trial.number}
 
+    def report_epoch(self, trial_id: str, result: dict[str, Any] | None) -> None:
+        """The result's study metric as the Optuna trial's intermediate value at its epoch,
+        unless Optuna already holds that epoch (nor warns then)."""
+        if not result or isinstance(self.metric, list) or trial_id in self._completed_trials:
+            return
+        optuna_trial = self._ot_trials.get(trial_id)
+        value, epoch = result.get(self.metric), result.get(metrics.EPOCH)
+        if optuna_trial is None or value is None or epoch is None:
+            return
+        stored = self._ot_study._storage.get_trial(optuna_trial._trial_id)
+        if int(epoch) in stored.intermediate_values:
+            return
+        # Trial.report skips (and warns about) steps in its cached copy of the trial, which a
+        # restored searcher may hold out of step with the storage: keep the two in step.
+        optuna_trial._cached_frozen_trial.intermediate_values.pop(int(epoch), None)
+        optuna_trial.report(value, int(epoch))
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self._completed_trials:
+            super().on_trial_result(trial_id, result)  # Ray's warning about a finished trial
+            return
+        self.report_epoch(trial_id, result)
+
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
+        # Ray's last result of a trial comes only here, never through on_trial_result.
+        self.report_epoch(trial_id, result)
         optuna_trial = self._ot_trials.get(trial_id)
         full = ran_full_budget(result) and not error
         if optuna_trial is not None and trial_id not in self._completed_trials:

@@ -391,7 +391,8 @@ def validate_metric(spec: StudySpec) -> None:
             metric in SEARCH_METRICS, "study.metric", f"one of {', '.join(SEARCH_METRICS)}", metric
         )
         return
-    known = SEARCH_METRICS + tuple(metrics.accuracy("test", name) for name in metrics.ATTACKS)
+    tested = [metrics.accuracy("test", name) for name in metrics.ATTACKS]
+    known = SEARCH_METRICS + tuple(tested) + tuple(metrics.best(name) for name in tested)
     require(metric in known, "study.metric", f"one of {', '.join(known)}", metric)
 
 

@@ -48,6 +48,7 @@ TAG_CONFIG_HASH = "config_hash"
 TAG_OVERRIDES = "overrides"  # JSON: the variant's overrides, or the searched values
 TAG_FULL_BUDGET = "full_budget"
 TAG_FAILURE = "failure"
+TAG_AUTOATTACK = "autoattack"  # final runs: the version AutoAttack ran (targets it aimed at)
 TAG_TEACHER_RUN = "teacher_run_id"
 TAG_TEACHER_CHECKPOINT = "teacher_checkpoint"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
@@ -77,9 +78,11 @@ def git_commit() -> str:
 
 
 def is_metric(key: str) -> bool:
-    """Metrics of `gacd` (`train/`, `val/`, `test/`, `transfer/`, `time/`, `lr`), not Ray's
-    bookkeeping."""
-    return key == metrics.LR or key.split("/")[0] in ("train", "val", "test", "transfer", "time")
+    """Metrics of `gacd` (`train/`, `val/`, `test/`, `transfer/`, `time/`, `lr`, and the best
+    epoch's `test_best/`, `transfer_best/`), not Ray's bookkeeping."""
+    splits = ("train", "val", "test", "transfer", "time")
+    best = tuple(split + metrics.BEST for split in ("test", "transfer"))
+    return key == metrics.LR or key.split("/")[0] in splits + best
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -317,6 +320,7 @@ class TrialRuns(tune.Callback):
             tags[TAG_OPTUNA_TRIAL] = str(trial.config.get(OPTUNA_NUMBER_KEY))
         tags[TAG_VARIANT] = variant
         tags[TAG_OVERRIDES] = json.dumps(overrides, sort_keys=True)
+        tags |= evaluation_tags(config)
         name = self.spec.trial_label(trial.config, trial.trial_id)
         run = self.tracking.client.create_run(self.experiment_id, tags=tags, run_name=name)
         self.tracking.log_params(run.info.run_id, flatten(config.to_dict()))
@@ -377,6 +381,17 @@ class TrialRuns(tune.Callback):
         for run in unfinished:
             self.tracking.finish(run.info.run_id, status)
         return len(unfinished)
+
+
+def evaluation_tags(config: Config) -> dict[str, str]:
+    """Final runs with AutoAttack: the version it runs, which names fewer targets than the
+    standard 9 on a model with fewer than 10 classes."""
+    from gacd.attacks import autoattack_available, autoattack_version
+    from gacd.data import class_count
+
+    if not (config.final and config.eval.autoattack and autoattack_available()):
+        return {}
+    return {TAG_AUTOATTACK: autoattack_version(class_count(config.data))}
 
 
 def failure_reason(trial: Any) -> str:

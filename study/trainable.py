@@ -18,7 +18,7 @@ from ray import tune
 
 from gacd.checkpoint import load_checkpoint, save_checkpoint
 from gacd.config import Config
-from gacd.train import State, fit
+from gacd.train import BEST_CHECKPOINT_FILE, State, best_checkpoint, fit
 from study.spec import EPOCHS_TOTAL, StudySpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -54,7 +54,8 @@ def restored_state() -> State | None:
 
 
 def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
-    """A Ray Tune function trainable: fit the trial's config, one report per epoch."""
+    """A Ray Tune function trainable: fit the trial's config, one report per epoch (the last
+    checkpoint of a final run also holds `best.pt`, its best epoch's student)."""
     config = spec.trial_config(ray_config)
     set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
 
@@ -62,6 +63,9 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
             (Path(folder) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+            # A final run's last checkpoint also holds its best epoch's student on its own.
+            if state["epoch"] == config.optim.epochs and (best := best_checkpoint(state)):
+                save_checkpoint(best, Path(folder) / BEST_CHECKPOINT_FILE)
             tune.report(
                 {**epoch_metrics, EPOCHS_TOTAL: config.optim.epochs},
                 checkpoint=tune.Checkpoint.from_directory(folder),

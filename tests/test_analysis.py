@@ -195,3 +195,66 @@ def test_importance_subsampling_skips_subsets_without_differences():
         )
     result = importance.importance_table(study, resamples=20)  # a subset of 4 misses the 0.9
     assert set(result.param) == {"x"} and result.importance.notna().all()
+
+
+def log_best_epoch_metrics(store):
+    """What a final run also logs: its best validation epoch's test metrics (here 0.01 above
+    the last epoch's PGD accuracy, from epoch 2)."""
+    client = MlflowClient(store)
+    study = load_study(store, "known")
+    for _, run in study.runs[study.runs.status == "FINISHED"].iterrows():
+        pgd = run["metrics.test/pgd_acc"]
+        client.log_metric(run.run_id, "test_best/pgd_acc", pgd + 0.01, step=3)
+        client.log_metric(run.run_id, "test_best/clean_acc", run["metrics.test/clean_acc"], step=3)
+        client.log_metric(run.run_id, "test_best/epoch", 2, step=3)
+    return load_study(store, "known")
+
+
+def test_tables_show_the_last_the_best_or_both_checkpoints_and_say_which(store, tmp_path, capsys):
+    study = log_best_epoch_metrics(store)
+    metrics = ["test/pgd_acc"]
+    assert table.for_checkpoint(metrics, "last") == ["test/pgd_acc"]
+    assert table.for_checkpoint(metrics, "best") == ["test_best/pgd_acc", "test_best/epoch"]
+    both = table.for_checkpoint(["test/pgd_acc", "val/pgd_acc"], "both")
+    assert both == ["test/pgd_acc", "test_best/pgd_acc", "val/pgd_acc", "test_best/epoch"]
+    best = table.ablation_table(study.runs, table.for_checkpoint(metrics, "best"), "full")
+    assert best.cell("full", "test_best/pgd_acc")["mean"] == pytest.approx(0.61)
+    assert best.cell("full", "test_best/epoch")["mean"] == 2
+    assert not best.stats.xs("test_best/epoch", level="metric")["best"].any()  # not ranked
+    args = ["--experiment", "known", "--tracking-uri", store, "--metrics", "test/pgd_acc"]
+    assert table.main([*args, "--checkpoint", "best"]) == 0
+    out = capsys.readouterr().out
+    assert "test_best/pgd_acc" in out and "test/pgd_acc " not in out
+    page = report.write_report(study, tmp_path / "report").read_text()
+    assert "last checkpoint" in page and "best checkpoint" in page
+    assert "epoch of best `val/pgd_acc`" in page and "0.610 ± 0.100" in page
+    assert (tmp_path / "report" / "pareto_best.png").is_file()
+
+
+def search_store(tmp_path, values, samples):
+    """A search as `study.run` leaves it: full-budget trials with their validation size."""
+    uri = f"sqlite:///{tmp_path / 'search.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search", artifact_location=(tmp_path / "s").as_uri())
+    tags = {"role": "study", "study": "search", "mode": "search", "metric": "val/pgd_acc"}
+    parent = client.create_run(experiment, tags=tags | {"direction": "max"}).info.run_id
+    for number, value in enumerate(values):
+        run_tags = {"role": "trial", "mlflow.parentRunId": parent, "full_budget": "true"}
+        run_tags["overrides"] = json.dumps({"tau": 0.1 * (number + 1)})
+        run_id = client.create_run(experiment, tags=run_tags, run_name=f"trial-{number}").info
+        client.log_metric(run_id.run_id, "val/pgd_acc", value, step=4)
+        client.log_metric(run_id.run_id, "val/samples", samples, step=4)
+        client.log_metric(run_id.run_id, "val/clean_acc", 0.9, step=4)
+        client.set_terminated(run_id.run_id, "FINISHED")
+    return load_study(uri, "search")
+
+
+def test_a_search_table_shows_each_trials_standard_error(tmp_path):
+    study = search_store(tmp_path, [0.5, 0.6, 0.55], samples=144)
+    trials = table.top_trials(study.runs, "val/pgd_acc", True)
+    assert list(trials["val/pgd_acc"]) == [0.6, 0.55, 0.5]
+    expected = [np.sqrt(p * (1 - p) / 144) for p in (0.6, 0.55, 0.5)]
+    assert trials["se"].tolist() == pytest.approx(expected)
+    page = report.write_report(study, tmp_path / "report").read_text()
+    assert "n = 144 validation images" in page and f"{np.median(expected):.3f}" in page
+    assert f"spread (std) of {np.std([0.5, 0.6, 0.55], ddof=1):.3f}" in page

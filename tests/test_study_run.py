@@ -139,6 +139,65 @@ def test_asha_stops_poor_trials_and_only_full_budgets_compete(
     assert f"best full-budget trial: val/pgd_acc = {best.value:.4f}" in capsys.readouterr().out
 
 
+def test_optuna_holds_every_epoch_ray_and_mlflow_hold_for_stopped_and_finished_trials(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """Ray gives a searcher every result but a trial's last through `on_trial_result`, the last
+    only to `on_trial_complete`: Optuna must still get each epoch once, at step = epoch, and an
+    ASHA-stopped trial's value must be its last epoch's, not the one before."""
+    from ray.tune import ExperimentAnalysis
+
+    spec = {
+        "study": {
+            "name": "epochs",
+            "num_samples": 6,
+            "max_concurrent": 2,
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "sampler": {"seed": 1, "n_startup_trials": 6},
+        },
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": digits_base(epochs=4),
+        "search": {
+            "attack.steps": {"distribution": "choice", "values": [1, 2]},
+            "attack.epsilon": {"distribution": "choice", "values": [0.01, 0.1]},
+            "optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.1},
+        },
+    }
+    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
+    frames = ExperimentAnalysis(str(tmp_path / "results" / "epochs")).trial_dataframes
+    ray_epochs = {}
+    for frame in frames.values():
+        trial_id = frame["trial_id"].iloc[0]
+        assert frame[metrics.EPOCH].is_unique, frame[[metrics.EPOCH, metrics.VAL_PGD_ACC]]
+        pairs = zip(frame[metrics.EPOCH], frame[metrics.VAL_PGD_ACC], strict=True)
+        ray_epochs[trial_id] = {int(epoch): float(value) for epoch, value in pairs}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = load_runs(uri, "epochs")
+    client = MlflowClient(uri)
+    mlflow_epochs = {
+        trial_id: {m.step: m.value for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)}
+        for trial_id, run_id in zip(runs["tags.ray_trial_id"], runs.run_id, strict=True)
+    }
+    study = optuna.load_study(study_name="epochs", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == len(ray_epochs) == len(mlflow_epochs) == 6
+    states = {t.state for t in study.trials}
+    assert optuna.trial.TrialState.PRUNED in states, [t.state.name for t in study.trials]
+    assert states <= {optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE}
+    for trial in study.trials:
+        trial_id = trial.user_attrs["ray_trial_id"]
+        held = trial.intermediate_values
+        expected = ray_epochs[trial_id]
+        where = (trial.number, trial.state.name, held, expected, mlflow_epochs[trial_id])
+        assert sorted(held) == sorted(expected) == sorted(mlflow_epochs[trial_id]), where
+        assert sorted(held) == list(range(1, max(held) + 1)), where
+        for epoch, value in held.items():
+            assert value == pytest.approx(expected[epoch], abs=1e-12, rel=0), where
+            assert value == pytest.approx(mlflow_epochs[trial_id][epoch], abs=1e-12, rel=0), where
+        last = max(expected)
+        assert trial.value == pytest.approx(expected[last], abs=1e-12, rel=0), where
+        assert (trial.state == optuna.trial.TrialState.COMPLETE) == (last == 4), where
+
+
 def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     tmp_path, ray_cluster, robust_teacher_path, capsys
 ):
@@ -156,13 +215,16 @@ def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     assert pairs == {(v, s) for v in ("full", "no_reweight") for s in ("0", "1")}
     for name in ("clean", "fgsm", "pgd", "cw"):
         assert runs[f"metrics.test/{name}_acc"].between(0, 1).all()
+        assert runs[f"metrics.test_best/{name}_acc"].between(0, 1).all()
+    assert runs["metrics.test_best/epoch"].isin([1.0, 2.0]).all()
     assert set(runs["params.reweight.gamma"]) == {"1.0", "0.0"}
     assert set(runs["params.final"]) == {"True"}
     client = MlflowClient(uri)
     artifacts = {a.path for a in client.list_artifacts(runs.run_id[0], "checkpoint")}
-    assert artifacts == {"checkpoint/checkpoint.pt", "checkpoint/config.json"}
+    assert artifacts == {"checkpoint/checkpoint.pt", "checkpoint/config.json", "checkpoint/best.pt"}
     out = capsys.readouterr().out
     assert "full" in out and "no_reweight" in out and "test/pgd_acc" in out
+    assert "test_best/pgd_acc" in out and "epoch of best `val/pgd_acc`" in out
     parent = load_runs(uri, "ablate", role="study").run_id[0]
     report = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/pareto.png", "report/curves.png"} <= report

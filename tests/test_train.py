@@ -203,6 +203,59 @@ def test_command_line_trains_resumes_and_reports(tmp_path):
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
 
+BEST_VS_LAST = (  # natural training at a constant, high rate: its robust accuracy peaks early
+    "method: natural\ndevice: cpu\nfinal: true\nstudent: {width: 8}\n"
+    "data: {batch_size: 64, train_subset: 512}\n"
+    "optim: {epochs: 4, lr: 0.2, schedule: constant}\nattack: {epsilon: 0.1, steps: 5}\n"
+    "eval: {max_samples: 96, val_steps: 5, fgsm: false, cw: false, autoattack: false}\n"
+)
+
+
+def test_a_final_run_reports_its_last_and_its_best_validation_epoch(tmp_path):
+    """`test/...` is the last epoch's student, `test_best/...` the student of the epoch with
+    the best `val/pgd_acc` (never chosen on test), kept as `best.pt` beside the checkpoint."""
+    from gacd import metrics
+    from gacd.evaluate import evaluate_checkpoint
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(BEST_VS_LAST)
+    out = tmp_path / "out"
+    assert main([str(config_file), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validation = [line[metrics.VAL_PGD_ACC] for line in lines]
+    best_epoch = 1 + validation.index(max(validation))
+    last = lines[-1]
+    assert last[metrics.BEST_EPOCH] == best_epoch < 4, validation
+    best = load_checkpoint(out / "best.pt")
+    assert best["epoch"] == best_epoch and best["selected_by"] == metrics.VAL_PGD_ACC
+    final = load_checkpoint(out / "checkpoint.pt")
+    assert any(not torch.equal(best["student"][k], v) for k, v in final["student"].items())
+    for path, name in (("checkpoint.pt", lambda key: key), ("best.pt", metrics.best)):
+        for key, value in evaluate_checkpoint(out / path).items():
+            assert last[name(key)] == pytest.approx(value), (path, key)
+    with pytest.raises(CheckpointError, match="best-epoch checkpoint"):
+        fit(Config.from_dict(best["config"]), resume=best)
+
+
+def test_a_resumed_final_run_keeps_its_best_epoch(tmp_path):
+    import yaml
+
+    config = Config.from_dict(yaml.safe_load(BEST_VS_LAST))
+    states = []
+    uninterrupted = fit(
+        config, report=lambda _, state: states.append(pickle.loads(pickle.dumps(state)))
+    )
+    resumed = fit(config, resume=states[2])  # after epoch 3, the best: it must be remembered
+
+    def untimed(epoch_metrics):
+        return {k: v for k, v in epoch_metrics.items() if k != "time/epoch_s"}
+
+    assert untimed(resumed.metrics) == untimed(uninterrupted.metrics)
+    assert resumed.metrics["test_best/epoch"] == 3
+    for key, value in uninterrupted.state["best"]["student"].items():
+        assert torch.equal(value, resumed.state["best"]["student"][key]), key
+
+
 def test_command_line_rejects_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("attack: {epsilon: -1}\n")
