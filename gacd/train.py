@@ -3,7 +3,9 @@
 The same loop trains GACD students, baselines and adversarially trained teachers. Each
 epoch ends with a call `report(metrics, state)`: the metrics of the epoch and a checkpoint
 payload (save it with `gacd.checkpoint.save_checkpoint` during the call). Resuming from such a
-payload continues to the same weights as an uninterrupted run.
+payload continues to the same weights as an uninterrupted run. A final run also keeps the
+student of its epoch with the best `val/pgd_acc` and reports the test split for it
+(`test_best/...`) beside the last epoch's (`test/...`); `best_checkpoint` gives it as `best.pt`.
 """
 
 from __future__ import annotations
