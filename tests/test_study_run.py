@@ -105,7 +105,7 @@ def ray_results(path: Path):
     return tune.Tuner.restore(str(path), trainable(spec)).get_results()
 
 
-def test_asha_stops_poor_trials_and_only_full_budgets_compete(
+def test_asha_stops_poor_trials_only_full_budgets_compete_and_optuna_holds_every_epoch(
     tmp_path, ray_cluster, robust_teacher_path, capsys
 ):
     spec = {
@@ -137,34 +137,16 @@ def test_asha_stops_poor_trials_and_only_full_budgets_compete(
     best = study.best_trial
     assert best.user_attrs["full_budget"] is True
     assert f"best full-budget trial: val/pgd_acc = {best.value:.4f}" in capsys.readouterr().out
+    assert_optuna_holds_every_epoch_ray_and_mlflow_hold(tmp_path, "asha", epochs=4)
 
 
-def test_optuna_holds_every_epoch_ray_and_mlflow_hold_for_stopped_and_finished_trials(
-    tmp_path, ray_cluster, robust_teacher_path
-):
+def assert_optuna_holds_every_epoch_ray_and_mlflow_hold(tmp_path, name: str, epochs: int):
     """Ray gives a searcher every result but a trial's last through `on_trial_result`, the last
     only to `on_trial_complete`: Optuna must still get each epoch once, at step = epoch, and an
     ASHA-stopped trial's value must be its last epoch's, not the one before."""
     from ray.tune import ExperimentAnalysis
 
-    spec = {
-        "study": {
-            "name": "epochs",
-            "num_samples": 6,
-            "max_concurrent": 2,
-            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-            "sampler": {"seed": 1, "n_startup_trials": 6},
-        },
-        "teacher": {"checkpoint": str(robust_teacher_path)},
-        "base": digits_base(epochs=4),
-        "search": {
-            "attack.steps": {"distribution": "choice", "values": [1, 2]},
-            "attack.epsilon": {"distribution": "choice", "values": [0.01, 0.1]},
-            "optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.1},
-        },
-    }
-    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
-    frames = ExperimentAnalysis(str(tmp_path / "results" / "epochs")).trial_dataframes
+    frames = ExperimentAnalysis(str(tmp_path / "results" / name)).trial_dataframes
     ray_epochs = {}
     for frame in frames.values():
         trial_id = frame["trial_id"].iloc[0]
@@ -172,14 +154,14 @@ def test_optuna_holds_every_epoch_ray_and_mlflow_hold_for_stopped_and_finished_t
         pairs = zip(frame[metrics.EPOCH], frame[metrics.VAL_PGD_ACC], strict=True)
         ray_epochs[trial_id] = {int(epoch): float(value) for epoch, value in pairs}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runs = load_runs(uri, "epochs")
+    runs = load_runs(uri, name)
     client = MlflowClient(uri)
     mlflow_epochs = {
         trial_id: {m.step: m.value for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)}
         for trial_id, run_id in zip(runs["tags.ray_trial_id"], runs.run_id, strict=True)
     }
-    study = optuna.load_study(study_name="epochs", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert len(study.trials) == len(ray_epochs) == len(mlflow_epochs) == 6
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == len(ray_epochs) == len(mlflow_epochs)
     states = {t.state for t in study.trials}
     assert optuna.trial.TrialState.PRUNED in states, [t.state.name for t in study.trials]
     assert states <= {optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE}
@@ -195,7 +177,7 @@ def test_optuna_holds_every_epoch_ray_and_mlflow_hold_for_stopped_and_finished_t
             assert value == pytest.approx(mlflow_epochs[trial_id][epoch], abs=1e-12, rel=0), where
         last = max(expected)
         assert trial.value == pytest.approx(expected[last], abs=1e-12, rel=0), where
-        assert (trial.state == optuna.trial.TrialState.COMPLETE) == (last == 4), where
+        assert (trial.state == optuna.trial.TrialState.COMPLETE) == (last == epochs), where
 
 
 def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
@@ -375,6 +357,7 @@ def test_digits_baselines_runs_every_method_with_transfer_and_structure_metrics(
     assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
     runs = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "digits_baselines")
     methods = {"full", "natural", "pgd_at", "trades", "kd", "crd", "ard", "rslad"}
+    methods.add("crd_current_positive")
     assert set(runs["tags.variant"]) == methods and set(runs.status) == {"FINISHED"}
     for name in (
         "test/pgd_acc",
@@ -383,6 +366,8 @@ def test_digits_baselines_runs_every_method_with_transfer_and_structure_metrics(
         "test/class_corr_diff",
         "transfer/clean_acc",
         "transfer/pgd_acc",
+        "transfer_best/pgd_acc",
+        "test_best/cka_clean",
     ):
         assert runs[f"metrics.{name}"].notna().all(), name
     assert runs["metrics.test/cka_clean"].between(0, 1.0001).all()
