@@ -39,6 +39,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from analysis.plots import plot_importance
+
 EVALUATORS = {
     "ped_anova": lambda seed: optuna.importance.PedAnovaImportanceEvaluator(),
     "fanova": lambda seed: optuna.importance.FanovaImportanceEvaluator(seed=seed),
@@ -142,23 +144,6 @@ def importance_table(
                 }
             )
     return pd.DataFrame(rows)
-
-
-def plot_importance(table: pd.DataFrame, path: Path) -> Path:
-    """Horizontal bars per evaluator with their intervals, named in each title."""
-    from analysis.plots import figure, save
-
-    evaluators = list(dict.fromkeys(table["evaluator"]))
-    fig, axes = figure(len(evaluators))
-    for axis, name in zip(axes, evaluators, strict=True):
-        part = table[table["evaluator"] == name].sort_values("importance")
-        errors = [part["importance"] - part["ci_low"], part["ci_high"] - part["importance"]]
-        axis.barh(part["param"], part["importance"], xerr=np.clip(errors, 0, None), capsize=3)
-        axis.set_title(
-            f"{name} ({part['trials'].iloc[0]} full-budget trials)\n{part['interval'].iloc[0]}"
-        )
-        axis.set_xlabel("importance (normalised)")
-    return save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

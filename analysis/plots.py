@@ -7,7 +7,8 @@
 - `curves.png`: per-epoch validation curves (ablation: mean over seeds per variant; search: one
   line per trial, dashed where a scheduler stopped it);
 - `params.png` (search): each searched parameter against the study's metric;
-- `importance.png` (search): see `analysis.importance`.
+- `importance.png` (search): the importances `analysis.importance` computes, with their
+  intervals.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def accuracy_points(study: Study, checkpoint: str = "last") -> tuple[pd.DataFram
     an ablation's at the last epoch's checkpoint or at the best validation epoch's."""
     runs = study.runs[study.runs["status"] == "FINISHED"]
     if study.mode == "ablation":
-        split = "test" if "metrics.test/pgd_acc" in runs else "val"  # val: analysis.confirm
+        split = "test" if "metrics.test/pgd_acc" in runs else "val"  # val: study.confirm
         if split == "test" and checkpoint == "best":
             split = metrics.best("test/").rstrip("/")
         clean, robust = f"{split}/clean_acc", f"{split}/pgd_acc"
@@ -171,6 +172,21 @@ def plot_params(study: Study, path: Path) -> Path:
     return save(fig, path)
 
 
+def plot_importance(table: pd.DataFrame, path: Path) -> Path:
+    """Horizontal bars per evaluator with their intervals, named in each title."""
+    evaluators = list(dict.fromkeys(table["evaluator"]))
+    fig, axes = figure(len(evaluators))
+    for axis, name in zip(axes, evaluators, strict=True):
+        part = table[table["evaluator"] == name].sort_values("importance")
+        errors = [part["importance"] - part["ci_low"], part["ci_high"] - part["importance"]]
+        axis.barh(part["param"], part["importance"], xerr=np.clip(errors, 0, None), capsize=3)
+        axis.set_title(
+            f"{name} ({part['trials'].iloc[0]} full-budget trials)\n{part['interval'].iloc[0]}"
+        )
+        axis.set_xlabel("importance (normalised)")
+    return save(fig, path)
+
+
 def has_best_metrics(study: Study) -> bool:
     needed = (metrics.accuracy("test", "clean"), metrics.accuracy("test", "pgd"))
     return all(f"metrics.{metrics.best(name)}" in study.runs for name in needed)
@@ -194,8 +210,6 @@ def write_plots(
     if study.mode == "search":
         written.append(plot_params(study, out / "params.png"))
         if importance is not None and not importance.empty:
-            from analysis.importance import plot_importance
-
             written.append(plot_importance(importance, out / "importance.png"))
     return written
 

@@ -290,7 +290,7 @@ def default_metrics(runs: pd.DataFrame) -> list[str]:
     order = [names.accuracy("test", name) for name in names.ATTACKS]
     chosen = [name for name in order if name in logged]
     chosen += sorted(n for n in logged if n.startswith(TESTED_SPLITS) and n not in chosen)
-    # Runs kept off the test split (analysis.confirm) are compared on validation.
+    # Runs kept off the test split (study.confirm) are compared on validation.
     return chosen or [name for name in (names.VAL_CLEAN_ACC, names.VAL_PGD_ACC) if name in logged]
 
 

@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray
 
 from bench.step import CASES, VARIANTS, Case, build, machine, synchronize
-from gacd.train import resolve_device
+from gacd.runtime import resolve_device
 from study.trainable import set_up_worker
 
 PACKING_CASES = {

@@ -39,8 +39,9 @@ from torch.utils.flop_counter import flop_registry
 from gacd.config import Config
 from gacd.data import Batch, Datasets, DatasetSpec, ImageSplit, batches
 from gacd.methods import METHODS, Method
+from gacd.runtime import resolve_device
 from gacd.teacher import FrozenTeacher, build_classifier
-from gacd.train import resolve_device, train_epoch, training_step, tune_model
+from gacd.train import train_epoch, training_step, tune_model
 
 
 @dataclass

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from gacd import attacks, metrics
-from gacd.config import EvalConfig, flatten
-from gacd.data import ImageSplit, batches
+from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
+from gacd.cli import add_override_argument, print_scores
+from gacd.config import Config, EvalConfig, flatten
+from gacd.data import ImageSplit, batches, load_datasets
+from gacd.runtime import resolve_device, seeded
+from gacd.teacher import build_classifier
 
 # (model, x, y) -> x_adv
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -47,18 +50,6 @@ def attack_suite(evaluation: EvalConfig, seed: int = 0) -> dict[str, Attack | No
                 stacklevel=2,
             )
     return suite
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Random starts drawn from their own seeded stream: the same numbers on every call, and
-    the caller's random state left as it was (so evaluating never changes a training run)."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(seed)
-        yield
 
 
 def accuracy(
@@ -135,11 +126,6 @@ def evaluate_checkpoint(
     path: str | Path, split: str = "test", overrides: dict[str, Any] | None = None
 ) -> dict[str, float]:
     """Every attack of `eval` against the student of a project checkpoint, on `split`."""
-    from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
-    from gacd.config import Config
-    from gacd.data import load_datasets
-    from gacd.teacher import build_classifier
-    from gacd.train import resolve_device
 
     state = load_checkpoint(path)
     if not is_project_checkpoint(state):
@@ -163,8 +149,6 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gacd.train import add_override_argument
-
     parser = argparse.ArgumentParser(
         prog="python -m gacd.evaluate",
         description="Clean, FGSM, PGD, CW-inf and AutoAttack accuracy of checkpoints.",
@@ -178,33 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         lambda path, overrides: evaluate_checkpoint(path, args.split, overrides),
         args.overrides,
     )
-
-
-def print_scores(
-    checkpoints: list[str],
-    score: Callable[[str, dict[str, Any]], dict[str, float]],
-    override_pairs: list[str],
-) -> int:
-    """One row of `score(checkpoint, overrides)` per checkpoint, printed as a table; bad input
-    is one line and exit status 2."""
-    import pandas as pd
-
-    from gacd.checkpoint import CheckpointError
-    from gacd.config import ConfigError
-    from gacd.data import DatasetNotFoundError
-    from gacd.train import parse_overrides
-
-    rows = {}
-    try:
-        overrides = parse_overrides(override_pairs)
-        for path in checkpoints:
-            rows[path] = score(path, overrides)
-    except (CheckpointError, ConfigError, DatasetNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    print(table.to_string(float_format=lambda value: f"{value:.3f}"))
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from torch import Tensor
 from gacd import attacks, metrics
 from gacd.config import EvalConfig
 from gacd.data import ImageSplit, batches
-from gacd.evaluate import seeded
 from gacd.models import ImageClassifier
+from gacd.runtime import seeded
 from gacd.teacher import FrozenTeacher
 
 

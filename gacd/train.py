@@ -14,32 +14,24 @@ import argparse
 import contextlib
 import json
 import math
-import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 
 from gacd import metrics
 from gacd.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from gacd.config import (
-    Config,
-    ConfigError,
-    ConfigFileError,
-    OptimConfig,
-    read_yaml_file,
-    set_dotted,
-)
+from gacd.cli import add_override_argument, load_config_file, parse_overrides
+from gacd.config import Config, ConfigError, OptimConfig
 from gacd.data import Batch, Datasets, augment, batches, load_datasets
 from gacd.evaluate import robustness_metrics, validation_metrics
 from gacd.methods import METHODS, Method
 from gacd.models import ImageClassifier
+from gacd.runtime import resolve_device, seed_everything
 from gacd.structure import structure_metrics
 from gacd.teacher import build_classifier, load_teacher
 from gacd.transfer import load_target, transfer_metrics
@@ -368,51 +360,7 @@ def restore(
     return state["epoch"], list(state["history"]), state.get("best")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # --- command line -----------------------------------------------------------------------------
-
-
-def load_config_file(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """A YAML file of overrides of the defaults, plus dotted-key overrides, as a Config."""
-    values = read_yaml_file(path) or {}
-    if not isinstance(values, dict):
-        raise ConfigFileError(str(path), f"expected a mapping of config keys, got {values!r}")
-    for key, value in (overrides or {}).items():
-        set_dotted(values, key, value)
-    return Config.from_dict(values)
-
-
-def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a dotted config key, {example} (repeatable)",
-    )
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["a.b=0.1", "c=8/255"]` -> `{"a.b": 0.1, "c": "8/255"}`, values read as YAML."""
-    overrides = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator:
-            raise ConfigError(pair, "--set KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

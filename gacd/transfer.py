@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gacd import metrics
+from gacd.cli import add_override_argument, print_scores
 from gacd.config import Config, ConfigError, TransferConfig, flatten
 from gacd.data import Datasets, DatasetSpec, ImageSplit, batches, load_datasets
-from gacd.evaluate import robustness_metrics, seeded
+from gacd.evaluate import robustness_metrics
 from gacd.models import ImageClassifier
+from gacd.runtime import resolve_device, seeded
 
 
 class LinearProbe(nn.Module):
@@ -186,7 +188,6 @@ def transfer_checkpoint(
     """`transfer/<attack>_acc` of the student of a project checkpoint."""
     from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
     from gacd.teacher import build_classifier
-    from gacd.train import resolve_device
 
     state = load_checkpoint(path)
     if not is_project_checkpoint(state):
@@ -201,8 +202,6 @@ def transfer_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gacd.evaluate import print_scores
-    from gacd.train import add_override_argument
 
     parser = argparse.ArgumentParser(
         prog="python -m gacd.transfer",

@@ -108,7 +108,7 @@ class AblationSpec:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # Evaluate every run on the test split after its last epoch. `false` keeps an ablation on
-    # the validation split: `analysis.confirm` re-ranks a search's best trials that way.
+    # the validation split: `study.confirm` re-ranks a search's best trials that way.
     test_split: bool = True
 
 

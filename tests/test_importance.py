@@ -133,7 +133,7 @@ def test_plot_and_cli_name_the_interval(forty, monkeypatch, tmp_path, capsys):
         return path
 
     monkeypatch.setattr(plots, "save", capture)
-    importance.plot_importance(forty, tmp_path / "importance.png")
+    plots.plot_importance(forty, tmp_path / "importance.png")
     assert titles == [
         f"{name} (40 full-budget trials)\n95% symmetric subsampling, m=20 of 40"
         for name in ("ped_anova", "fanova")

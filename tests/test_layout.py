@@ -1,13 +1,14 @@
 """The project's shape: the method stays free of orchestration, shipped configs stay valid."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from gacd.cli import load_config_file
 from gacd.config import ConfigError
-from gacd.train import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,98 @@ def test_the_method_package_imports_no_ray_optuna_or_mlflow():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+PACKAGES = ("gacd", "study", "analysis", "bench")
+# The deliberate tie: the config asks the registries for valid names while it validates, by
+# imports inside its functions (the registries' modules import the config at their top).
+REGISTRY_TIE = "gacd.config"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(node: ast.AST, known: set[str]) -> list[str]:
+    """Project modules an import statement names (`from gacd import metrics` is gacd.metrics)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name in known]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        names = [f"{node.module}.{alias.name}" for alias in node.names]
+        found = [name for name in names if name in known]
+        return found or ([node.module] if node.module in known else [])
+    return []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports, at its top or inside its functions,
+    less the registry tie's imports inside `gacd.config`'s functions."""
+    paths = [path for package in PACKAGES for path in (ROOT / package).glob("*.py")]
+    known = {module_name(path) for path in paths}
+    graph: dict[str, set[str]] = {name: set() for name in known}
+    for path in paths:
+        name = module_name(path)
+        tree = ast.parse(path.read_text())
+        top_level = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if name == REGISTRY_TIE and id(node) not in top_level:
+                continue
+            graph[name].update(m for m in imported_modules(node, known) if m != name)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while (member := stack.pop()) != node:
+                component.append(member)
+            component.append(node)
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_imports_run_one_way():
+    """No import circle but the config's registry tie: evaluation never imports training,
+    importance and plots do not import each other, and so on."""
+    assert circles(import_graph()) == []
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_analysis_imports_nothing_from_study():
+    """`analysis/` reads stores; `study/` runs studies and may use `analysis/` for its report."""
+    graph = import_graph()
+    crossing = {
+        (name, target)
+        for name, targets in graph.items()
+        if name.startswith("analysis")
+        for target in targets
+        if target.startswith("study")
+    }
+    assert crossing == set()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

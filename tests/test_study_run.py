@@ -258,7 +258,7 @@ def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
 def test_confirm_reruns_the_top_trials_on_fresh_seeds_without_the_test_split(
     tmp_path, ray_cluster, robust_teacher_path, capsys
 ):
-    from analysis import confirm
+    from study import confirm
 
     spec = {
         "study": {"name": "winner", "num_samples": 3, "scheduler": {"name": "none"}},

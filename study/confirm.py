@@ -1,4 +1,4 @@
-"""Confirm a search's winner on fresh seeds: `python -m analysis.confirm --study NAME --top 3
+"""Confirm a search's winner on fresh seeds: `python -m study.confirm --study NAME --top 3
 --seeds 3`. A search's best trial is one seed's luck as much as a better configuration; this
 re-runs the top full-budget trials of a finished search (and its base configuration, as the
 reference `full`) over fresh seeds, on the validation split only, and ranks them by mean.
@@ -19,9 +19,11 @@ import yaml
 
 from analysis.runs import load_study
 from analysis.table import ablation_table
+from study.run import main as run_study
+from study.run import study_paths
 
 
-def top_trials(url: str, name: str, top: int) -> list[optuna.trial.FrozenTrial]:
+def best_complete_trials(url: str, name: str, top: int) -> list[optuna.trial.FrozenTrial]:
     """The best `top` COMPLETE (full-budget) trials of a search."""
     study = optuna.load_study(study_name=name, storage=url)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -58,10 +60,7 @@ def ranking(tracking_uri: str, name: str, metric: str, maximize: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from study.run import main as run_study
-    from study.run import study_paths
-
-    parser = argparse.ArgumentParser(prog="python -m analysis.confirm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m study.confirm", description=__doc__)
     parser.add_argument("--study", required=True, help="a finished search")
     parser.add_argument("--top", type=int, default=3, help="how many of its best trials")
     parser.add_argument("--seeds", type=int, default=3, help="fresh seeds per configuration")
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     study_file = paths.storage / f"{name}.yaml"
     if not args.resume:
         try:
-            trials = top_trials(paths.optuna_url, args.study, args.top)
+            trials = best_complete_trials(paths.optuna_url, args.study, args.top)
         except KeyError:
             print(f"error: no Optuna study {args.study!r} in {paths.optuna_url}", file=sys.stderr)
             return 2
