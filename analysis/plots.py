@@ -31,7 +31,7 @@ from analysis.runs import (  # noqa: E402
     metric_histories,
     run_with_study,
 )
-from gacd import metrics  # noqa: E402
+from gacd import schema  # noqa: E402
 
 FIGURE_SIZE = (8.0, 5.0)  # inches at DPI: 800 x 500 pixels per panel row
 DPI = 100
@@ -65,15 +65,21 @@ def accuracy_points(study: Study, checkpoint: str = "last") -> tuple[pd.DataFram
     an ablation's at the last epoch's checkpoint or at the best validation epoch's."""
     runs = study.runs[study.runs["status"] == "FINISHED"]
     if study.mode == "ablation":
-        split = "test" if "metrics.test/pgd_acc" in runs else "val"  # val: study.confirm
+        split = (
+            "test" if schema.metric_column(schema.accuracy("test", "pgd")) in runs else "val"
+        )  # val: study.confirm
         if split == "test" and checkpoint == "best":
-            split = metrics.best("test/").rstrip("/")
+            split = schema.best("test/").rstrip("/")
         clean, robust = f"{split}/clean_acc", f"{split}/pgd_acc"
-        grouped = runs.groupby("tags.variant")[[f"metrics.{clean}", f"metrics.{robust}"]]
+        grouped = runs.groupby(schema.tag_column(schema.TAG_VARIANT))[
+            [f"metrics.{clean}", f"metrics.{robust}"]
+        ]
         means, stds = grouped.mean(), grouped.std(ddof=1)
     else:
-        clean, robust = "val/clean_acc", "val/pgd_acc"
-        runs = runs[runs.get("tags.full_budget") == "true"].set_index("run_name")
+        clean, robust = schema.VAL_CLEAN_ACC, schema.VAL_PGD_ACC
+        runs = runs[
+            runs.get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(True)
+        ].set_index("run_name")
         means = runs[[f"metrics.{clean}", f"metrics.{robust}"]]
         stds = means * np.nan
     points = pd.DataFrame(
@@ -132,13 +138,17 @@ def plot_curves(study: Study, histories: pd.DataFrame, path: Path, metric: str) 
     curves = histories[histories["metric"] == metric]
     fig, (axis,) = figure()
     if study.mode == "ablation":
-        curves = curves.assign(variant=runs.loc[curves["run_id"], "tags.variant"].to_numpy())
+        curves = curves.assign(
+            variant=runs.loc[curves["run_id"], schema.tag_column(schema.TAG_VARIANT)].to_numpy()
+        )
         for variant, part in curves.groupby("variant", sort=False):
             mean = part.groupby("step")["value"].mean()
             axis.plot(mean.index, mean.to_numpy(), marker=".", label=variant)
     else:
         for run_id, part in curves.groupby("run_id"):
-            full = runs.loc[run_id].get("tags.full_budget") == "true"
+            full = runs.loc[run_id].get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(
+                True
+            )
             axis.plot(
                 part["step"],
                 part["value"],
@@ -155,9 +165,11 @@ def plot_curves(study: Study, histories: pd.DataFrame, path: Path, metric: str) 
 def plot_params(study: Study, path: Path) -> Path:
     """Each searched value (from the runs' `overrides` tags) against the study's metric."""
     runs = study.runs[study.runs["status"] == "FINISHED"]
-    values = pd.DataFrame(runs["tags.overrides"].map(json.loads).tolist(), index=runs.index)
+    values = pd.DataFrame(
+        runs[schema.tag_column(schema.TAG_OVERRIDES)].map(json.loads).tolist(), index=runs.index
+    )
     metric = runs[f"metrics.{study.metric}"]
-    full = runs.get("tags.full_budget") == "true"
+    full = runs.get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(True)
     fig, axes = figure(len(values.columns))
     for axis, name in zip(axes, values.columns, strict=True):
         column = pd.to_numeric(values[name], errors="coerce")
@@ -188,8 +200,8 @@ def plot_importance(table: pd.DataFrame, path: Path) -> Path:
 
 
 def has_best_metrics(study: Study) -> bool:
-    needed = (metrics.accuracy("test", "clean"), metrics.accuracy("test", "pgd"))
-    return all(f"metrics.{metrics.best(name)}" in study.runs for name in needed)
+    needed = (schema.accuracy("test", "clean"), schema.accuracy("test", "pgd"))
+    return all(f"metrics.{schema.best(name)}" in study.runs for name in needed)
 
 
 def write_plots(
@@ -206,7 +218,7 @@ def write_plots(
         plot_pareto(study, out / f"pareto{'_best' if which == 'best' else ''}.png", which)
         for which in shown
     ]
-    written.append(plot_curves(study, histories, out / "curves.png", "val/pgd_acc"))
+    written.append(plot_curves(study, histories, out / "curves.png", schema.VAL_PGD_ACC))
     if study.mode == "search":
         written.append(plot_params(study, out / "params.png"))
         if importance is not None and not importance.empty:

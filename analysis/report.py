@@ -23,7 +23,7 @@ from analysis.table import (
     render_study,
     top_trials,
 )
-from gacd import metrics
+from gacd import schema
 
 REPORT_FILE = "report.md"
 
@@ -50,7 +50,7 @@ def ablation_section(study: Study, checkpoint: str) -> list[str]:
     """The ablation's table for one checkpoint; an empty list when its runs have no such
     metrics (runs of a version without best-epoch metrics, or kept off the test split)."""
     try:
-        table = render_study(study, None, "full", "md", top=10, checkpoint=checkpoint)
+        table = render_study(study, None, schema.REFERENCE, "md", top=10, checkpoint=checkpoint)
     except LookupError:
         return []
     split = (
@@ -74,7 +74,7 @@ def search_noise(study: Study) -> list[str]:
     trials = top_trials(study.runs, study.metric, study.maximize, top=10_000)
     if trials.empty or STANDARD_ERROR not in trials:
         return []
-    samples = full_budget_trials(study.runs)[f"metrics.{metrics.VAL_SAMPLES}"].median()
+    samples = full_budget_trials(study.runs)[f"metrics.{schema.VAL_SAMPLES}"].median()
     spread = trials[study.metric].std(ddof=1)
     return [
         f"`{STANDARD_ERROR}`: the binomial standard error `sqrt(p (1 - p) / n)` of each value, "
@@ -115,7 +115,7 @@ def write_report(
         lines += [
             "## Best full-budget trials (validation split)",
             "",
-            render_study(study, None, "full", "md", top=10),
+            render_study(study, None, schema.REFERENCE, "md", top=10),
             "",
             *search_noise(study),
         ]

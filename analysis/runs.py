@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from gacd import schema
+
 PAGE_SIZE = 5000
 
 
@@ -28,7 +30,10 @@ def default_tracking_uri() -> str:
 
 
 def load_runs(
-    tracking_uri: str, experiment: str, parent_run_id: str | None = None, role: str = "trial"
+    tracking_uri: str,
+    experiment: str,
+    parent_run_id: str | None = None,
+    role: str = schema.ROLE_TRIAL,
 ) -> pd.DataFrame:
     """One row per run of `role` (trial, study, teacher) in `experiment`, optionally only the
     children of `parent_run_id`."""
@@ -36,9 +41,9 @@ def load_runs(
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise StudyNotFoundError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
-    clauses = [f"tags.`role` = '{role}'"]
+    clauses = [f"tags.`{schema.TAG_ROLE}` = '{role}'"]
     if parent_run_id is not None:
-        clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        clauses.append(f"tags.`{schema.TAG_PARENT}` = '{parent_run_id}'")
     rows, token = [], None
     while True:
         page = client.search_runs(
@@ -87,7 +92,7 @@ class Study:
 
 def load_study(tracking_uri: str, experiment: str) -> Study:
     """The study of `experiment` (one per experiment), with the runs of its trials."""
-    parents = load_runs(tracking_uri, experiment, role="study")
+    parents = load_runs(tracking_uri, experiment, role=schema.ROLE_STUDY)
     if parents.empty:
         raise StudyNotFoundError(
             f"MLflow experiment {experiment!r} in {tracking_uri} holds no study run"
@@ -97,12 +102,12 @@ def load_study(tracking_uri: str, experiment: str) -> Study:
     return Study(
         tracking_uri,
         experiment,
-        parent.get("tags.mode", "ablation"),
-        parent.get("tags.metric", "val/pgd_acc"),
-        parent.get("tags.direction", "max"),
+        parent.get(schema.tag_column(schema.TAG_MODE), "ablation"),
+        parent.get(schema.tag_column(schema.TAG_METRIC), schema.VAL_PGD_ACC),
+        parent.get(schema.tag_column(schema.TAG_DIRECTION), "max"),
         parent["run_id"],
         runs,
-        json.loads(parent.get("tags.variants", "[]")),
+        json.loads(parent.get(schema.tag_column(schema.TAG_VARIANTS), "[]")),
     )
 
 

@@ -23,10 +23,10 @@ from analysis.runs import (
     add_store_arguments,
     run_with_study,
 )
-from gacd import metrics as names
+from gacd import schema
 
-VARIANT = "tags.variant"
-SEED = "tags.seed"
+VARIANT = schema.tag_column(schema.TAG_VARIANT)
+SEED = schema.tag_column(schema.TAG_SEED)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -36,7 +36,7 @@ def higher_is_better(metric: str) -> bool:
 
 def ranked(metric: str) -> bool:
     """Whether a column's best value means anything (an epoch number does not)."""
-    return metric != names.BEST_EPOCH
+    return metric != schema.BEST_EPOCH
 
 
 # --- which checkpoint ----------------------------------------------------------------------
@@ -48,12 +48,12 @@ TESTED_SPLITS = ("test/", "transfer/")
 
 
 def checkpoint_caption(checkpoint: str) -> str:
-    selection = f"the epoch of best `{names.SELECTION}` (chosen on validation, never on test)"
+    selection = f"the epoch of best `{schema.SELECTION}` (chosen on validation, never on test)"
     return {
         "last": "the last epoch's checkpoint",
         "best": f"the checkpoint of {selection}",
         "both": f"the last epoch (`test/`) and {selection} (`test_best/`, its epoch "
-        f"`{names.BEST_EPOCH}`)",
+        f"`{schema.BEST_EPOCH}`)",
     }[checkpoint]
 
 
@@ -66,9 +66,9 @@ def for_checkpoint(metrics: list[str], checkpoint: str) -> list[str]:
         if checkpoint in ("last", "both") or not tested:
             chosen.append(metric)
         if checkpoint in ("best", "both") and tested:
-            chosen.append(names.best(metric))
+            chosen.append(schema.best(metric))
     if checkpoint != "last" and any(m.startswith(TESTED_SPLITS) for m in metrics):
-        chosen.append(names.BEST_EPOCH)
+        chosen.append(schema.BEST_EPOCH)
     return list(dict.fromkeys(chosen))
 
 
@@ -111,7 +111,7 @@ def paired_test(variant: pd.Series, reference: pd.Series) -> tuple[float, float,
 def ablation_table(
     runs: pd.DataFrame,
     metrics: list[str],
-    reference: str = "full",
+    reference: str = schema.REFERENCE,
     order: list[str] | None = None,
 ) -> AblationTable:
     finished = runs[runs["status"] == "FINISHED"]
@@ -163,12 +163,6 @@ def mark_best(frame: pd.DataFrame) -> None:
 
 
 # --- rendering ------------------------------------------------------------------------------
-
-
-def significance_mark(p_value: float) -> str:
-    if np.isnan(p_value):
-        return ""
-    return "**" if p_value < 0.01 else "*" if p_value < 0.05 else ""
 
 
 def cell_text(row: pd.Series, is_reference: bool, digits: int, pm: str) -> str:
@@ -233,7 +227,10 @@ def standard_error(accuracy: pd.Series, samples: pd.Series) -> pd.Series:
 def full_budget_trials(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return runs
-    return runs[(runs["status"] == "FINISHED") & (runs.get("tags.full_budget") == "true")]
+    return runs[
+        (runs["status"] == "FINISHED")
+        & (runs.get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(True))
+    ]
 
 
 def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -> pd.DataFrame:
@@ -245,10 +242,11 @@ def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -
         return pd.DataFrame()
     best_first = full.sort_values(column, ascending=not maximize).head(top)
     overrides = pd.DataFrame(
-        best_first["tags.overrides"].map(json.loads).tolist(), index=best_first.index
+        best_first[schema.tag_column(schema.TAG_OVERRIDES)].map(json.loads).tolist(),
+        index=best_first.index,
     )
     trials = best_first[["run_name", column]].rename(columns={column: metric})
-    samples = f"metrics.{names.VAL_SAMPLES}"
+    samples = f"metrics.{schema.VAL_SAMPLES}"
     if metric.startswith("val/") and metric.endswith("_acc") and samples in best_first:
         trials[STANDARD_ERROR] = standard_error(best_first[column], best_first[samples])
     table = pd.concat([trials, overrides], axis=1)
@@ -287,11 +285,11 @@ def default_metrics(runs: pd.DataFrame) -> list[str]:
     """The last epoch's test accuracies in attack order, then its structural and transfer
     metrics, if logged (`for_checkpoint` gives the best epoch's)."""
     logged = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
-    order = [names.accuracy("test", name) for name in names.ATTACKS]
+    order = [schema.accuracy("test", name) for name in schema.ATTACKS]
     chosen = [name for name in order if name in logged]
     chosen += sorted(n for n in logged if n.startswith(TESTED_SPLITS) and n not in chosen)
     # Runs kept off the test split (study.confirm) are compared on validation.
-    return chosen or [name for name in (names.VAL_CLEAN_ACC, names.VAL_PGD_ACC) if name in logged]
+    return chosen or [name for name in (schema.VAL_CLEAN_ACC, schema.VAL_PGD_ACC) if name in logged]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         default="last",
         help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both",
     )
-    parser.add_argument("--reference", default="full", help="the variant others are compared to")
+    parser.add_argument(
+        "--reference", default=schema.REFERENCE, help="the variant others are compared to"
+    )
     parser.add_argument("--format", choices=sorted(RENDERERS), default="md")
     parser.add_argument("--top", type=int, default=10, help="trials shown for a search")
     parser.add_argument("--out", help="write to this file instead of printing")

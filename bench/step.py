@@ -41,7 +41,7 @@ from gacd.data import Batch, Datasets, DatasetSpec, ImageSplit, batches
 from gacd.methods import METHODS, Method
 from gacd.runtime import resolve_device
 from gacd.teacher import FrozenTeacher, build_classifier
-from gacd.train import train_epoch, training_step, tune_model
+from gacd.train import apply_speed_switches, train_epoch, training_step
 
 
 @dataclass
@@ -207,7 +207,7 @@ def build(case: Case, device: torch.device, variant: str = "fp32_channels_last")
     data = Datasets(spec, train, train.subset(torch.arange(case.batch)), None).to(device)
     method = METHODS.get("gacd")(config, student, teacher, data.train.labels).to(device)
     for model in (method.student, teacher.model):
-        tune_model(model, config, device)
+        apply_speed_switches(model, config, device)
     method.train()
     batch = next(batches(data.train, case.batch, device))
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)

@@ -527,7 +527,7 @@ def validate_attack(config: Config) -> None:
     validate_budget("attack", attack.epsilon, attack.step_size)
     require(attack.temperature > 0, "attack.temperature", "a number > 0", attack.temperature)
     method = METHODS.get(config.method)
-    if method.attacks:
+    if method.adversarial:
         require(
             attack.steps >= 1,
             "attack.steps",
@@ -545,11 +545,11 @@ def validate_attack(config: Config) -> None:
             attack.objective in method.objectives,
             "attack.objective",
             f"one of auto, {', '.join(method.objectives)} (what method '{config.method}' "
-            + ("attacks with" if method.attacks else "runs: it trains on clean inputs")
+            + ("attacks with" if method.adversarial else "runs: it trains on clean inputs")
             + ")",
             attack.objective,
         )
-    if not method.attacks:
+    if not method.adversarial:
         for name in ("start", "student_mode"):
             require(
                 getattr(attack, name) == AUTO,
@@ -651,9 +651,9 @@ def resolve(config: Config) -> None:
     attack = config.attack
     if attack.objective == AUTO:
         attack.objective = method.default_objective
-    if attack.start == AUTO and method.attacks:
+    if attack.start == AUTO and method.adversarial:
         attack.start = method.default_start
-    if attack.student_mode == AUTO and method.attacks:
+    if attack.student_mode == AUTO and method.adversarial:
         attack.student_mode = method.default_student_mode
     if attack.step_size is None:
         attack.step_size = attack.epsilon / 4

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gacd import attacks, metrics
+from gacd import attacks, schema
 from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
 from gacd.cli import add_override_argument, print_scores
 from gacd.config import Config, EvalConfig, flatten
@@ -95,9 +95,9 @@ def validation_metrics(
 
     limit = evaluation.max_samples
     return {
-        metrics.VAL_CLEAN_ACC: accuracy(model, split, None, batch_size, device, limit, seed),
-        metrics.VAL_PGD_ACC: accuracy(model, split, pgd, batch_size, device, limit, seed),
-        metrics.VAL_SAMPLES: float(min(len(split), limit or len(split))),
+        schema.VAL_CLEAN_ACC: accuracy(model, split, None, batch_size, device, limit, seed),
+        schema.VAL_PGD_ACC: accuracy(model, split, pgd, batch_size, device, limit, seed),
+        schema.VAL_SAMPLES: float(min(len(split), limit or len(split))),
     }
 
 
@@ -112,7 +112,7 @@ def robustness_metrics(
 ) -> dict[str, float]:
     """Clean, FGSM, PGD-`pgd_steps`, CW-inf and AutoAttack accuracy: `test/<attack>_acc`."""
     return {
-        metrics.accuracy(prefix, name): accuracy(
+        schema.accuracy(prefix, name): accuracy(
             model, split, attack, batch_size, device, evaluation.max_samples, seed
         )
         for name, attack in attack_suite(evaluation, seed).items()

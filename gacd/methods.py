@@ -34,7 +34,8 @@ METHODS = Registry("method")
 
 class Method(nn.Module):
     uses_teacher: ClassVar[bool] = False
-    attacks: ClassVar[bool] = True
+    # Whether it trains on adversarial inputs (makes them with `attack`).
+    adversarial: ClassVar[bool] = True
     default_objective: ClassVar[str] = "ce"
     default_start: ClassVar[str] = "uniform"
     default_student_mode: ClassVar[str] = "eval"
@@ -68,7 +69,7 @@ class Method(nn.Module):
 class Natural(Method):
     """`CE(S(x), y)` on clean inputs."""
 
-    attacks = False
+    adversarial = False
     default_objective = "none"
     objectives = ("none",)
 
@@ -205,7 +206,7 @@ class KnowledgeDistillation(Method):
     """
 
     uses_teacher = True
-    attacks = False
+    adversarial = False
     default_objective = "none"
     objectives = ("none",)
 
@@ -231,7 +232,7 @@ class CRD(Method):
     """
 
     uses_teacher = True
-    attacks = False
+    adversarial = False
     default_objective = "none"
     objectives = ("none",)
 

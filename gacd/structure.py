@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from gacd import attacks, metrics
+from gacd import attacks, schema
 from gacd.config import EvalConfig
 from gacd.data import ImageSplit, batches
 from gacd.models import ImageClassifier
@@ -119,13 +119,13 @@ def structure_metrics(
     `test/class_corr_diff` of a student against a frozen teacher."""
     found = collect_representations(student, teacher, split, evaluation, batch_size, device, seed)
     return {
-        metrics.structure(prefix, metrics.CKA_CLEAN): linear_cka(
+        schema.structure(prefix, schema.CKA_CLEAN): linear_cka(
             found.teacher_clean, found.student_clean
         ).item(),
-        metrics.structure(prefix, metrics.CKA_ADVERSARIAL): linear_cka(
+        schema.structure(prefix, schema.CKA_ADVERSARIAL): linear_cka(
             found.teacher_adversarial, found.student_adversarial
         ).item(),
-        metrics.structure(prefix, metrics.CLASS_CORR_DIFF): class_correlation_difference(
+        schema.structure(prefix, schema.CLASS_CORR_DIFF): class_correlation_difference(
             found.teacher_logits, found.student_logits
         ).item(),
     }

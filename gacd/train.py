@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gacd import metrics
+from gacd import schema
 from gacd.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from gacd.cli import add_override_argument, load_config_file, parse_overrides
 from gacd.config import Config, ConfigError, OptimConfig
@@ -60,7 +60,7 @@ Best = dict[str, Any]
 
 
 def track_best(best: Best | None, epoch: int, value: float, student: torch.nn.Module) -> Best:
-    """The best epoch by `metrics.SELECTION` (the first of equals), its weights copied."""
+    """The best epoch by `schema.SELECTION` (the first of equals), its weights copied."""
     if best is not None and value <= best["value"]:
         return best
     weights = {key: tensor.detach().clone() for key, tensor in student.state_dict().items()}
@@ -97,7 +97,7 @@ def fit(
     state = training_state(config, start_epoch, method, optimizer, scheduler, history, best)
     for epoch in range(start_epoch, config.optim.epochs):
         started = time.perf_counter()
-        epoch_metrics = {metrics.EPOCH: epoch + 1, metrics.LR: optimizer.param_groups[0]["lr"]}
+        epoch_metrics = {schema.EPOCH: epoch + 1, schema.LR: optimizer.param_groups[0]["lr"]}
         epoch_metrics |= train_epoch(method, optimizer, data, config, epoch, device)
         scheduler.step()
         epoch_metrics |= validation_metrics(
@@ -109,11 +109,12 @@ def fit(
             seed=config.seed,
         )
         if config.final:
-            best = track_best(best, epoch + 1, epoch_metrics[metrics.SELECTION], method.student)
+            best = track_best(best, epoch + 1, epoch_metrics[schema.SELECTION], method.student)
         if config.final and epoch + 1 == config.optim.epochs:
             last = final_metrics(config, method, data, target, device)
             epoch_metrics |= last | best_metrics(config, method, data, target, device, best, last)
-        epoch_metrics[metrics.EPOCH_SECONDS] = time.perf_counter() - started
+        epoch_metrics[schema.EPOCH_SECONDS] = time.perf_counter() - started
+        schema.check_metric_names(epoch_metrics)
         history.append(epoch_metrics)
         state = training_state(config, epoch + 1, method, optimizer, scheduler, history, best)
         if report is not None:
@@ -135,11 +136,11 @@ def build_method(config: Config, data: Datasets, device: torch.device) -> Method
     method = method_class(config, student, teacher, data.train.labels).to(device)
     for model in (method.student, teacher.model if teacher is not None else None):
         if model is not None:
-            tune_model(model, config, device)
+            apply_speed_switches(model, config, device)
     return method
 
 
-def tune_model(model: ImageClassifier, config: Config, device: torch.device) -> None:
+def apply_speed_switches(model: ImageClassifier, config: Config, device: torch.device) -> None:
     """Apply `memory_format` and `compile` to a model already on `device`."""
     channels_last = config.memory_format == "channels_last"
     model.set_memory_format(torch.channels_last if channels_last else torch.contiguous_format)
@@ -189,8 +190,8 @@ def best_metrics(
             values = final_metrics(config, method, data, target, device)
         finally:
             method.student.load_state_dict(current)
-    return {metrics.best(name): value for name, value in values.items()} | {
-        metrics.BEST_EPOCH: float(best["epoch"])
+    return {schema.best(name): value for name, value in values.items()} | {
+        schema.BEST_EPOCH: float(best["epoch"])
     }
 
 
@@ -228,7 +229,7 @@ def train_epoch(
             check_finite(recent, epoch, step + 1 - len(recent))
             recent.clear()
     check_finite(recent, epoch, steps - len(recent))
-    return {metrics.train_loss(name): (total / steps).item() for name, total in sums.items()}
+    return {schema.train_loss(name): (total / steps).item() for name, total in sums.items()}
 
 
 def training_step(
@@ -320,7 +321,7 @@ def best_checkpoint(state: State) -> State | None:
         "format": FORMAT,
         "config": state["config"],
         "epoch": best["epoch"],
-        "selected_by": metrics.SELECTION,
+        "selected_by": schema.SELECTION,
         "student": best["student"],
         "history": state["history"][: best["epoch"]],
     }
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if not isinstance(error, NonFiniteLossError) else 1
     print(f"checkpoint: {out / 'checkpoint.pt'}")
     if (out / BEST_CHECKPOINT_FILE).is_file():
-        print(f"best epoch ({metrics.SELECTION}): {out / BEST_CHECKPOINT_FILE}")
+        print(f"best epoch ({schema.SELECTION}): {out / BEST_CHECKPOINT_FILE}")
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gacd import metrics
+from gacd import schema
 from gacd.cli import add_override_argument, print_scores
 from gacd.config import Config, ConfigError, TransferConfig, flatten
 from gacd.data import Datasets, DatasetSpec, ImageSplit, batches, load_datasets
@@ -140,7 +140,7 @@ def transfer_metrics(
         config.eval,
         config.transfer.data.eval_batch_size,
         device,
-        prefix=metrics.TRANSFER,
+        prefix=schema.TRANSFER,
         seed=config.seed,
     )
 

@@ -19,6 +19,7 @@ import yaml
 
 from analysis.runs import load_study
 from analysis.table import ablation_table
+from gacd import schema
 from study.run import main as run_study
 from study.run import study_paths
 
@@ -42,7 +43,7 @@ def confirm_spec(
     spec["ablation"] = {
         "reference": {},
         "from_study": None,
-        "variants": {f"trial-{trial.number:03d}": trial.params for trial in trials},
+        "variants": {schema.search_run_name(trial.number): trial.params for trial in trials},
         "seeds": seeds,
         "test_split": False,
     }
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted confirm")
     args = parser.parse_args(argv)
     paths = study_paths(args.storage, args.tracking_uri, args.optuna_storage)
-    saved = paths.experiment(args.study) / "gacd_study.json"
+    saved = paths.experiment(args.study) / schema.SPEC_FILE
     if not saved.is_file():
         print(f"error: no study {args.study!r} in {paths.storage} ({saved})", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import tune
 
-from gacd import metrics
+from gacd import schema
 from study.spec import EPOCHS_TOTAL, StudySpec
 
 
@@ -21,19 +21,19 @@ class EpochLines(tune.Callback):
     ) -> None:
         shown = " ".join(
             f"{key}={result[key]:.3f}"
-            for key in (metrics.VAL_CLEAN_ACC, metrics.VAL_PGD_ACC, metrics.TRAIN_LOSS_PREFIX)
+            for key in (schema.VAL_CLEAN_ACC, schema.VAL_PGD_ACC, schema.TRAIN_LOSS_PREFIX)
             if key in result
         )
         print(
             f"[{self.spec.trial_label(trial.config, trial.trial_id)}] epoch "
-            f"{result.get(metrics.EPOCH)}/{result.get(EPOCHS_TOTAL)}  {shown}  "
-            f"({result.get(metrics.EPOCH_SECONDS, 0.0):.1f} s)",
+            f"{result.get(schema.EPOCH)}/{result.get(EPOCHS_TOTAL)}  {shown}  "
+            f"({result.get(schema.EPOCH_SECONDS, 0.0):.1f} s)",
             flush=True,
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
-        early = result.get(metrics.EPOCH) != result.get(EPOCHS_TOTAL)
+        early = result.get(schema.EPOCH) != result.get(EPOCHS_TOTAL)
         status = "stopped early by the scheduler" if early else "finished"
         print(f"[{self.spec.trial_label(trial.config, trial.trial_id)}] {status}", flush=True)
 

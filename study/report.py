@@ -8,8 +8,9 @@ import json
 from analysis.report import write_report
 from analysis.runs import load_study
 from analysis.table import checkpoint_caption, render_study
+from gacd.schema import REFERENCE
 from study.search import RAY_TRIAL_ID_ATTR, best_full_budget_trial
-from study.spec import REFERENCE, StudySpec
+from study.spec import StudySpec
 
 
 def print_summary(spec: StudySpec, paths, tracking, parent_run: str) -> None:

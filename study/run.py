@@ -18,20 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gacd import schema
 from gacd.checkpoint import CheckpointError
 from gacd.config import ConfigError
 from gacd.data import DatasetNotFoundError
+from gacd.schema import REFERENCE
 from study.spec import (
-    REFERENCE,
     SEED_KEY,
     VARIANT_KEY,
     StudyError,
     StudySpec,
-    load_study,
+    read_study_file,
     spec_from_dict,
 )
 
-SPEC_FILE = "gacd_study.json"
 # Local Ray instances bind to 127.0.0.1 only, so a laptop study opens no port to the network.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # An MLflow server that went away fails a call in seconds, not minutes of retries: the study
@@ -266,18 +266,18 @@ def resolve_reference(spec: StudySpec, paths: StudyPaths) -> None:
 
 def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     """On `--resume`, the spec the study started with (its resolved reference included)."""
-    saved = json.loads((path / SPEC_FILE).read_text())
+    saved = json.loads((path / schema.SPEC_FILE).read_text())
     if saved["source"] != spec_source(spec):
         raise StudyError(
             f"--resume: the study file differs from the one study {spec.name!r} started with "
-            f"(saved in {path / SPEC_FILE}); resume with that file, or start a new --name"
+            f"(saved in {path / schema.SPEC_FILE}); resume with that file, or start a new --name"
         )
     return load_study_spec(path, teachers)
 
 
 def load_study_spec(path: Path, teachers: Path) -> StudySpec:
     """The resolved spec a study saved in its folder when it started."""
-    saved = json.loads((path / SPEC_FILE).read_text())
+    saved = json.loads((path / schema.SPEC_FILE).read_text())
     return spec_from_dict(saved["resolved"], teacher_cache=teachers)
 
 
@@ -395,7 +395,7 @@ def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> i
     from study.tracking import check_tracking_uri
 
     experiment_path = paths.experiment(spec.name)
-    exists = (experiment_path / SPEC_FILE).is_file()
+    exists = (experiment_path / schema.SPEC_FILE).is_file()
     if args.resume and not exists:
         raise StudyError(f"--resume: no study {spec.name!r} in {paths.storage} to resume")
     if exists and not args.resume:
@@ -423,7 +423,7 @@ def run_on_ray(
 
     from study.progress import EpochLines
     from study.report import print_summary
-    from study.tracking import TAG_TEACHER_RUN, Tracking, TrialRuns, git_commit, sync_results
+    from study.tracking import Tracking, TrialRuns, git_commit, sync_results
 
     experiment_path = paths.experiment(spec.name)
     max_concurrent = concurrency(spec, resources, args.num_cpus, args.num_gpus)
@@ -433,11 +433,11 @@ def run_on_ray(
     teacher_run = ensure_teacher(spec, tracking, commit)
     experiment_id, parent_run = tracking.study_run(spec, commit, args.resume)
     if teacher_run is not None:
-        tracking.client.set_tag(parent_run, TAG_TEACHER_RUN, teacher_run)
+        tracking.client.set_tag(parent_run, schema.TAG_TEACHER_RUN, teacher_run)
     if not exists:
         experiment_path.mkdir(parents=True, exist_ok=True)
         saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
-        (experiment_path / SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
+        (experiment_path / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
     runs = TrialRuns(
         paths.tracking_uri,
         experiment_id,
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         paths = study_paths(args.storage, args.tracking_uri, args.optuna_storage)
-        spec = load_study(
+        spec = read_study_file(
             args.file, args.name, args.num_samples, args.max_concurrent, paths.teachers
         )
         if args.dry_run:

@@ -22,7 +22,7 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from gacd import metrics
+from gacd import schema
 from study.spec import EPOCHS_TOTAL, OPTUNA_NUMBER_KEY, DistributionSpec, StudySpec
 
 # Optuna user attributes that link an Optuna trial to its Ray trial (and so its MLflow run).
@@ -58,7 +58,7 @@ def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 
 
 def ran_full_budget(result: dict[str, Any] | None) -> bool:
-    return bool(result) and result.get(metrics.EPOCH) == result.get(EPOCHS_TOTAL)
+    return bool(result) and result.get(schema.EPOCH) == result.get(EPOCHS_TOTAL)
 
 
 class StudySearch(OptunaSearch):
@@ -79,7 +79,7 @@ class StudySearch(OptunaSearch):
         if not result or isinstance(self.metric, list) or trial_id in self._completed_trials:
             return
         optuna_trial = self._ot_trials.get(trial_id)
-        value, epoch = result.get(self.metric), result.get(metrics.EPOCH)
+        value, epoch = result.get(self.metric), result.get(schema.EPOCH)
         if optuna_trial is None or value is None or epoch is None:
             return
         stored = self._ot_study._storage.get_trial(optuna_trial._trial_id)
@@ -126,7 +126,7 @@ def scheduler(spec: StudySpec, epochs: int) -> TrialScheduler:
     if spec.scheduler == "asha":
         settings = spec.study.scheduler
         return ASHAScheduler(
-            time_attr=metrics.EPOCH,
+            time_attr=schema.EPOCH,
             max_t=epochs,
             grace_period=settings.grace_period,
             reduction_factor=settings.reduction_factor,

@@ -12,8 +12,9 @@ A study file (YAML) has these sections (see the README for the full format):
 - `ablation` (mode `ablation`): a reference (overrides, or `from_study: NAME`, the best
   full-budget configuration of a finished search), named variants as overrides, and seeds.
 
-`load_study` turns the file into a `StudySpec`, and every trial's `gacd` config is built from it
-by `StudySpec.trial_config`, so a file that passes `--dry-run` cannot fail later on its config.
+`read_study_file` turns the file into a `StudySpec`, and every trial's `gacd` config is built
+from it by `StudySpec.trial_config`, so a file that passes `--dry-run` cannot fail later on its
+config.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gacd import metrics
+from gacd import schema
 from gacd.config import (
     Config,
     ConfigError,
@@ -39,9 +40,9 @@ from gacd.config import (
     set_dotted,
 )
 from gacd.methods import METHODS
+from gacd.schema import REFERENCE
 
 # The variant an ablation compares every other variant with.
-REFERENCE = "full"
 # Keys a trial's Ray config may carry besides searched parameters.
 VARIANT_KEY = "variant"
 SEED_KEY = "seed"
@@ -73,7 +74,7 @@ class SamplerSpec:
 class StudySection:
     name: str | None = None
     mode: Literal["search", "ablation"] = "search"
-    metric: str = metrics.VAL_PGD_ACC
+    metric: str = schema.VAL_PGD_ACC
     direction: Literal["max", "min"] = "max"
     num_samples: int = 8
     max_concurrent: int | None = None
@@ -170,9 +171,9 @@ class StudySpec:
     def trial_label(self, ray_config: dict[str, Any], trial_id: str) -> str:
         """`full-seed1` in an ablation, `trial-007` (the Optuna number) in a search."""
         if self.study.mode == "ablation":
-            return f"{ray_config[VARIANT_KEY]}-seed{ray_config[SEED_KEY]}"
+            return schema.ablation_run_name(ray_config[VARIANT_KEY], ray_config[SEED_KEY])
         number = ray_config.get(OPTUNA_NUMBER_KEY)
-        return f"trial-{number:03d}" if isinstance(number, int) else trial_id
+        return schema.search_run_name(number) if isinstance(number, int) else trial_id
 
     def teacher_overrides(self) -> dict[str, Any]:
         if self.teacher is None:
@@ -209,7 +210,7 @@ class StudyError(RuntimeError):
 # --- loading --------------------------------------------------------------------------------
 
 
-def load_study(
+def read_study_file(
     path: str | Path,
     name: str | None = None,
     num_samples: int | None = None,
@@ -380,7 +381,7 @@ def validate_mode(spec: StudySpec) -> None:
         )
 
 
-SEARCH_METRICS = (metrics.VAL_CLEAN_ACC, metrics.VAL_PGD_ACC, metrics.TRAIN_LOSS_PREFIX)
+SEARCH_METRICS = (schema.VAL_CLEAN_ACC, schema.VAL_PGD_ACC, schema.TRAIN_LOSS_PREFIX)
 
 
 def validate_metric(spec: StudySpec) -> None:
@@ -391,8 +392,8 @@ def validate_metric(spec: StudySpec) -> None:
             metric in SEARCH_METRICS, "study.metric", f"one of {', '.join(SEARCH_METRICS)}", metric
         )
         return
-    tested = [metrics.accuracy("test", name) for name in metrics.ATTACKS]
-    known = SEARCH_METRICS + tuple(tested) + tuple(metrics.best(name) for name in tested)
+    tested = [schema.accuracy("test", name) for name in schema.ATTACKS]
+    known = SEARCH_METRICS + tuple(tested) + tuple(schema.best(name) for name in tested)
     require(metric in known, "study.metric", f"one of {', '.join(known)}", metric)
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gacd import schema
 from gacd.config import ConfigError
 from study.spec import StudyError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from study.run import SPEC_FILE, load_study_spec, study_paths
+    from study.run import load_study_spec, study_paths
     from study.tracking import (
-        TAG_ROLE,
-        TAG_STUDY,
         Tracking,
         TrialRuns,
         check_tracking_uri,
@@ -34,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = study_paths(args.storage, args.tracking_uri, None)
         path = paths.experiment(args.name)
-        if not (path / SPEC_FILE).is_file():
+        if not (path / schema.SPEC_FILE).is_file():
             raise StudyError(f"no study {args.name!r} in {paths.storage}")
         spec = load_study_spec(path, paths.teachers)
         check_tracking_uri(paths.tracking_uri)
         tracking = Tracking(paths.tracking_uri)
         experiment_id = tracking.experiment_id(spec.name)
-        parents = tracking.find_runs(experiment_id, **{TAG_ROLE: "study", TAG_STUDY: spec.name})
+        parents = tracking.find_runs(
+            experiment_id, **{schema.TAG_ROLE: schema.ROLE_STUDY, schema.TAG_STUDY: spec.name}
+        )
         if not parents:
             raise StudyError(f"MLflow at {paths.tracking_uri} has no run of study {spec.name!r}")
     except (ConfigError, StudyError) as error:

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from gacd import metrics
+from gacd import schema
 from gacd.checkpoint import load_checkpoint
 from gacd.config import Config, flatten
 from study.spec import (
@@ -33,29 +33,7 @@ from study.spec import (
     config_hash,
 )
 
-# Tags every analysis reads; `mlflow.*` ones are MLflow's own (the UI shows them).
-TAG_ROLE = "role"  # study | trial | teacher
-TAG_STUDY = "study"
-TAG_MODE = "mode"
-TAG_METRIC = "metric"
-TAG_DIRECTION = "direction"
-TAG_VARIANT = "variant"
-TAG_VARIANTS = "variants"  # on the study's run: the ablation's variants in file order
-TAG_SEED = "seed"
-TAG_RAY_TRIAL = "ray_trial_id"
-TAG_OPTUNA_TRIAL = "optuna_trial_number"
-TAG_CONFIG_HASH = "config_hash"
-TAG_OVERRIDES = "overrides"  # JSON: the variant's overrides, or the searched values
-TAG_FULL_BUDGET = "full_budget"
-TAG_FAILURE = "failure"
-TAG_AUTOATTACK = "autoattack"  # final runs: the version AutoAttack ran (targets it aimed at)
-TAG_TEACHER_RUN = "teacher_run_id"
-TAG_TEACHER_CHECKPOINT = "teacher_checkpoint"
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
-TAG_PARENT = "mlflow.parentRunId"
-
 TEACHERS_EXPERIMENT = "gacd-teachers"
-SEARCH_VARIANT = "search"
 MAX_PARAMS_PER_BATCH = 100
 # While MLflow is down, try it again at most this often (the study never waits on it).
 RETRY_AFTER_OUTAGE_S = 30.0
@@ -75,14 +53,6 @@ def git_commit() -> str:
         return result.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def is_metric(key: str) -> bool:
-    """Metrics of `gacd` (`train/`, `val/`, `test/`, `transfer/`, `time/`, `lr`, and the best
-    epoch's `test_best/`, `transfer_best/`), not Ray's bookkeeping."""
-    splits = ("train", "val", "test", "transfer", "time")
-    best = tuple(split + metrics.BEST for split in ("test", "transfer"))
-    return key == metrics.LR or key.split("/")[0] in splits + best
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -136,7 +106,9 @@ class Tracking:
     def study_run(self, spec: StudySpec, commit: str, resume: bool) -> tuple[str, str]:
         """`(experiment_id, parent_run_id)`: a new parent run, or the one a resume continues."""
         experiment_id = self.experiment_id(spec.name)
-        runs = self.find_runs(experiment_id, **{TAG_ROLE: "study", TAG_STUDY: spec.name})
+        runs = self.find_runs(
+            experiment_id, **{schema.TAG_ROLE: schema.ROLE_STUDY, schema.TAG_STUDY: spec.name}
+        )
         if runs and not resume:
             raise StudyError(
                 f"MLflow experiment {spec.name!r} already holds study {spec.name!r} "
@@ -148,15 +120,15 @@ class Tracking:
             self.client.update_run(run_id, status="RUNNING")
             return experiment_id, run_id
         tags = {
-            TAG_ROLE: "study",
-            TAG_STUDY: spec.name,
-            TAG_MODE: spec.study.mode,
-            TAG_METRIC: spec.study.metric,
-            TAG_DIRECTION: spec.study.direction,
-            TAG_GIT_COMMIT: commit,
+            schema.TAG_ROLE: schema.ROLE_STUDY,
+            schema.TAG_STUDY: spec.name,
+            schema.TAG_MODE: spec.study.mode,
+            schema.TAG_METRIC: spec.study.metric,
+            schema.TAG_DIRECTION: spec.study.direction,
+            schema.TAG_GIT_COMMIT: commit,
         }
         if spec.study.mode == "ablation":
-            tags[TAG_VARIANTS] = json.dumps(list(spec.variants()))
+            tags[schema.TAG_VARIANTS] = json.dumps(list(spec.variants()))
         run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
         self.client.log_dict(run.info.run_id, spec.to_dict(), "study.json")
         return experiment_id, run.info.run_id
@@ -172,10 +144,10 @@ class Tracking:
     def log_epochs(self, run_id: str, history: list[dict[str, float]]) -> None:
         now = int(time.time() * 1000)
         entries = [
-            Metric(key, float(value), now, int(epoch_metrics[metrics.EPOCH]))
+            Metric(key, float(value), now, int(epoch_metrics[schema.EPOCH]))
             for epoch_metrics in history
             for key, value in epoch_metrics.items()
-            if is_metric(key) or key == metrics.EPOCH
+            if schema.is_metric(key)
         ]
         for start in range(0, len(entries), 1000):
             self.client.log_batch(run_id, metrics=entries[start : start + 1000])
@@ -186,14 +158,16 @@ class Tracking:
         config = Config.from_dict(flatten(state["config"]))
         key = checkpoint.parent.name  # the teacher cache is keyed by the hash of its weights
         experiment_id = self.experiment_id(TEACHERS_EXPERIMENT)
-        runs = self.find_runs(experiment_id, **{TAG_ROLE: "teacher", TAG_CONFIG_HASH: key})
+        runs = self.find_runs(
+            experiment_id, **{schema.TAG_ROLE: schema.ROLE_TEACHER, schema.TAG_CONFIG_HASH: key}
+        )
         if runs:
             return runs[0].info.run_id
         tags = {
-            TAG_ROLE: "teacher",
-            TAG_CONFIG_HASH: key,
-            TAG_TEACHER_CHECKPOINT: str(checkpoint),
-            TAG_GIT_COMMIT: commit,
+            schema.TAG_ROLE: schema.ROLE_TEACHER,
+            schema.TAG_CONFIG_HASH: key,
+            schema.TAG_TEACHER_CHECKPOINT: str(checkpoint),
+            schema.TAG_GIT_COMMIT: commit,
         }
         name = f"{config.method}-{config.student.arch}-{key}"
         run_id = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
@@ -287,11 +261,11 @@ class TrialRuns(tune.Callback):
             return self._runs[trial.trial_id]
         found = self.tracking.find_runs(
             self.experiment_id,
-            **{TAG_RAY_TRIAL: trial.trial_id, TAG_PARENT: self.parent_run_id},
+            **{schema.TAG_RAY_TRIAL: trial.trial_id, schema.TAG_PARENT: self.parent_run_id},
         )
         if found:
             run_id = found[0].info.run_id
-            history = self.tracking.client.get_metric_history(run_id, metrics.EPOCH)
+            history = self.tracking.client.get_metric_history(run_id, schema.EPOCH)
             self._last_epoch[trial.trial_id] = max((m.step for m in history), default=0)
         else:
             run_id = self.create_run(trial)
@@ -302,24 +276,24 @@ class TrialRuns(tune.Callback):
     def create_run(self, trial: Any) -> str:
         config = self.spec.trial_config(trial.config)
         tags = {
-            TAG_ROLE: "trial",
-            TAG_STUDY: self.spec.name,
-            TAG_MODE: self.spec.study.mode,
-            TAG_RAY_TRIAL: trial.trial_id,
-            TAG_SEED: str(config.seed),
-            TAG_CONFIG_HASH: config_hash(config),
-            TAG_GIT_COMMIT: self.commit,
-            TAG_PARENT: self.parent_run_id,
+            schema.TAG_ROLE: schema.ROLE_TRIAL,
+            schema.TAG_STUDY: self.spec.name,
+            schema.TAG_MODE: self.spec.study.mode,
+            schema.TAG_RAY_TRIAL: trial.trial_id,
+            schema.TAG_SEED: str(config.seed),
+            schema.TAG_CONFIG_HASH: config_hash(config),
+            schema.TAG_GIT_COMMIT: self.commit,
+            schema.TAG_PARENT: self.parent_run_id,
         }
         if self.spec.study.mode == "ablation":
             variant = trial.config[VARIANT_KEY]
             overrides = self.spec.variants()[variant]
         else:
-            variant = SEARCH_VARIANT
+            variant = schema.SEARCH_VARIANT
             overrides = {key: trial.config[key] for key in self.spec.search}
-            tags[TAG_OPTUNA_TRIAL] = str(trial.config.get(OPTUNA_NUMBER_KEY))
-        tags[TAG_VARIANT] = variant
-        tags[TAG_OVERRIDES] = json.dumps(overrides, sort_keys=True)
+            tags[schema.TAG_OPTUNA_TRIAL] = str(trial.config.get(OPTUNA_NUMBER_KEY))
+        tags[schema.TAG_VARIANT] = variant
+        tags[schema.TAG_OVERRIDES] = json.dumps(overrides, sort_keys=True)
         tags |= evaluation_tags(config)
         name = self.spec.trial_label(trial.config, trial.trial_id)
         run = self.tracking.client.create_run(self.experiment_id, tags=tags, run_name=name)
@@ -338,15 +312,15 @@ class TrialRuns(tune.Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         run_id = self.run_id(trial)
-        epoch = int(result.get(metrics.EPOCH, 0))
+        epoch = int(result.get(schema.EPOCH, 0))
         if epoch <= self._last_epoch.get(trial.trial_id, 0):
             return  # re-run after a restore from an older checkpoint: logged already
         epoch_metrics = {
             key: value
             for key, value in result.items()
-            if is_metric(key) and isinstance(value, int | float) and math.isfinite(value)
+            if schema.is_metric(key) and isinstance(value, int | float) and math.isfinite(value)
         }
-        self.tracking.log_epochs(run_id, [{**epoch_metrics, metrics.EPOCH: epoch}])
+        self.tracking.log_epochs(run_id, [{**epoch_metrics, schema.EPOCH: epoch}])
         self._last_epoch[trial.trial_id] = epoch
 
     @survives_outages
@@ -357,7 +331,7 @@ class TrialRuns(tune.Callback):
         if self.tracking.client.get_run(run_id).info.status == "FINISHED":
             return  # already ended (a sync after the study)
         full = ran_full_budget(trial.last_result)
-        self.tracking.client.set_tag(run_id, TAG_FULL_BUDGET, str(full).lower())
+        self.tracking.client.set_tag(run_id, schema.TAG_FULL_BUDGET, schema.flag(full))
         if self.log_checkpoints and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 self.tracking.client.log_artifacts(run_id, folder, "checkpoint")
@@ -368,15 +342,17 @@ class TrialRuns(tune.Callback):
         run_id = self.run_id(trial)
         if self.tracking.client.get_run(run_id).info.status == "FAILED":
             return
-        self.tracking.client.set_tag(run_id, TAG_FULL_BUDGET, "false")
-        self.tracking.client.set_tag(run_id, TAG_FAILURE, failure_reason(trial))
+        self.tracking.client.set_tag(run_id, schema.TAG_FULL_BUDGET, schema.flag(False))
+        self.tracking.client.set_tag(run_id, schema.TAG_FAILURE, failure_reason(trial))
         self.tracking.finish(run_id, "FAILED")
 
     @survives_outages
     def mark_unfinished(self, status: str = "KILLED") -> int:
         """End the runs of trials still going when the driver stops (a resume sets them
         RUNNING again); returns how many there were."""
-        runs = self.tracking.find_runs(self.experiment_id, **{TAG_PARENT: self.parent_run_id})
+        runs = self.tracking.find_runs(
+            self.experiment_id, **{schema.TAG_PARENT: self.parent_run_id}
+        )
         unfinished = [run for run in runs if run.info.status == "RUNNING"]
         for run in unfinished:
             self.tracking.finish(run.info.run_id, status)
@@ -391,7 +367,7 @@ def evaluation_tags(config: Config) -> dict[str, str]:
 
     if not (config.final and config.eval.autoattack and autoattack_available()):
         return {}
-    return {TAG_AUTOATTACK: autoattack_version(class_count(config.data))}
+    return {schema.TAG_AUTOATTACK: autoattack_version(class_count(config.data))}
 
 
 def failure_reason(trial: Any) -> str:
@@ -415,7 +391,7 @@ def sync_results(runs: TrialRuns, experiment_path: str | Path) -> int:
         runs.outage, runs.outage_since = False, 0.0
         frame = frames.get(trial.trial_id)
         results = [] if frame is None else frame.to_dict("records")
-        for result in sorted(results, key=lambda row: row.get(metrics.EPOCH, 0)):
+        for result in sorted(results, key=lambda row: row.get(schema.EPOCH, 0)):
             runs.on_trial_result(0, [], trial, result)
         if trial.status == "TERMINATED":
             runs.on_trial_complete(0, [], trial)

@@ -169,8 +169,9 @@ def test_autoattack_runs_on_a_five_class_model_and_is_at_least_as_strong_as_pgd2
     as one point survives APGD-CE: a robust model makes sure some do."""
     pytest.importorskip("pyautoattack")
     from gacd.data import load_datasets
+    from gacd.schema import TAG_AUTOATTACK
     from gacd.train import fit
-    from study.tracking import TAG_AUTOATTACK, evaluation_tags
+    from study.tracking import evaluation_tags
 
     overrides = {"data.classes": [0, 1, 2, 3, 4], "optim.epochs": 8, "eval.max_samples": 96}
     config = digits_config(method="pgd_at", **overrides, **{"eval.autoattack": True})

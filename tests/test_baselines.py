@@ -75,7 +75,7 @@ def test_each_baseline_gets_its_papers_defaults_and_keeps_them_overridable():
     overridden = config("ard", **{"ard.temperature": 10, "attack.student_mode": "eval"})
     assert overridden.ard.temperature == 10.0 and overridden.attack.student_mode == "eval"
     assert config("gacd").attack.student_mode == "eval"
-    assert not KnowledgeDistillation.attacks and not CRD.attacks
+    assert not KnowledgeDistillation.adversarial and not CRD.adversarial
     assert config("kd", **{"attack.steps": 0}).method == "kd"  # no attack, no budget needed
     assert all(m.uses_teacher for m in (KnowledgeDistillation, CRD, ARD, RSLAD))
     assert Config.from_dict(overridden.to_dict()) == overridden

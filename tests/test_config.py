@@ -124,7 +124,7 @@ def test_every_objective_a_method_accepts_resolves_to_itself_and_round_trips():
             assert Config.from_dict(flatten(config.to_dict())) == config
         default = Config.from_dict({"method": name, "teacher.checkpoint": "t.pt"})
         assert default.attack.objective == method.default_objective in method.objectives
-        if not method.attacks:
+        if not method.adversarial:
             assert (default.attack.start, default.attack.student_mode) == ("auto", "auto")
 
 

@@ -129,3 +129,31 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path.write_text("method: gacd\nattack: {epsilon: [\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line 3, column 1"):
         load_config_file(path)
+
+
+def test_every_metric_a_run_produces_is_of_a_known_family_and_rays_keys_are_not():
+    from gacd import schema
+
+    produced = [schema.EPOCH, schema.LR, schema.EPOCH_SECONDS, schema.train_loss("ce")]
+    produced += [
+        schema.accuracy(split, name) for split in ("val", "test") for name in schema.ATTACKS
+    ]
+    produced += [schema.best(schema.TEST_CKA_CLEAN), schema.BEST_EPOCH, schema.TRANSFER_PGD_ACC]
+    assert all(schema.is_metric(name) for name in produced)
+    for ray_key in ("trial_id", "time_total_s", "training_iteration", "epochs_total", "done"):
+        assert not schema.is_metric(ray_key), ray_key
+
+
+def test_a_metric_of_an_unknown_family_is_refused_where_it_is_produced(digits, monkeypatch):
+    """Not dropped on its way to MLflow: `fit` refuses it in the epoch that produced it."""
+    import gacd.train as train
+    from gacd.schema import UnknownMetricError
+    from tests.conftest import digits_config
+
+    measured = train.validation_metrics
+    monkeypatch.setattr(
+        train, "validation_metrics", lambda *a, **k: {**measured(*a, **k), "valid/pgd_acc": 0.5}
+    )
+    config = digits_config(method="natural", **{"optim.epochs": 1, "data.train_subset": 128})
+    with pytest.raises(UnknownMetricError, match="valid/pgd_acc"):
+        train.fit(config, data=digits)

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis.runs import load_runs
-from gacd import metrics
+from gacd import schema
 from study.run import main
 from tests.conftest import free_port, wait_for_port
 from tests.test_study_run import ROOT, digits_base, ray_results, study_args, write_study
@@ -53,7 +53,7 @@ def assert_every_epoch_logged_once(uri: str, name: str, epochs: int, trials: int
     assert len(runs) == trials and set(runs.status) == {"FINISHED"}, runs.status
     client = MlflowClient(uri)
     for run_id in runs.run_id:
-        steps = [m.step for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)]
+        steps = [m.step for m in client.get_metric_history(run_id, schema.VAL_PGD_ACC)]
         assert sorted(steps) == list(range(1, epochs + 1)), steps
 
 

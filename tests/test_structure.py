@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from gacd import metrics
+from gacd import schema
 from gacd.structure import class_correlation_difference, linear_cka, structure_metrics
 from gacd.teacher import FrozenTeacher, load_teacher
 from gacd.train import fit
@@ -56,9 +56,9 @@ def test_a_copy_of_the_teacher_shares_its_whole_structure(digits, robust_teacher
     )
     twin = copy.deepcopy(teacher.model).requires_grad_(True).train()
     values = structure_metrics(twin, teacher, digits.test, config.eval, 64, torch.device("cpu"))
-    assert values[metrics.TEST_CKA_CLEAN] == pytest.approx(1.0, abs=1e-6)
-    assert values[metrics.TEST_CKA_ADVERSARIAL] == pytest.approx(1.0, abs=1e-6)
-    assert values[metrics.TEST_CLASS_CORR_DIFF] == pytest.approx(0.0, abs=1e-6)
+    assert values[schema.TEST_CKA_CLEAN] == pytest.approx(1.0, abs=1e-6)
+    assert values[schema.TEST_CKA_ADVERSARIAL] == pytest.approx(1.0, abs=1e-6)
+    assert values[schema.TEST_CLASS_CORR_DIFF] == pytest.approx(0.0, abs=1e-6)
     assert twin.training, "the student's mode is restored"
     assert isinstance(teacher, FrozenTeacher) and not teacher.model.training
 
@@ -78,11 +78,11 @@ def test_a_final_run_with_a_teacher_reports_structure_even_for_a_baseline(
     )
     last = fit(config, data=digits).metrics
     for name in (
-        metrics.TEST_CKA_CLEAN,
-        metrics.TEST_CKA_ADVERSARIAL,
-        metrics.TEST_CLASS_CORR_DIFF,
+        schema.TEST_CKA_CLEAN,
+        schema.TEST_CKA_ADVERSARIAL,
+        schema.TEST_CLASS_CORR_DIFF,
     ):
         assert name in last and 0.0 <= last[name] <= 2.0, name
-    assert 0.0 < last[metrics.TEST_CKA_CLEAN] < 1.0
+    assert 0.0 < last[schema.TEST_CKA_CLEAN] < 1.0
     without_teacher = digits_config(method="natural", final=True, **{"optim.epochs": 1})
-    assert metrics.TEST_CKA_CLEAN not in fit(without_teacher, data=digits).metrics
+    assert schema.TEST_CKA_CLEAN not in fit(without_teacher, data=digits).metrics

@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis.runs import load_runs
-from gacd import metrics
+from gacd import schema
 from study.run import main
 from tests.conftest import free_port, wait_for_port
 
@@ -77,7 +77,7 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
     assert children["tags.mlflow.source.git.commit"].str.len().min() >= 7
     client = MlflowClient(uri)
     for run_id in children.run_id:
-        history = client.get_metric_history(run_id, metrics.VAL_PGD_ACC)
+        history = client.get_metric_history(run_id, schema.VAL_PGD_ACC)
         assert [entry.step for entry in history] == [1, 2]
     assert float(children["params.attack.epsilon"][0]) in (0.06, 0.1)
 
@@ -150,14 +150,14 @@ def assert_optuna_holds_every_epoch_ray_and_mlflow_hold(tmp_path, name: str, epo
     ray_epochs = {}
     for frame in frames.values():
         trial_id = frame["trial_id"].iloc[0]
-        assert frame[metrics.EPOCH].is_unique, frame[[metrics.EPOCH, metrics.VAL_PGD_ACC]]
-        pairs = zip(frame[metrics.EPOCH], frame[metrics.VAL_PGD_ACC], strict=True)
+        assert frame[schema.EPOCH].is_unique, frame[[schema.EPOCH, schema.VAL_PGD_ACC]]
+        pairs = zip(frame[schema.EPOCH], frame[schema.VAL_PGD_ACC], strict=True)
         ray_epochs[trial_id] = {int(epoch): float(value) for epoch, value in pairs}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs = load_runs(uri, name)
     client = MlflowClient(uri)
     mlflow_epochs = {
-        trial_id: {m.step: m.value for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)}
+        trial_id: {m.step: m.value for m in client.get_metric_history(run_id, schema.VAL_PGD_ACC)}
         for trial_id, run_id in zip(runs["tags.ray_trial_id"], runs.run_id, strict=True)
     }
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -245,7 +245,7 @@ def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
     assert len(runs) == 2 and set(runs.status) == {"FINISHED"}
     client = MlflowClient(uri)
     for run_id in runs.run_id:
-        steps = [m.step for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)]
+        steps = [m.step for m in client.get_metric_history(run_id, schema.VAL_PGD_ACC)]
         assert sorted(steps) == list(range(1, epochs + 1)), steps
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
@@ -337,7 +337,7 @@ def test_an_mlflow_server_lost_mid_study_loses_no_epoch(tmp_path, ray_cluster, r
         assert len(runs) == 2 and set(runs.status) == {"FINISHED"}
         client = MlflowClient(uri)
         for run_id in runs.run_id:
-            steps = [m.step for m in client.get_metric_history(run_id, metrics.VAL_PGD_ACC)]
+            steps = [m.step for m in client.get_metric_history(run_id, schema.VAL_PGD_ACC)]
             assert sorted(steps) == list(range(1, epochs + 1)), steps
     finally:
         if server.poll() is None:

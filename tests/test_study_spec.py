@@ -10,7 +10,7 @@ import yaml
 from gacd.config import Config
 from study.run import main
 from study.search import FULL_BUDGET_ATTR, RAY_TRIAL_ID_ATTR, StudySearch, search_space
-from study.spec import EPOCHS_TOTAL, config_hash, load_study, spec_from_dict
+from study.spec import EPOCHS_TOTAL, config_hash, read_study_file, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -49,7 +49,7 @@ def test_every_shipped_study_passes_dry_run(path, tmp_path, capsys):
     code, _ = run_main(tmp_path, str(path), "--dry-run")
     out = capsys.readouterr().out
     assert code == 0
-    assert f"study      {load_study(path).name}" in out
+    assert f"study      {read_study_file(path).name}" in out
     assert str(tmp_path / "results") in out and "mlflow" in out and "optuna" in out
 
 
@@ -333,7 +333,7 @@ def test_shipped_digits_studies_measure_validation_finely_enough_to_rank_trials(
     below the spread of the demo's trials (4.5 points)."""
     from gacd.data import load_datasets
 
-    spec = load_study(ROOT / "search_spaces" / name, teacher_cache=tmp_path)
+    spec = read_study_file(ROOT / "search_spaces" / name, teacher_cache=tmp_path)
     config = spec.trial_config(
         {"variant": "full", "seed": 0} if spec.study.mode == "ablation" else {}
     )

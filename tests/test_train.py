@@ -214,7 +214,7 @@ BEST_VS_LAST = (  # natural training at a constant, high rate: its robust accura
 def test_a_final_run_reports_its_last_and_its_best_validation_epoch(tmp_path):
     """`test/...` is the last epoch's student, `test_best/...` the student of the epoch with
     the best `val/pgd_acc` (never chosen on test), kept as `best.pt` beside the checkpoint."""
-    from gacd import metrics
+    from gacd import schema
     from gacd.evaluate import evaluate_checkpoint
 
     config_file = tmp_path / "run.yaml"
@@ -222,15 +222,15 @@ def test_a_final_run_reports_its_last_and_its_best_validation_epoch(tmp_path):
     out = tmp_path / "out"
     assert main([str(config_file), "--out", str(out)]) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    validation = [line[metrics.VAL_PGD_ACC] for line in lines]
+    validation = [line[schema.VAL_PGD_ACC] for line in lines]
     best_epoch = 1 + validation.index(max(validation))
     last = lines[-1]
-    assert last[metrics.BEST_EPOCH] == best_epoch < 4, validation
+    assert last[schema.BEST_EPOCH] == best_epoch < 4, validation
     best = load_checkpoint(out / "best.pt")
-    assert best["epoch"] == best_epoch and best["selected_by"] == metrics.VAL_PGD_ACC
+    assert best["epoch"] == best_epoch and best["selected_by"] == schema.VAL_PGD_ACC
     final = load_checkpoint(out / "checkpoint.pt")
     assert any(not torch.equal(best["student"][k], v) for k, v in final["student"].items())
-    for path, name in (("checkpoint.pt", lambda key: key), ("best.pt", metrics.best)):
+    for path, name in (("checkpoint.pt", lambda key: key), ("best.pt", schema.best)):
         for key, value in evaluate_checkpoint(out / path).items():
             assert last[name(key)] == pytest.approx(value), (path, key)
     with pytest.raises(CheckpointError, match="best-epoch checkpoint"):

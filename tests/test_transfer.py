@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gacd import metrics
+from gacd import schema
 from gacd.checkpoint import save_checkpoint
 from gacd.config import Config, ConfigError, DataConfig
 from gacd.data import load_datasets
@@ -107,9 +107,9 @@ def test_the_probe_is_seeded(transferred):
 def test_a_student_of_digits_0_to_4_transfers_to_5_to_9(transferred):
     last = transferred.metrics
     message = f"transfer metrics: { {k: v for k, v in last.items() if 'transfer' in k} }"
-    assert last[metrics.TRANSFER_CLEAN_ACC] > 0.6, message  # chance: 0.2
-    assert 0.0 <= last[metrics.TRANSFER_PGD_ACC] <= last[metrics.TRANSFER_CLEAN_ACC], message
-    assert metrics.accuracy(metrics.TRANSFER, "fgsm") in last
+    assert last[schema.TRANSFER_CLEAN_ACC] > 0.6, message  # chance: 0.2
+    assert 0.0 <= last[schema.TRANSFER_PGD_ACC] <= last[schema.TRANSFER_CLEAN_ACC], message
+    assert schema.accuracy(schema.TRANSFER, "fgsm") in last
     assert last["test/clean_acc"] > 0.8, "the source task itself"
 
 
@@ -117,14 +117,14 @@ def test_transfer_command(transferred, tmp_path, capsys):
     checkpoint = save_checkpoint(transferred.state, tmp_path / "checkpoint.pt")
     quick = ["--set", "eval.max_samples=64", "--set", "transfer.epochs=5"]
     assert main([str(checkpoint), *quick]) == 0
-    assert metrics.TRANSFER_PGD_ACC in capsys.readouterr().out
+    assert schema.TRANSFER_PGD_ACC in capsys.readouterr().out
     plain = fit(digits_config(method="natural", **{"optim.epochs": 1, "data.train_subset": 64}))
     plain_path = save_checkpoint(plain.state, tmp_path / "plain.pt")
     assert main([str(plain_path), *quick]) == 2
     assert "transfer.data" in capsys.readouterr().err
     target = ["--set", "transfer.data.name=digits", "--set", "transfer.data.classes=[5,6,7]"]
     assert main([str(plain_path), *quick, *target]) == 0
-    assert metrics.TRANSFER_CLEAN_ACC in capsys.readouterr().out
+    assert schema.TRANSFER_CLEAN_ACC in capsys.readouterr().out
     assert main([str(plain_path), "--set", "transfer.data.classes=[5,5]"]) == 2
     assert "transfer.data.classes" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.pt"), *target]) == 2
