@@ -404,7 +404,8 @@ def to_float(value: Any, key: str) -> float:
 # --- values -------------------------------------------------------------------------------
 
 
-def require(condition: bool, key: str, expected: str, got: object) -> None:
+def require(condition: bool, key: str, expected: str, got: object = dataclasses.MISSING) -> None:
+    """Raise `ConfigError` for `key` unless `condition` (`got`: the value, when there is one)."""
     if not condition:
         raise ConfigError(key, expected, got)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gacd import attacks
-from gacd.config import Config
+from gacd.config import Config, CRDConfig, NegativesConfig
 from gacd.contrastive import EmbeddingHead, InBatchContrast, MemoryBankContrast
 from gacd.data import Batch
 from gacd.losses import distillation_kl, reduce_kl, self_kl
@@ -115,6 +115,30 @@ def eval_logits(model: nn.Module, x: Tensor) -> Tensor:
         model.train(was_training)
 
 
+def embedding_heads(
+    teacher: FrozenTeacher, student: ImageClassifier, embed_dim: int
+) -> tuple[EmbeddingHead, EmbeddingHead]:
+    """The teacher's and the student's trained heads `g_T`, `g_S` onto `embed_dim`."""
+    return EmbeddingHead(teacher.feature_dim, embed_dim), EmbeddingHead(
+        student.feature_dim, embed_dim
+    )
+
+
+def memory_bank_contrast(
+    train_labels: Tensor, embed_dim: int, temperature: float, bank: NegativesConfig | CRDConfig
+) -> MemoryBankContrast:
+    """CRD's memory-bank NCE with the bank settings of GACD's `negatives` or of `crd`."""
+    return MemoryBankContrast(
+        train_labels,
+        embed_dim,
+        bank.count,
+        temperature,
+        bank.momentum,
+        bank.class_aware,
+        bank.positive,
+    )
+
+
 @METHODS.register("gacd")
 class GACD(Method):
     """Guided adversarial contrastive distillation (`../shared/GACD-SPEC.md`).
@@ -136,18 +160,11 @@ class GACD(Method):
         train_labels: Tensor,
     ) -> None:
         super().__init__(config, student, teacher, train_labels)
-        self.teacher_head = EmbeddingHead(teacher.feature_dim, config.embed_dim)
-        self.student_head = EmbeddingHead(student.feature_dim, config.embed_dim)
+        self.teacher_head, self.student_head = embedding_heads(teacher, student, config.embed_dim)
         negatives = config.negatives
         if negatives.source == "memory_bank":
-            self.contrast = MemoryBankContrast(
-                train_labels,
-                config.embed_dim,
-                negatives.count,
-                config.tau,
-                negatives.momentum,
-                negatives.class_aware,
-                negatives.positive,
+            self.contrast = memory_bank_contrast(
+                train_labels, config.embed_dim, config.tau, negatives
             )
         else:
             self.contrast = InBatchContrast(config.tau)
@@ -245,17 +262,8 @@ class CRD(Method):
     ) -> None:
         super().__init__(config, student, teacher, train_labels)
         crd = config.crd
-        self.teacher_head = EmbeddingHead(teacher.feature_dim, crd.embed_dim)
-        self.student_head = EmbeddingHead(student.feature_dim, crd.embed_dim)
-        self.contrast = MemoryBankContrast(
-            train_labels,
-            crd.embed_dim,
-            crd.count,
-            crd.tau,
-            crd.momentum,
-            crd.class_aware,
-            crd.positive,
-        )
+        self.teacher_head, self.student_head = embedding_heads(teacher, student, crd.embed_dim)
+        self.contrast = memory_bank_contrast(train_labels, crd.embed_dim, crd.tau, crd)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         crd = self.config.crd

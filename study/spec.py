@@ -37,6 +37,7 @@ from gacd.config import (
     flatten,
     nest_dotted,
     read_yaml_file,
+    require,
     set_dotted,
 )
 from gacd.methods import METHODS
@@ -272,11 +273,6 @@ def make_paths_absolute(spec: StudySpec) -> None:
 
 def absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
-
-
-def require(condition: bool, key: str, expected: str, got: object = dataclasses.MISSING) -> None:
-    if not condition:
-        raise ConfigError(key, expected, got)
 
 
 def validate_sections(spec: StudySpec) -> None:
