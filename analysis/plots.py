@@ -69,7 +69,7 @@ def accuracy_points(study: Study, checkpoint: str = "last") -> tuple[pd.DataFram
             "test" if schema.metric_column(schema.accuracy("test", "pgd")) in runs else "val"
         )  # val: study.confirm
         if split == "test" and checkpoint == "best":
-            split = schema.best("test/").rstrip("/")
+            split = "test" + schema.BEST
         clean, robust = f"{split}/clean_acc", f"{split}/pgd_acc"
         grouped = runs.groupby(schema.tag_column(schema.TAG_VARIANT))[
             [f"metrics.{clean}", f"metrics.{robust}"]

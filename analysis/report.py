@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.plots import write_plots
+from analysis.plots import has_best_metrics, write_plots
 from analysis.runs import (
     Study,
     add_store_arguments,
@@ -49,6 +49,8 @@ def search_importance(study: Study, optuna_url: str | None) -> tuple[pd.DataFram
 def ablation_section(study: Study, checkpoint: str) -> list[str]:
     """The ablation's table for one checkpoint; an empty list when its runs have no such
     metrics (runs of a version without best-epoch metrics, or kept off the test split)."""
+    if checkpoint == "best" and not has_best_metrics(study):
+        return []  # it would show the last epoch's validation table again, as "best"
     try:
         table = render_study(study, None, schema.REFERENCE, "md", top=10, checkpoint=checkpoint)
     except LookupError:

@@ -72,7 +72,7 @@ TRANSFER_PGD_ACC = accuracy(TRANSFER, "pgd")
 
 # Every family a metric may belong to (the part before the first `/`), and the names without one.
 SPLITS = ("train", "val", "test", "transfer", "time")
-FAMILIES = SPLITS + (best("test/").rstrip("/"), best("transfer/").rstrip("/"))
+FAMILIES = SPLITS + tuple(split + BEST for split in ("test", "transfer"))
 UNPREFIXED = (EPOCH, LR)
 
 

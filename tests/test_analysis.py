@@ -186,17 +186,6 @@ def test_importance_of_trials_that_all_scored_the_same_is_refused_by_name():
         importance.importance_table(study, resamples=5)
 
 
-def test_importance_subsampling_skips_subsets_without_differences():
-    study = optuna.create_study(direction="maximize")
-    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    for x, value in ((0.1, 0.2), (0.5, 0.2), (0.9, 0.2), (0.3, 0.2), (0.7, 0.9)):
-        study.add_trial(
-            optuna.trial.create_trial(params={"x": x}, distributions=space, value=value)
-        )
-    result = importance.importance_table(study, resamples=20)  # a subset of 4 misses the 0.9
-    assert set(result.param) == {"x"} and result.importance.notna().all()
-
-
 def log_best_epoch_metrics(store):
     """What a final run also logs: its best validation epoch's test metrics (here 0.01 above
     the last epoch's PGD accuracy, from epoch 2)."""
@@ -258,3 +247,22 @@ def test_a_search_table_shows_each_trials_standard_error(tmp_path):
     page = report.write_report(study, tmp_path / "report").read_text()
     assert "n = 144 validation images" in page and f"{np.median(expected):.3f}" in page
     assert f"spread (std) of {np.std([0.5, 0.6, 0.55], ddof=1):.3f}" in page
+
+
+def test_a_validation_only_ablation_reports_no_best_checkpoint(tmp_path):
+    """A study kept off the test split (study.confirm) has no best-epoch metrics: its report
+    must not show the last epoch's validation table a second time under "best checkpoint"."""
+    uri = f"sqlite:///{tmp_path / 'val.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("val", artifact_location=(tmp_path / "v").as_uri())
+    tags = {"role": "study", "study": "val", "mode": "ablation", "metric": "val/pgd_acc"}
+    tags |= {"direction": "max", "variants": json.dumps(["full"])}
+    parent = client.create_run(experiment, tags=tags).info.run_id
+    for seed in (0, 1):
+        run_tags = {"role": "trial", "mlflow.parentRunId": parent, "variant": "full"}
+        run_id = client.create_run(experiment, tags=run_tags | {"seed": str(seed)}).info.run_id
+        client.log_metric(run_id, "val/pgd_acc", 0.4 + seed / 10, step=2)
+        client.log_metric(run_id, "val/clean_acc", 0.9, step=2)
+        client.set_terminated(run_id, "FINISHED")
+    page = report.write_report(load_study(uri, "val"), tmp_path / "report").read_text()
+    assert "Validation split, last checkpoint" in page and "best checkpoint" not in page

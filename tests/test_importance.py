@@ -94,20 +94,30 @@ def test_subsets_are_drawn_without_replacement_at_half_the_trials(monkeypatch):
     assert len({tuple(sorted(subset)) for subset in subsets}) > 1
 
 
-def test_few_trials_use_every_subset_once_and_skip_those_without_differences():
-    # 5 trials: m = 4 (at least MIN_TRIALS, at most n - 1), so there are only 5 subsets; all
-    # are used, once each, and the one without the 0.9 (all 0.2) is skipped.
+def one_outlier_study() -> optuna.Study:
+    """5 trials, 4 of them scoring 0.2 and one 0.9: a subset of 4 can miss the 0.9."""
     study = optuna.create_study(direction="maximize")
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for x, value in ((0.1, 0.2), (0.5, 0.2), (0.9, 0.2), (0.3, 0.2), (0.7, 0.9)):
         study.add_trial(
             optuna.trial.create_trial(params={"x": x}, distributions=space, value=value)
         )
-    table = importance.importance_table(study, ("ped_anova",), resamples=100)
+    return study
+
+
+def test_few_trials_use_every_subset_once_and_skip_those_without_differences():
+    # 5 trials: m = 4 (at least MIN_TRIALS, at most n - 1), so there are only 5 subsets; all
+    # are used, once each, and the one without the 0.9 (all 0.2) is skipped.
+    table = importance.importance_table(one_outlier_study(), ("ped_anova",), resamples=100)
     assert importance.subset_size(5) == 4 and math.comb(5, 4) == 5
     assert table.subsets.tolist() == [4]
     assert table.interval.tolist() == ["95% symmetric subsampling, m=4 of 5"]
     assert importance.subset_size(4) == 3 and importance.subset_size(100) == 50
+
+
+def test_subsets_without_differences_are_skipped_by_both_evaluators():
+    result = importance.importance_table(one_outlier_study(), resamples=20)
+    assert set(result.param) == {"x"} and result.importance.notna().all()
 
 
 def test_interval_rescales_by_the_overlap_of_subset_and_full_set():
