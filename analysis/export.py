@@ -16,13 +16,15 @@ from analysis.runs import (
     metric_histories,
     run_with_study,
 )
+from gacd import schema
 
 
 def tidy_runs(study: Study) -> pd.DataFrame:
     histories = metric_histories(study.tracking_uri, study.runs)
     last = histories.groupby(["run_id", "metric"])["step"].transform("max")
     histories["final"] = histories["step"] == last
-    attributes = study.runs[[c for c in study.runs.columns if not c.startswith("metrics.")]]
+    kept = [c for c in study.runs.columns if not c.startswith(schema.METRIC_PREFIX)]
+    attributes = study.runs[kept]
     table = histories.merge(attributes, on="run_id", how="left")
     return table.sort_values(["run_id", "metric", "step"]).reset_index(drop=True)
 

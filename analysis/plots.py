@@ -72,7 +72,7 @@ def accuracy_points(study: Study, checkpoint: str = "last") -> tuple[pd.DataFram
             split = "test" + schema.BEST
         clean, robust = f"{split}/clean_acc", f"{split}/pgd_acc"
         grouped = runs.groupby(schema.tag_column(schema.TAG_VARIANT))[
-            [f"metrics.{clean}", f"metrics.{robust}"]
+            [schema.metric_column(clean), schema.metric_column(robust)]
         ]
         means, stds = grouped.mean(), grouped.std(ddof=1)
     else:
@@ -80,14 +80,14 @@ def accuracy_points(study: Study, checkpoint: str = "last") -> tuple[pd.DataFram
         runs = runs[
             runs.get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(True)
         ].set_index("run_name")
-        means = runs[[f"metrics.{clean}", f"metrics.{robust}"]]
+        means = runs[[schema.metric_column(clean), schema.metric_column(robust)]]
         stds = means * np.nan
     points = pd.DataFrame(
         {
-            "clean": means[f"metrics.{clean}"],
-            "robust": means[f"metrics.{robust}"],
-            "clean_std": stds[f"metrics.{clean}"],
-            "robust_std": stds[f"metrics.{robust}"],
+            "clean": means[schema.metric_column(clean)],
+            "robust": means[schema.metric_column(robust)],
+            "clean_std": stds[schema.metric_column(clean)],
+            "robust_std": stds[schema.metric_column(robust)],
         }
     ).dropna(subset=["clean", "robust"])
     return points, clean, robust
@@ -168,7 +168,7 @@ def plot_params(study: Study, path: Path) -> Path:
     values = pd.DataFrame(
         runs[schema.tag_column(schema.TAG_OVERRIDES)].map(json.loads).tolist(), index=runs.index
     )
-    metric = runs[f"metrics.{study.metric}"]
+    metric = runs[schema.metric_column(study.metric)]
     full = runs.get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(True)
     fig, axes = figure(len(values.columns))
     for axis, name in zip(axes, values.columns, strict=True):
@@ -201,7 +201,7 @@ def plot_importance(table: pd.DataFrame, path: Path) -> Path:
 
 def has_best_metrics(study: Study) -> bool:
     needed = (schema.accuracy("test", "clean"), schema.accuracy("test", "pgd"))
-    return all(f"metrics.{schema.best(name)}" in study.runs for name in needed)
+    return all(schema.metric_column(schema.best(name)) in study.runs for name in needed)
 
 
 def write_plots(

@@ -55,9 +55,8 @@ def ablation_section(study: Study, checkpoint: str) -> list[str]:
         table = render_study(study, None, schema.REFERENCE, "md", top=10, checkpoint=checkpoint)
     except LookupError:
         return []
-    split = (
-        "Test" if any(c.startswith("metrics.test") for c in study.runs.columns) else "Validation"
-    )
+    tested = any(name.startswith("test") for name in schema.metric_columns(study.runs.columns))
+    split = "Test" if tested else "Validation"
     return [
         f"## {split} split, {checkpoint} checkpoint, mean ± std over seeds",
         "",
@@ -76,7 +75,7 @@ def search_noise(study: Study) -> list[str]:
     trials = top_trials(study.runs, study.metric, study.maximize, top=10_000)
     if trials.empty or STANDARD_ERROR not in trials:
         return []
-    samples = full_budget_trials(study.runs)[f"metrics.{schema.VAL_SAMPLES}"].median()
+    samples = full_budget_trials(study.runs)[schema.metric_column(schema.VAL_SAMPLES)].median()
     spread = trials[study.metric].std(ddof=1)
     return [
         f"`{STANDARD_ERROR}`: the binomial standard error `sqrt(p (1 - p) / n)` of each value, "

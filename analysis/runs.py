@@ -66,9 +66,9 @@ def run_row(run) -> dict[str, object]:
         "run_name": run.info.run_name,
         "start_time": run.info.start_time,
     }
-    row |= {f"tags.{key}": value for key, value in run.data.tags.items()}
-    row |= {f"params.{key}": value for key, value in run.data.params.items()}
-    row |= {f"metrics.{key}": value for key, value in run.data.metrics.items()}
+    row |= {schema.tag_column(key): value for key, value in run.data.tags.items()}
+    row |= {schema.param_column(key): value for key, value in run.data.params.items()}
+    row |= {schema.metric_column(key): value for key, value in run.data.metrics.items()}
     return row
 
 
@@ -117,10 +117,10 @@ def metric_histories(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
     client = MlflowClient(tracking_uri)
     rows = []
     for run_id in runs["run_id"]:
-        names = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+        names = schema.metric_columns(runs.columns)
         row = runs.loc[runs["run_id"] == run_id].iloc[0]
         for name in names:
-            if pd.isna(row[f"metrics.{name}"]):
+            if pd.isna(row[schema.metric_column(name)]):
                 continue
             rows += [
                 {

@@ -89,7 +89,7 @@ class AblationTable:
 def seed_values(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Finished runs' values of `metric` as a variant x seed table (NaN where missing)."""
     finished = runs[runs["status"] == "FINISHED"]
-    column = f"metrics.{metric}"
+    column = schema.metric_column(metric)
     if column not in finished:
         return pd.DataFrame()
     values = finished[[VARIANT, SEED, column]].dropna()
@@ -236,7 +236,7 @@ def full_budget_trials(runs: pd.DataFrame) -> pd.DataFrame:
 def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -> pd.DataFrame:
     """The best `top` trials that ran their full budget, with the values they were given; an
     accuracy on validation has its standard error beside it (`se`, from `val/samples`)."""
-    column = f"metrics.{metric}"
+    column = schema.metric_column(metric)
     full = full_budget_trials(runs)
     if full.empty or column not in full:
         return pd.DataFrame()
@@ -246,7 +246,7 @@ def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -
         index=best_first.index,
     )
     trials = best_first[["run_name", column]].rename(columns={column: metric})
-    samples = f"metrics.{schema.VAL_SAMPLES}"
+    samples = schema.metric_column(schema.VAL_SAMPLES)
     if metric.startswith("val/") and metric.endswith("_acc") and samples in best_first:
         trials[STANDARD_ERROR] = standard_error(best_first[column], best_first[samples])
     table = pd.concat([trials, overrides], axis=1)
@@ -284,7 +284,7 @@ def render_study(
 def default_metrics(runs: pd.DataFrame) -> list[str]:
     """The last epoch's test accuracies in attack order, then its structural and transfer
     metrics, if logged (`for_checkpoint` gives the best epoch's)."""
-    logged = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+    logged = schema.metric_columns(runs.columns)
     order = [schema.accuracy("test", name) for name in schema.ATTACKS]
     chosen = [name for name in order if name in logged]
     chosen += sorted(n for n in logged if n.startswith(TESTED_SPLITS) and n not in chosen)

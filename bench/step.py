@@ -39,8 +39,9 @@ from torch.utils.flop_counter import flop_registry
 from gacd.config import Config
 from gacd.data import Batch, Datasets, DatasetSpec, ImageSplit, batches
 from gacd.methods import METHODS, Method
+from gacd.models import build_classifier
 from gacd.runtime import resolve_device
-from gacd.teacher import FrozenTeacher, build_classifier
+from gacd.teacher import FrozenTeacher
 from gacd.train import apply_speed_switches, train_epoch, training_step
 
 

@@ -17,8 +17,8 @@ from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpo
 from gacd.cli import add_override_argument, print_scores
 from gacd.config import Config, EvalConfig, flatten
 from gacd.data import ImageSplit, batches, load_datasets
+from gacd.models import build_classifier
 from gacd.runtime import resolve_device, seeded
-from gacd.teacher import build_classifier
 
 # (model, x, y) -> x_adv
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]

@@ -8,12 +8,16 @@ and the penultimate (pooled) features are exposed through `forward_features` for
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from gacd.registry import Registry
+
+if TYPE_CHECKING:
+    from gacd.config import ModelConfig, TeacherConfig
+    from gacd.data import DatasetSpec
 
 MODELS = Registry("model")
 
@@ -66,7 +70,8 @@ class ImageClassifier(nn.Module):
     """Normalise -> backbone -> global average pool -> linear head `fc`.
 
     Subclasses keep their layers as direct attributes, so that state-dict keys are those of the
-    reference implementations, and implement `forward_backbone`. Adaptive pooling makes every
+    reference implementations, and implement `build_backbone` (the layers; the base class adds
+    the `fc` head and initialises) and `forward_backbone`. Adaptive pooling makes every
     architecture accept any image size.
     """
 
@@ -86,9 +91,10 @@ class ImageClassifier(nn.Module):
         *,
         num_classes: int,
         in_channels: int,
-        feature_dim: int,
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
+        width: float,
+        depth: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1 or in_channels < 1:
@@ -97,8 +103,15 @@ class ImageClassifier(nn.Module):
             )
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.feature_dim = feature_dim
         self.normalize = Normalize(mean, std, in_channels)
+        self.feature_dim = self.build_backbone(in_channels, width, depth)
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+        _initialize(self)
+
+    def build_backbone(self, in_channels: int, width: float, depth: int | None) -> int:
+        """Create the backbone's layers as attributes; returns feature_dim. `depth` is None
+        unless the architecture's depth is configurable."""
+        raise NotImplementedError
 
     def forward_backbone(self, normalized: Tensor) -> Tensor:
         """Normalised images [B, C, H, W] -> feature map [B, feature_dim, H', W']."""
@@ -185,23 +198,8 @@ class SmallCNN(ImageClassifier):
 
     default_width = 32
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        width: float,
-    ) -> None:
+    def build_backbone(self, in_channels: int, width: float, depth: int | None) -> int:
         channels = _positive_int(width, "small_cnn width")
-        super().__init__(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            feature_dim=2 * channels,
-            mean=mean,
-            std=std,
-        )
         self.features = nn.Sequential(
             _conv_bn_relu(in_channels, channels),
             _conv_bn_relu(channels, channels),
@@ -209,8 +207,7 @@ class SmallCNN(ImageClassifier):
             _conv_bn_relu(channels, 2 * channels),
             _conv_bn_relu(2 * channels, 2 * channels),
         )
-        self.fc = nn.Linear(2 * channels, num_classes)
-        _initialize(self)
+        return 2 * channels
 
     def forward_backbone(self, normalized: Tensor) -> Tensor:
         return self.features(normalized)
@@ -289,28 +286,12 @@ class ResNet18(ImageClassifier):
     default_depth = 18
     default_width = 64
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        width: float,
-    ) -> None:
+    def build_backbone(self, in_channels: int, width: float, depth: int | None) -> int:
         channels = _positive_int(width, "resnet18 width")
-        super().__init__(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            feature_dim=8 * channels,
-            mean=mean,
-            std=std,
-        )
         self.conv1 = _conv3x3(in_channels, channels)
         self.bn1 = nn.BatchNorm2d(channels)
         self.layer1, self.layer2, self.layer3, self.layer4 = _residual_stages(BasicBlock, channels)
-        self.fc = nn.Linear(8 * channels, num_classes)
-        _initialize(self)
+        return 8 * channels
 
     def forward_backbone(self, normalized: Tensor) -> Tensor:
         out = nn.functional.relu(self.bn1(self.conv1(normalized)))
@@ -328,28 +309,12 @@ class PreActResNet18(ImageClassifier):
     default_depth = 18
     default_width = 64
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        width: float,
-    ) -> None:
+    def build_backbone(self, in_channels: int, width: float, depth: int | None) -> int:
         channels = _positive_int(width, "preact_resnet18 width")
-        super().__init__(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            feature_dim=8 * channels,
-            mean=mean,
-            std=std,
-        )
         self.conv1 = _conv3x3(in_channels, channels)
         self.layer1, self.layer2, self.layer3, self.layer4 = _residual_stages(PreActBlock, channels)
         self.bn = nn.BatchNorm2d(8 * channels)
-        self.fc = nn.Linear(8 * channels, num_classes)
-        _initialize(self)
+        return 8 * channels
 
     def forward_backbone(self, normalized: Tensor) -> Tensor:
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(normalized)))))
@@ -407,30 +372,14 @@ class WideResNet(ImageClassifier):
     depth_is_configurable = True
     default_width = 10
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        depth: int,
-        width: float,
-    ) -> None:
-        if depth < 10 or (depth - 4) % 6 != 0:
+    def build_backbone(self, in_channels: int, width: float, depth: int | None) -> int:
+        if depth is None or depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(
                 f"wide_resnet depth must satisfy (depth - 4) % 6 == 0 with depth >= 10 "
                 f"(e.g. 16, 28, 34, 70), got {depth}"
             )
         widen_factor = _positive_int(width, "wide_resnet width (widen factor)")
         channels = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-        super().__init__(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            feature_dim=channels[3],
-            mean=mean,
-            std=std,
-        )
         blocks_per_stage = (int(depth) - 4) // 6
         self.conv1 = _conv3x3(in_channels, channels[0])
         self.block1 = NetworkBlock(blocks_per_stage, channels[0], channels[1], 1)
@@ -438,8 +387,7 @@ class WideResNet(ImageClassifier):
         self.block3 = NetworkBlock(blocks_per_stage, channels[2], channels[3], 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU()
-        self.fc = nn.Linear(channels[3], num_classes)
-        _initialize(self)
+        return channels[3]
 
     def forward_backbone(self, normalized: Tensor) -> Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(normalized))))
@@ -501,25 +449,10 @@ class MobileNetV2(ImageClassifier):
         (6, 320, 1, 1),
     )
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        width: float,
-    ) -> None:
+    def build_backbone(self, in_channels: int, width: float, depth: int | None) -> int:
         if width <= 0:
             raise ValueError(f"mobilenet_v2 width (multiplier) must be positive, got {width}")
         feature_dim = _round_channels(1280 * max(1.0, width))
-        super().__init__(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            feature_dim=feature_dim,
-            mean=mean,
-            std=std,
-        )
         stem_channels = _round_channels(32 * width)
         self.conv1 = _conv3x3(in_channels, stem_channels)
         self.bn1 = nn.BatchNorm2d(stem_channels)
@@ -534,8 +467,7 @@ class MobileNetV2(ImageClassifier):
         self.layers = nn.Sequential(*blocks)
         self.conv2 = _conv1x1(block_in, feature_dim)
         self.bn2 = nn.BatchNorm2d(feature_dim)
-        self.fc = nn.Linear(feature_dim, num_classes)
-        _initialize(self)
+        return feature_dim
 
     def forward_backbone(self, normalized: Tensor) -> Tensor:
         out = nn.functional.relu(self.bn1(self.conv1(normalized)))
@@ -560,9 +492,9 @@ def build_model(
     Raises the registry's UnknownNameError for an unknown `arch` and ValueError for bad options.
     """
     model_class: type[ImageClassifier] = MODELS.get(arch)
-    options: dict[str, float] = {"width": model_class.default_width if width is None else width}
+    width = model_class.default_width if width is None else width
     if model_class.depth_is_configurable:
-        options["depth"] = model_class.default_depth if depth is None else depth
+        depth = model_class.default_depth if depth is None else depth
     elif depth is not None and depth != model_class.default_depth:
         configurable = [name for name in MODELS.names() if MODELS.get(name).depth_is_configurable]
         fixed = (
@@ -574,6 +506,26 @@ def build_model(
             f"model '{arch}' {fixed}, got depth={depth}; "
             f"architectures that accept a depth: {', '.join(configurable)}"
         )
+    else:
+        depth = None
     return model_class(
-        num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **options
+        num_classes=num_classes,
+        in_channels=in_channels,
+        mean=mean,
+        std=std,
+        width=width,
+        depth=depth,
+    )
+
+
+def build_classifier(model: ModelConfig | TeacherConfig, spec: DatasetSpec) -> ImageClassifier:
+    """A model for a data set, normalising with the data set's statistics unless told not to."""
+    return build_model(
+        model.arch,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        mean=spec.mean if model.normalize else None,
+        std=spec.std if model.normalize else None,
+        depth=model.depth,
+        width=model.width,
     )

@@ -125,13 +125,25 @@ def flag(value: bool) -> str:
     return str(value).lower()
 
 
+# The columns of a table of runs (`mlflow.search_runs`' naming): one per tag, param, metric.
+TAG_PREFIX, PARAM_PREFIX, METRIC_PREFIX = "tags.", "params.", "metrics."
+
+
 def tag_column(tag: str) -> str:
-    """The column of a tag in a table of runs (`mlflow.search_runs`' naming)."""
-    return f"tags.{tag}"
+    return TAG_PREFIX + tag
+
+
+def param_column(name: str) -> str:
+    return PARAM_PREFIX + name
 
 
 def metric_column(name: str) -> str:
-    return f"metrics.{name}"
+    return METRIC_PREFIX + name
+
+
+def metric_columns(columns: Iterable[str]) -> list[str]:
+    """The metric names among a table's columns, in their order."""
+    return [c.removeprefix(METRIC_PREFIX) for c in columns if c.startswith(METRIC_PREFIX)]
 
 
 # --- runs and studies -------------------------------------------------------------------------

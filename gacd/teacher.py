@@ -10,7 +10,7 @@ from torch import Tensor
 from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
 from gacd.config import ModelConfig, TeacherConfig
 from gacd.data import DatasetSpec
-from gacd.models import ImageClassifier, build_model
+from gacd.models import ImageClassifier, build_classifier
 
 
 class FrozenTeacher:
@@ -49,19 +49,6 @@ class FrozenTeacher:
     def to(self, device: torch.device) -> FrozenTeacher:
         self.model.to(device)
         return self
-
-
-def build_classifier(model: ModelConfig | TeacherConfig, spec: DatasetSpec) -> ImageClassifier:
-    """A model for a data set, normalising with the data set's statistics unless told not to."""
-    return build_model(
-        model.arch,
-        num_classes=spec.num_classes,
-        in_channels=spec.in_channels,
-        mean=spec.mean if model.normalize else None,
-        std=spec.std if model.normalize else None,
-        depth=model.depth,
-        width=model.width,
-    )
 
 
 def load_teacher(config: TeacherConfig, spec: DatasetSpec) -> FrozenTeacher:

@@ -30,10 +30,10 @@ from gacd.config import Config, ConfigError, OptimConfig
 from gacd.data import Batch, Datasets, augment, batches, load_datasets
 from gacd.evaluate import robustness_metrics, validation_metrics
 from gacd.methods import METHODS, Method
-from gacd.models import ImageClassifier
+from gacd.models import ImageClassifier, build_classifier
 from gacd.runtime import resolve_device, seed_everything
 from gacd.structure import structure_metrics
-from gacd.teacher import build_classifier, load_teacher
+from gacd.teacher import load_teacher
 from gacd.transfer import load_target, transfer_metrics
 
 State = dict[str, Any]

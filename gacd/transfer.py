@@ -28,7 +28,7 @@ from gacd.cli import add_override_argument, print_scores
 from gacd.config import Config, ConfigError, TransferConfig, flatten
 from gacd.data import Datasets, DatasetSpec, ImageSplit, batches, load_datasets
 from gacd.evaluate import robustness_metrics
-from gacd.models import ImageClassifier
+from gacd.models import ImageClassifier, build_classifier
 from gacd.runtime import resolve_device, seeded
 
 
@@ -187,7 +187,6 @@ def transfer_checkpoint(
 ) -> dict[str, float]:
     """`transfer/<attack>_acc` of the student of a project checkpoint."""
     from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
-    from gacd.teacher import build_classifier
 
     state = load_checkpoint(path)
     if not is_project_checkpoint(state):

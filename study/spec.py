@@ -33,6 +33,7 @@ from gacd.config import (
     Config,
     ConfigError,
     ConfigFileError,
+    TeacherConfig,
     build_dataclass,
     flatten,
     nest_dotted,
@@ -92,14 +93,12 @@ class ResourcesSpec:
 
 
 @dataclass
-class TeacherSpec:
-    """A teacher checkpoint, or `train`: the `gacd` config of a teacher to train first."""
+class TeacherSpec(TeacherConfig):
+    """The trials' `teacher` section (gacd's own: a checkpoint and, for a plain state dict,
+    its architecture) plus `train`: the `gacd` config of a teacher to train first. A field
+    left unset keeps what `base` says, so `normalize` has no default of its own here."""
 
-    checkpoint: str | None = None
-    arch: str | None = None
-    depth: int | None = None
-    width: float | None = None
-    normalize: bool | None = None
+    normalize: bool | None = None  # type: ignore[assignment]
     train: dict[str, Any] | None = None
 
 
@@ -179,10 +178,10 @@ class StudySpec:
     def teacher_overrides(self) -> dict[str, Any]:
         if self.teacher is None:
             return {}
-        fields = ("checkpoint", "arch", "depth", "width", "normalize")
+        names = [item.name for item in dataclasses.fields(TeacherConfig)]
         return {
             name: getattr(self.teacher, name)
-            for name in fields
+            for name in names
             if getattr(self.teacher, name) is not None
         }
 

@@ -371,9 +371,18 @@ def evaluation_tags(config: Config) -> dict[str, str]:
 
 
 def failure_reason(trial: Any) -> str:
-    """The last line of the trial's error (the exception and its message), at most 5000 chars."""
-    error = trial.get_error()
-    text = str(error) if error is not None else "unknown error"
+    """The last line of the trial's error (the exception and its message), at most 5000 chars.
+
+    Ray writes the error to the trial's driver staging folder first and copies it to the
+    study's storage later, so while the study runs the local file is the one that exists
+    (`Trial.get_error` reads storage only, and returned nothing in about one run in ten)."""
+    text = None
+    local = getattr(trial, "error_file", None)
+    if local and Path(local).is_file():
+        text = Path(local).read_text(errors="replace")
+    if not text:
+        error = trial.get_error()
+        text = str(error) if error is not None else "unknown error"
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else text)[:5000]
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from gacd.config import Config, ConfigError
 from gacd.data import Batch, batches
 from gacd.methods import ARD, CRD, RSLAD, TRADES, KnowledgeDistillation, Natural
-from gacd.teacher import build_classifier, load_teacher
+from gacd.models import build_classifier
+from gacd.teacher import load_teacher
 from gacd.train import fit
 from tests.conftest import digits_config
 

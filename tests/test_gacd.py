@@ -16,8 +16,9 @@ from gacd.contrastive import (
 from gacd.data import batches
 from gacd.memory_bank import MemoryBank
 from gacd.methods import GACD
+from gacd.models import build_classifier
 from gacd.reweight import guided_weights
-from gacd.teacher import build_classifier, load_teacher
+from gacd.teacher import load_teacher
 from tests.conftest import digits_config
 
 

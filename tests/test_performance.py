@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from gacd.contrastive import MemoryBankContrast
 from gacd.data import load_datasets
-from gacd.teacher import build_classifier, load_teacher
+from gacd.models import build_classifier
+from gacd.teacher import load_teacher
 from gacd.train import fit
 from tests.conftest import digits_config
 
