@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Local Ray instances bind to 127.0.0.1 only (Linux): no port opens to the network.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean benchmark benchmark-ablation fashion-mnist-data
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,41 @@ demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/python -m study.run search_spaces/digits.yaml $(DEMO_ARGS)
 	$(BIN)/python -m study.run search_spaces/digits_ablation.yaml $(DEMO_ARGS)
+
+# The paper's experiments on Fashion-MNIST (search_spaces/fashion_mnist*.yaml, figures in
+# docs/benchmarks/fashion_mnist.md). BUDGET=cpu (default: 2 CPU cores, about 90 minutes per
+# target) or BUDGET=full (the whole training set, 30 epochs, every test image, a quarter of a
+# GPU per trial). An interrupted target continues where it stopped when run again.
+BUDGET ?= cpu
+BENCH := runs/benchmark-$(BUDGET)
+BENCH_ARGS := --budget $(BUDGET) --storage $(BENCH)/ray_results \
+	--tracking-uri sqlite:///$(CURDIR)/$(BENCH)/mlflow.db
+resume = $(if $(wildcard $(BENCH)/ray_results/$(1)/gacd_study.json),--resume,)
+FASHION_DEB := /usr/share/datasets/fashion-mnist
+benchmark: install fashion-mnist-data
+	mkdir -p $(BENCH)
+	$(BIN)/python -m study.run search_spaces/fashion_mnist_baselines.yaml $(BENCH_ARGS) \
+		$(call resume,fashion_mnist_baselines)
+
+benchmark-ablation: install fashion-mnist-data
+	mkdir -p $(BENCH)
+	$(BIN)/python -m study.run search_spaces/fashion_mnist.yaml $(BENCH_ARGS) \
+		$(call resume,fashion_mnist_search)
+	$(BIN)/python -m study.run search_spaces/fashion_mnist_ablation.yaml $(BENCH_ARGS) \
+		$(call resume,fashion_mnist_ablation)
+
+# Fashion-MNIST's idx files: in data/ already, or Debian's package (installed here when this
+# runs as root with apt-get), or a message saying what to run.
+fashion-mnist-data:
+	@if [ -d $(FASHION_DEB) ] || ls data/FashionMNIST/raw/train-images-idx3-ubyte* >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y dataset-fashion-mnist || \
+		(apt-get update && apt-get install -y dataset-fashion-mnist); \
+	else \
+		echo "Fashion-MNIST is not here: run 'sudo apt-get install dataset-fashion-mnist'" \
+			"(Debian, Ubuntu), or put its four idx files in data/FashionMNIST/raw/" >&2; \
+		exit 2; \
+	fi
 
 lint: install
 	$(BIN)/ruff check .

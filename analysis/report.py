@@ -70,6 +70,39 @@ def ablation_section(study: Study, checkpoint: str) -> list[str]:
     ]
 
 
+def teacher_section(study: Study) -> list[str]:
+    """The teacher's own test metrics (its run in MLflow, linked from the study's run), so
+    that the students' rows can be read against the model they distil."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(study.tracking_uri)
+    teacher_run = client.get_run(study.parent_run_id).data.tags.get(schema.TAG_TEACHER_RUN)
+    if teacher_run is None:
+        return []
+    run = client.get_run(teacher_run)
+    shown = {
+        name: value
+        for name, value in sorted(run.data.metrics.items())
+        if name.split("/")[0] in ("test", "test" + schema.BEST)
+    }
+    if not shown:
+        return []
+    params = run.data.params
+    model = f"{params.get('method')}, {params.get('student.arch')}"
+    width = params.get("student.width")
+    model += f" width {float(width):g}" if width not in (None, "None") else ""
+    table = pd.DataFrame([shown], index=["teacher"]).to_markdown(floatfmt=".3f")
+    return [
+        "## The teacher",
+        "",
+        f"{model}, {params.get('optim.epochs')} epochs (MLflow run `{teacher_run}`); its test "
+        "metrics, measured as the students' are:",
+        "",
+        table,
+        "",
+    ]
+
+
 def search_noise(study: Study) -> list[str]:
     """How far apart the trials are against how precisely each was measured."""
     trials = top_trials(study.runs, study.metric, study.maximize, top=10_000)
@@ -110,6 +143,7 @@ def write_report(
         "",
     ]
     if study.mode == "ablation":
+        lines += teacher_section(study)
         for shown in ("last", "best") if checkpoint == "both" else (checkpoint,):
             lines += ablation_section(study, shown)
     else:

@@ -145,8 +145,12 @@ class EvalConfig:
     cw: bool = True
     # AutoAttack (standard) runs in final evaluations when `pyautoattack` is installed.
     autoattack: bool = True
-    # Evaluate at most this many samples of a split (None: all).
+    # Evaluate at most this many samples of a split (None: all): its first ones (the test
+    # split in its published order, the validation split in its seeded order).
     max_samples: int | None = None
+    # AutoAttack on at most this many of those (None: as many as the other attacks); the
+    # fixed first ones of the split, for budgets where the whole evaluation set is too slow.
+    autoattack_samples: int | None = None
 
 
 @dataclass
@@ -566,13 +570,10 @@ def validate_eval(evaluation: EvalConfig) -> None:
         steps = getattr(evaluation, name)
         require(steps >= 1, f"eval.{name}", "an integer >= 1", steps)
     require(evaluation.cw_kappa > 0, "eval.cw_kappa", "a number > 0", evaluation.cw_kappa)
-    if evaluation.max_samples is not None:
-        require(
-            evaluation.max_samples >= 1,
-            "eval.max_samples",
-            "an integer >= 1",
-            evaluation.max_samples,
-        )
+    for name in ("max_samples", "autoattack_samples"):
+        value = getattr(evaluation, name)
+        if value is not None:
+            require(value >= 1, f"eval.{name}", "an integer >= 1 (or null: all)", value)
 
 
 def validate_contrastive(config: Config) -> None:

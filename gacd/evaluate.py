@@ -110,13 +110,23 @@ def robustness_metrics(
     prefix: str = "test",
     seed: int = 0,
 ) -> dict[str, float]:
-    """Clean, FGSM, PGD-`pgd_steps`, CW-inf and AutoAttack accuracy: `test/<attack>_acc`."""
+    """Clean, FGSM, PGD-`pgd_steps`, CW-inf and AutoAttack accuracy: `test/<attack>_acc`
+    (AutoAttack on the first `eval.autoattack_samples` of the samples the others see)."""
     return {
         schema.accuracy(prefix, name): accuracy(
-            model, split, attack, batch_size, device, evaluation.max_samples, seed
+            model, split, attack, batch_size, device, samples(evaluation, name), seed
         )
         for name, attack in attack_suite(evaluation, seed).items()
     }
+
+
+def samples(evaluation: EvalConfig, attack: str) -> int | None:
+    """How many of a split's first samples `attack` is measured on (None: all)."""
+    limits = [evaluation.max_samples]
+    if attack == "autoattack":
+        limits.append(evaluation.autoattack_samples)
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
 
 
 # --- command line -----------------------------------------------------------------------------

@@ -102,6 +102,7 @@ TAG_ROLE = "role"  # one of the ROLE_* values
 ROLE_STUDY, ROLE_TRIAL, ROLE_TEACHER = "study", "trial", "teacher"
 TAG_STUDY = "study"
 TAG_MODE = "mode"  # search | ablation
+TAG_BUDGET = "budget"  # the study file's budget applied (`--budget`), when one was
 TAG_METRIC = "metric"
 TAG_DIRECTION = "direction"  # max | min
 TAG_VARIANT = "variant"

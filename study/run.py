@@ -97,7 +97,8 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
     resources = spec.resources
     lines = [
         f"study      {spec.name} ({study.mode}), {trial_count(spec)} trials, "
-        f"{study.metric} ({study.direction})",
+        f"{study.metric} ({study.direction})"
+        + (f", budget {study.budget}" if study.budget else ""),
         f"resources  {resources.cpus_per_trial:g} CPU, {resources.gpus_per_trial:g} GPU per "
         f"trial; at most {study.max_concurrent or 'as many as fit'} at once; "
         f"{study.max_failures} retries",
@@ -113,7 +114,9 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
     config = spec.trial_config(first_trial(spec))
     lines.append(
         f"trial      {config.method} on {config.data.name}, {config.student.arch} student, "
-        f"{config.optim.epochs} epochs, evaluated at epsilon {config.eval.epsilon:.4g}"
+        f"{config.optim.epochs} epochs on {config.data.train_subset or 'all'} training "
+        f"images, evaluated at epsilon {config.eval.epsilon:.4g} on "
+        f"{config.eval.max_samples or 'all'} images"
     )
     if spec.teacher is not None:
         source = "trained first, cached at" if spec.teacher.train else "checkpoint"
@@ -215,8 +218,24 @@ def concurrency(spec: StudySpec, resources: dict[str, float], num_cpus, num_gpus
     return min(limits) if limits else None
 
 
-def ensure_teacher(spec: StudySpec, tracking, commit: str) -> str | None:
-    """Train the study's teacher once, as a Ray task with a trial's resources; log it once."""
+def teacher_cpus(spec: StudySpec, max_concurrent: int | None) -> float:
+    """CPUs for the teacher's task: those the concurrent trials will share once it is done
+    (nothing else runs meanwhile), at most one node's (a task runs on one node), at least a
+    trial's."""
+    import ray
+
+    per_trial = spec.resources.cpus_per_trial
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    largest = max(node_cpus, default=per_trial)
+    wanted = per_trial * max_concurrent if max_concurrent else largest
+    return max(per_trial, float(math.floor(min(wanted, largest))))
+
+
+def ensure_teacher(
+    spec: StudySpec, tracking, commit: str, max_concurrent: int | None = None
+) -> str | None:
+    """Train the study's teacher once, as a Ray task with the CPUs its trials will use and a
+    trial's GPUs; log it once."""
     import ray
 
     from study.trainable import teacher_is_trained, train_teacher
@@ -232,7 +251,7 @@ def ensure_teacher(spec: StudySpec, tracking, commit: str) -> str | None:
         print(
             f"teacher: training {config.method} {config.student.arch} -> {checkpoint}", flush=True
         )
-        cpus, gpus = spec.resources.cpus_per_trial, spec.resources.gpus_per_trial
+        cpus, gpus = teacher_cpus(spec, max_concurrent), spec.resources.gpus_per_trial
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=spec.study.max_failures)(
             train_teacher
         )
@@ -269,8 +288,9 @@ def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     saved = json.loads((path / schema.SPEC_FILE).read_text())
     if saved["source"] != spec_source(spec):
         raise StudyError(
-            f"--resume: the study file differs from the one study {spec.name!r} started with "
-            f"(saved in {path / schema.SPEC_FILE}); resume with that file, or start a new --name"
+            f"--resume: the study file (or --budget) differs from the one study {spec.name!r} "
+            f"started with (saved in {path / schema.SPEC_FILE}); resume with that file and "
+            "budget, or start a new --name"
         )
     return load_study_spec(path, teachers)
 
@@ -430,7 +450,7 @@ def run_on_ray(
     tracking, commit = Tracking(paths.tracking_uri), git_commit()
     if not args.resume and spec.study.mode == "ablation":
         resolve_reference(spec, paths)
-    teacher_run = ensure_teacher(spec, tracking, commit)
+    teacher_run = ensure_teacher(spec, tracking, commit, max_concurrent)
     experiment_id, parent_run = tracking.study_run(spec, commit, args.resume)
     if teacher_run is not None:
         tracking.client.set_tag(parent_run, schema.TAG_TEACHER_RUN, teacher_run)
@@ -509,6 +529,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--optuna-storage", help="Optuna's database (default: optuna.db beside mlflow.db)"
     )
     parser.add_argument("--name", help="the study's name (default: study.name in the file)")
+    parser.add_argument(
+        "--budget",
+        help="apply this entry of the file's budgets section (e.g. full: the whole training "
+        "set, more epochs, AutoAttack on every test image); default: the file's study.budget",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
     parser.add_argument(
         "--dry-run", action="store_true", help="validate the file and print the plan; run nothing"
@@ -521,7 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = study_paths(args.storage, args.tracking_uri, args.optuna_storage)
         spec = read_study_file(
-            args.file, args.name, args.num_samples, args.max_concurrent, paths.teachers
+            args.file,
+            args.name,
+            args.num_samples,
+            args.max_concurrent,
+            paths.teachers,
+            args.budget,
         )
         if args.dry_run:
             print(describe(spec, paths, args.address))

@@ -84,6 +84,9 @@ class StudySection:
     max_failures: int = 2
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    # The entry of the file's `budgets` applied (`--budget` chooses another; None: the file
+    # as written).
+    budget: str | None = None
 
 
 @dataclass
@@ -216,8 +219,12 @@ def read_study_file(
     num_samples: int | None = None,
     max_concurrent: int | None = None,
     teacher_cache: Path | None = None,
+    budget: str | None = None,
 ) -> StudySpec:
     """Read, validate and resolve a study file; errors name the file and the dotted key.
+
+    `budget` names an entry of the file's `budgets` section (default: its `study.budget`),
+    whose dotted keys replace the file's values before anything else is read.
 
     Relative paths in it (data folders, teacher checkpoints) are taken from the current
     directory and made absolute here, since every trial runs in a directory of its own.
@@ -226,10 +233,56 @@ def read_study_file(
     if not isinstance(raw, dict):
         raise ConfigFileError(str(path), f"expected a mapping of study sections, got {raw!r}")
     try:
+        raw = apply_budget(raw, budget)
         spec = spec_from_dict(raw, name, num_samples, max_concurrent, teacher_cache)
     except ConfigError as error:
         raise ConfigFileError(str(path), str(error)) from error
     return spec
+
+
+# The sections a budget may change: what to train and how long, not what is searched or
+# compared (`search` and `ablation.variants` are keyed by dotted config keys themselves).
+BUDGET_SECTIONS = ("study", "resources", "teacher", "base", "ablation.seeds")
+
+
+def apply_budget(raw: dict[str, Any], budget: str | None) -> dict[str, Any]:
+    """The study file with its `budgets[budget]` applied and the `budgets` section removed;
+    `study.budget` records the name (None: no budget applied)."""
+    raw = copy.deepcopy(raw)
+    budgets = raw.pop("budgets", None) or {}
+    require(
+        isinstance(budgets, dict) and all(isinstance(v, dict) for v in budgets.values()),
+        "budgets",
+        "a mapping of budget names to mappings of dotted keys (base.optim.epochs: 30)",
+        budgets,
+    )
+    for name, changes in budgets.items():  # every budget's keys, whichever is applied
+        for key in changes:
+            require(
+                any(
+                    str(key) == part or str(key).startswith(part + ".") for part in BUDGET_SECTIONS
+                ),
+                f"budgets.{name}.{key}",
+                f"a dotted key under {', '.join(BUDGET_SECTIONS)}",
+            )
+    study = raw.get("study")
+    if budget is None and isinstance(study, dict):
+        budget = study.get("budget")
+    if budget is None:
+        return raw
+    require(
+        budget in budgets,
+        "budget",
+        f"one of this file's budgets ({', '.join(budgets) or 'it has none'})",
+        budget,
+    )
+    for section in ("base", "teacher"):
+        if isinstance(raw.get(section), dict):
+            raw[section] = nest_dotted(raw[section])
+    for key, value in budgets[budget].items():
+        set_dotted(raw, str(key), value)
+    set_dotted(raw, "study.budget", budget)
+    return raw
 
 
 def spec_from_dict(

@@ -129,6 +129,8 @@ class Tracking:
         }
         if spec.study.mode == "ablation":
             tags[schema.TAG_VARIANTS] = json.dumps(list(spec.variants()))
+        if spec.study.budget is not None:
+            tags[schema.TAG_BUDGET] = spec.study.budget
         run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
         self.client.log_dict(run.info.run_id, spec.to_dict(), "study.json")
         return experiment_id, run.info.run_id

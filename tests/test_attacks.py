@@ -199,6 +199,12 @@ def test_autoattack_is_at_least_as_strong_as_pgd(digits, natural_model):
     auto = accuracy(natural_model, digits.test, suite["autoattack"], 64, device, limit=64)
     pgd = accuracy(natural_model, digits.test, suite["pgd"], 64, device, limit=64)
     assert auto <= pgd + 1e-9
+    # eval.autoattack_samples: AutoAttack on the first 24 of the 64 the other attacks see
+    config.eval.autoattack_samples = 24
+    metrics = robustness_metrics(natural_model, digits.test, config.eval, 64, device)
+    first = accuracy(natural_model, digits.test, suite["autoattack"], 64, device, limit=24)
+    assert metrics["test/autoattack_acc"] == first
+    assert metrics["test/pgd_acc"] == pgd and metrics["test/clean_acc"] > first
 
 
 def test_evaluation_is_reproducible_and_leaves_the_random_state_alone(digits, natural_model):

@@ -67,6 +67,8 @@ def test_resolved_config_round_trips():
         ({"negatives.source": "bank"}, "negatives.source", "memory_bank"),
         ({"data": 3}, "data", "a mapping"),
         ({"device": "tpu"}, "device", "cuda"),
+        ({"eval.autoattack_samples": 0}, "eval.autoattack_samples", ">= 1 (or null: all)"),
+        ({"data.name": "fashion-mnist"}, "data.name", "fashion_mnist"),
     ],
 )
 def test_bad_values_name_the_dotted_key(values, key, fragment):

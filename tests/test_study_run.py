@@ -373,6 +373,15 @@ def test_digits_baselines_runs_every_method_with_transfer_and_structure_metrics(
     assert runs["metrics.test/cka_clean"].between(0, 1.0001).all()
     out = capsys.readouterr().out
     assert "transfer/pgd_acc" in out and "test/cka_clean" in out and "| rslad" in out
+    # the report shows the teacher's own test metrics, as its MLflow run holds them
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    teacher = load_runs(uri, "gacd-teachers", role="teacher").iloc[0]
+    parent = load_runs(uri, "digits_baselines", role="study").run_id[0]
+    folder = MlflowClient(uri).download_artifacts(parent, "report", str(tmp_path / "got"))
+    report = (Path(folder) / "report.md").read_text()
+    section = report.split("## The teacher")[1].split("## ")[0]
+    assert teacher.run_id in section and "pgd_at, small_cnn width 32" in section
+    assert f"{teacher['metrics.test/pgd_acc']:.3f}" in section
 
 
 def test_a_local_ray_instance_listens_on_127_0_0_1_only():

@@ -140,6 +140,22 @@ def test_a_search_never_sees_the_test_split_and_pins_the_evaluation_budget():
         ({"teacher": {"train": {"method": "pgd_at", "attack": {"steps": 0}}}}, "'teacher.train"),
         ({"teacher": {}}, "'teacher': expected either checkpoint"),
         ({"ablation": {"seeds": [0]}}, "'ablation': expected no ablation section"),
+        ({"budgets": {"full": 3}}, "'budgets': expected a mapping of budget names"),
+        (
+            {"budgets": {"full": {"search.tau.low": 0.1}}},
+            "'budgets.full.search.tau.low': expected a dotted key under study, resources",
+        ),
+        (
+            {"study": {"name": "unit", "budget": "ful"}, "budgets": {"full": {}}},
+            "'budget': expected one of this file's budgets (full), got 'ful'",
+        ),
+        (
+            {
+                "budgets": {"full": {"base.optim.epochs": 0}},
+                "study": {"name": "u", "budget": "full"},
+            },
+            "'base.optim.epochs'",
+        ),
     ],
 )
 def test_bad_study_files_fail_with_the_file_and_dotted_key(tmp_path, capsys, change, fragment):
@@ -339,3 +355,41 @@ def test_shipped_digits_studies_measure_validation_finely_enough_to_rank_trials(
     )
     samples = len(load_datasets(config.data, config.seed).val)
     assert (0.25 / samples) ** 0.5 < 0.035, samples
+
+
+def test_a_budget_replaces_the_file_s_values_and_is_recorded(tmp_path, capsys):
+    spec = digits_search(
+        base={
+            "data": {"name": "digits", "train_subset": 500},
+            "optim.epochs": 4,
+            "attack": {"epsilon": 0.1, "steps": 2},
+        },
+        teacher={"train": {"method": "pgd_at", "optim": {"epochs": 3}}},
+        budgets={
+            "full": {
+                "base.data.train_subset": None,
+                "base.optim.epochs": 9,
+                "teacher.train.optim.epochs": 7,
+                "study.num_samples": 5,
+            }
+        },
+    )
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    as_written = read_study_file(path, teacher_cache=tmp_path)
+    assert as_written.study.budget is None and as_written.study.num_samples == 2
+    assert as_written.trial_config({}).optim.epochs == 4
+    full = read_study_file(path, teacher_cache=tmp_path, budget="full")
+    config = full.trial_config({})
+    assert full.study.budget == "full" and full.study.num_samples == 5
+    assert config.optim.epochs == 9 and config.data.train_subset is None
+    assert config.attack.steps == 2  # what the budget leaves alone stays
+    assert full.teacher_training_config().optim.epochs == 7
+    assert full.teacher.checkpoint != as_written.teacher.checkpoint  # another teacher's cache
+    code, _ = run_main(tmp_path, str(path), "--dry-run", "--budget", "full")
+    out = capsys.readouterr().out
+    assert code == 0 and "budget full" in out and "9 epochs on all training images" in out
+    code, _ = run_main(tmp_path, str(path), "--dry-run", "--budget", "tiny")
+    assert code == 2 and "'budget': expected one of this file's budgets (full)" in (
+        capsys.readouterr().err
+    )

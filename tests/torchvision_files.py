@@ -1,4 +1,4 @@
-"""Small CIFAR and STL-10 folders in torchvision's real on-disk format.
+"""Small CIFAR, STL-10 and (Fashion-)MNIST folders in their real on-disk formats.
 
 torchvision checks each file's MD5 against the published archives; the tests register the
 MD5s of the small files they write (`monkeypatch`), so the real loading code runs unchanged.
@@ -6,6 +6,7 @@ MD5s of the small files they write (`monkeypatch`), so the real loading code run
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from pathlib import Path
 
@@ -67,3 +68,31 @@ def write_stl10(root: Path, monkeypatch, count: int = 12) -> None:
     (folder / STL10.class_names_file).write_text("\n".join(str(i) for i in range(10)))
     monkeypatch.setattr(STL10, "train_list", train)
     monkeypatch.setattr(STL10, "test_list", test)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """LeCun's idx format: 0, 0, 0x08 (unsigned bytes), the number of dimensions, each dimension
+    as a big-endian int32, then the bytes; gzipped when `path` ends in .gz."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(size).to_bytes(4, "big") for size in array.shape
+    )
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as file:
+        file.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_idx_dataset(
+    folder: Path, train: int = 30, test: int = 12, gz: bool = True, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The four files of MNIST / Fashion-MNIST with random 28x28 images; returns the arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, test, dtype=np.uint8),
+    }
+    for stem, array in arrays.items():
+        write_idx(folder / (f"{stem}.gz" if gz else stem), array)
+    return arrays
