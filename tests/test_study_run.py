@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from analysis.runs import load_runs
 from gacd import schema
 from study.run import main
+from study.spec import spec_from_dict
 from tests.conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,5 +395,29 @@ def test_a_local_ray_instance_listens_on_127_0_0_1_only():
         resources = connect(None, num_cpus=1, num_gpus=0)
         assert "node:127.0.0.1" in resources and resources["CPU"] == 1
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    finally:
+        ray.shutdown()
+
+
+def test_the_teacher_s_task_takes_the_cpus_its_trials_will_share(ray_cluster):
+    """The teacher trains before any trial starts: it gets the CPUs of the concurrent trials
+    (at most one node's, at least a trial's), not one trial's share with the rest idle."""
+    import ray
+
+    from study.run import connect, teacher_cpus
+
+    spec = spec_from_dict(
+        {
+            "study": {"name": "cpus", "mode": "ablation", "metric": "test/pgd_acc"},
+            "teacher": {"checkpoint": "teacher.pt"},
+            "base": digits_base(epochs=1),
+            "ablation": {"seeds": [0]},
+        }
+    )
+    try:
+        connect(ray_cluster, None, None)  # the 2-CPU head node
+        assert [teacher_cpus(spec, n) for n in (1, 2, 5, None)] == [1, 2, 2, 2]
+        spec.resources.cpus_per_trial = 0.5
+        assert [teacher_cpus(spec, n) for n in (1, 2, 4)] == [0.5, 1, 2]
     finally:
         ray.shutdown()
