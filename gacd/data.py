@@ -288,12 +288,16 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
+def idx_candidates(config: DataConfig, name: str) -> list[Path]:
+    """The folders where `name`'s idx files are looked for, in order."""
+    root = Path(config.data_dir).expanduser()
+    return [root, *(root / folder for folder in IDX_FOLDERS[name])]
+
+
 def find_idx_folder(config: DataConfig, name: str) -> Path | None:
     """The first folder holding all four idx files of `name` (each gzipped or not)."""
-    root = Path(config.data_dir).expanduser()
-    candidates = [root, *(root / folder for folder in IDX_FOLDERS[name])]
-    for folder in candidates:
-        stems = [stem for files in IDX_FILES.values() for stem in files]
+    stems = [stem for files in IDX_FILES.values() for stem in files]
+    for folder in idx_candidates(config, name):
         if all(idx_path(folder, stem) is not None for stem in stems):
             return folder
     return None
@@ -335,11 +339,10 @@ def load_idx(
         factory(root=config.data_dir, train=False, download=True)
         folder = find_idx_folder(config, name)
     if folder is None:
-        root = Path(config.data_dir)
-        looked = [str(root), *(str(root / folder) for folder in IDX_FOLDERS[name])]
+        looked = ", ".join(str(folder) for folder in idx_candidates(config, name))
         raise DatasetNotFoundError(
             f"data set '{name}' is not in data.data_dir={config.data_dir!r} "
-            f"(looked in {', '.join(looked)}): {IDX_HELP[name]}"
+            f"(looked in {looked}): {IDX_HELP[name]}"
         )
     train = idx_split(folder, True, name)
     test = idx_split(folder, False, name) if with_test else None
