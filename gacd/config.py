@@ -233,6 +233,10 @@ class TransferConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 256
+    # AutoAttack on the transferred pipeline (None: as `eval.autoattack`). Its figure costs
+    # as much as the test split's AutoAttack again; budgets that cannot afford both turn this
+    # one off and keep clean, FGSM, PGD and CW-inf for the transfer.
+    autoattack: bool | None = None
 
 
 @dataclass

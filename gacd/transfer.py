@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -134,10 +135,13 @@ def transfer_metrics(
         frozen, target.train, target.spec.num_classes, config.transfer, device, config.seed
     )
     pipeline = TransferredClassifier(frozen, probe).to(device)
+    evaluation = config.eval
+    if config.transfer.autoattack is not None:
+        evaluation = dataclasses.replace(evaluation, autoattack=config.transfer.autoattack)
     return robustness_metrics(
         pipeline,
         target.test,
-        config.eval,
+        evaluation,
         config.transfer.data.eval_batch_size,
         device,
         prefix=schema.TRANSFER,

@@ -8,7 +8,14 @@ from gacd.checkpoint import save_checkpoint
 from gacd.config import Config, ConfigError, DataConfig
 from gacd.data import load_datasets
 from gacd.train import fit
-from gacd.transfer import TransferredClassifier, fit_probe, freeze, main
+from gacd.transfer import (
+    TransferredClassifier,
+    fit_probe,
+    freeze,
+    load_target,
+    main,
+    transfer_metrics,
+)
 from tests.conftest import digits_config
 
 FIRST_HALF = [0, 1, 2, 3, 4]
@@ -157,3 +164,30 @@ def test_a_28x28_run_trains_on_idx_files_and_transfers_to_the_embedded_mnist(tmp
     # a linear probe on even a barely trained student's features reads real digits well
     # above chance (0.1)
     assert metrics[schema.accuracy("transfer", "clean")] > 0.3, metrics
+
+
+@pytest.mark.parametrize(("switch", "attacked"), [(None, True), (False, False), (True, True)])
+def test_transfer_autoattack_follows_eval_unless_set(transferred, switch, attacked):
+    """`transfer.autoattack` turns the pipeline's AutoAttack off (or on) alone; unset, the
+    transfer is attacked as the test split is."""
+    config = transfer_config(
+        **{
+            "eval.autoattack": True,
+            "eval.max_samples": 16,
+            "eval.fgsm": False,
+            "transfer.epochs": 2,
+            "transfer.autoattack": switch,
+        }
+    )
+    target = load_target(config, load_datasets(config.data, 0).spec)
+    metrics = transfer_metrics(transferred.method.student, target, config, CPU)
+    autoattack = schema.accuracy(schema.TRANSFER, "autoattack")
+    assert (autoattack in metrics) == attacked, metrics
+    assert schema.TRANSFER_PGD_ACC in metrics
+    if attacked:
+        assert metrics[autoattack] <= metrics[schema.TRANSFER_PGD_ACC]
+
+
+def test_transfer_autoattack_must_be_a_switch():
+    with pytest.raises(ConfigError, match="transfer.autoattack"):
+        Config.from_dict({"method": "natural", "transfer.autoattack": "sometimes"})
