@@ -13,14 +13,14 @@ are reduced: `batch_mean` divides the summed KL by the batch size, `element_mean
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gacd import attacks
-from gacd.config import Config, CRDConfig, NegativesConfig
+from gacd.config import Config, CRDConfig, NegativesConfig, flatten
 from gacd.contrastive import EmbeddingHead, InBatchContrast, MemoryBankContrast
 from gacd.data import Batch
 from gacd.losses import distillation_kl, reduce_kl, self_kl
@@ -41,6 +41,9 @@ class Method(nn.Module):
     default_student_mode: ClassVar[str] = "eval"
     # The `attack.objective` values this method runs; any other is refused at config time.
     objectives: ClassVar[tuple[str, ...]] = ("ce",)
+    # The top-level config keys of its own terms (beside data, model, optim and evaluation):
+    # what a run's logged parameters include for it.
+    settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -95,6 +98,7 @@ class TRADES(Method):
     default_objective = "trades"
     objectives = ("trades",)
     default_start = "gaussian"
+    settings = ("trades_beta",)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         target = eval_logits(self.student, batch.x)
@@ -151,6 +155,17 @@ class GACD(Method):
     uses_teacher = True
     default_objective = "contrastive"
     objectives = ("contrastive", "ce", "kl")
+    settings = (
+        "tau",
+        "anchor",
+        "embed_dim",
+        "negatives",
+        "reweight",
+        "alpha",
+        "beta",
+        "lambda_kd",
+        "kd_temperature",
+    )
 
     def __init__(
         self,
@@ -223,6 +238,7 @@ class KnowledgeDistillation(Method):
     """
 
     uses_teacher = True
+    settings = ("kd",)
     adversarial = False
     default_objective = "none"
     objectives = ("none",)
@@ -249,6 +265,7 @@ class CRD(Method):
     """
 
     uses_teacher = True
+    settings = ("crd",)
     adversarial = False
     default_objective = "none"
     objectives = ("none",)
@@ -289,6 +306,7 @@ class ARD(Method):
     """
 
     uses_teacher = True
+    settings = ("ard",)
     default_student_mode = "train"
     objectives = ("ce", "kl")
 
@@ -322,6 +340,7 @@ class RSLAD(Method):
     """
 
     uses_teacher = True
+    settings = ("rslad",)
     default_objective = "kl"
     default_start = "gaussian"
     objectives = ("kl", "ce")
@@ -350,3 +369,35 @@ class RSLAD(Method):
         """`KL(p_T(x) || p_S(inputs))`, reduced as `rslad.kl_reduction` says."""
         per_sample = distillation_kl(self.student(inputs), teacher_logits, 1.0)
         return reduce_kl(per_sample, teacher_logits.shape[1], self.config.rslad.kl_reduction)
+
+
+# Config keys every run reads; `attack`, `teacher` and `transfer` only where they are used.
+COMMON_SETTINGS = (
+    "seed",
+    "method",
+    "precision",
+    "memory_format",
+    "compile",
+    "final",
+    "data",
+    "student",
+    "optim",
+    "eval",
+)
+
+
+def run_settings(config: Config) -> dict[str, Any]:
+    """The flattened config keys that affect a run of `config.method`: the common ones, its
+    own terms (`Method.settings`), the attack of an adversarial method, the teacher of one that
+    distils, the transfer when it has a target; not other methods' sections, nor `device`
+    (the device a run used is known only where it runs)."""
+    method = METHODS.get(config.method)
+    keys = [*COMMON_SETTINGS, *method.settings]
+    if method.adversarial:
+        keys.append("attack")
+    if method.uses_teacher:
+        keys.append("teacher")
+    if config.transfer.data is not None:
+        keys.append("transfer")
+    values = config.to_dict()
+    return flatten({key: values[key] for key in keys})

@@ -72,7 +72,17 @@ TRANSFER_PGD_ACC = accuracy(TRANSFER, "pgd")
 
 # Every family a metric may belong to (the part before the first `/`), and the names without one.
 SPLITS = ("train", "val", "test", "transfer", "time")
-FAMILIES = SPLITS + tuple(split + BEST for split in ("test", "transfer"))
+# The study's parent run: its result (`study/best_value`) and its trials by how they ended.
+STUDY = "study"
+STUDY_BEST_VALUE = f"{STUDY}/best_value"
+FAMILIES = SPLITS + tuple(split + BEST for split in ("test", "transfer")) + (STUDY,)
+
+
+def trials_metric(state: str) -> str:
+    """`study/trials_complete`, `study/trials_stopped_early`, `study/trials_failed`."""
+    return f"{STUDY}/trials_{state.replace(' ', '_')}"
+
+
 UNPREFIXED = (EPOCH, LR)
 
 
@@ -114,10 +124,18 @@ TAG_CONFIG_HASH = "config_hash"
 TAG_OVERRIDES = "overrides"  # JSON: the variant's overrides, or the searched values
 TAG_FULL_BUDGET = "full_budget"  # "true" | "false"
 TAG_FAILURE = "failure"
+# How a trial ended, as the runs table shows it (MLflow has no status for "stopped early").
+TAG_STATE = "state"
+STATE_COMPLETE, STATE_STOPPED, STATE_FAILED = "complete", "stopped early", "failed"
 TAG_AUTOATTACK = "autoattack"  # final runs: the version AutoAttack ran (targets it aimed at)
 TAG_TEACHER_RUN = "teacher_run_id"
+TAG_BEST = "best"  # on the study's run: the trial or variant holding `study/best_value`
 TAG_TEACHER_CHECKPOINT = "teacher_checkpoint"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
+# What MLflow's UI shows as a run's Source and User.
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_USER = "mlflow.user"
 TAG_PARENT = "mlflow.parentRunId"
 
 

@@ -51,6 +51,8 @@ SEED_KEY = "seed"
 OPTUNA_NUMBER_KEY = "optuna_trial_number"
 # Reported with every epoch, so a scheduler's early stop can be told from a full run.
 EPOCHS_TOTAL = "epochs_total"
+# The device a trial ran on, in its results (the config may say only `auto`).
+RESULT_DEVICE = "device"
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

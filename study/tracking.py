@@ -10,6 +10,7 @@ retried trial keeps one run, and an epoch already logged is not logged again.
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import math
 import subprocess
@@ -25,8 +26,10 @@ from ray import tune
 from gacd import schema
 from gacd.checkpoint import load_checkpoint
 from gacd.config import Config, flatten
+from gacd.methods import run_settings
 from study.spec import (
     OPTUNA_NUMBER_KEY,
+    RESULT_DEVICE,
     VARIANT_KEY,
     StudyError,
     StudySpec,
@@ -34,6 +37,10 @@ from study.spec import (
 )
 
 TEACHERS_EXPERIMENT = "gacd-teachers"
+# MLflow 3's UI opens an experiment on the page its kind names; unmarked ones land on the
+# GenAI overview (traces) instead of the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 MAX_PARAMS_PER_BATCH = 100
 # While MLflow is down, try it again at most this often (the study never waits on it).
 RETRY_AFTER_OUTAGE_S = 30.0
@@ -53,6 +60,21 @@ def git_commit() -> str:
         return result.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """Source, user and commit of a run, as MLflow's UI shows them (the client's `create_run`
+    sets none of them; the fluent API would, from the driver's context)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = "unknown"
+    return {
+        schema.TAG_SOURCE_NAME: "study.run",
+        schema.TAG_SOURCE_TYPE: "LOCAL",
+        schema.TAG_USER: user,
+        schema.TAG_GIT_COMMIT: commit,
+    }
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -94,10 +116,16 @@ class Tracking:
     def experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before experiments were marked
+                self.client.set_experiment_tag(
+                    experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
             return experiment.experiment_id
         location = artifact_root(self.uri)
         location = f"{location}/{name}" if location else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
 
     def find_runs(self, experiment_id: str, **tags: str) -> list[Any]:
         clauses = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
@@ -125,7 +153,7 @@ class Tracking:
             schema.TAG_MODE: spec.study.mode,
             schema.TAG_METRIC: spec.study.metric,
             schema.TAG_DIRECTION: spec.study.direction,
-            schema.TAG_GIT_COMMIT: commit,
+            **source_tags(commit),
         }
         if spec.study.mode == "ablation":
             tags[schema.TAG_VARIANTS] = json.dumps(list(spec.variants()))
@@ -169,11 +197,11 @@ class Tracking:
             schema.TAG_ROLE: schema.ROLE_TEACHER,
             schema.TAG_CONFIG_HASH: key,
             schema.TAG_TEACHER_CHECKPOINT: str(checkpoint),
-            schema.TAG_GIT_COMMIT: commit,
+            **source_tags(commit),
         }
         name = f"{config.method}-{config.student.arch}-{key}"
         run_id = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
-        self.log_params(run_id, flatten(config.to_dict()))
+        self.log_params(run_id, run_settings(config))
         self.log_epochs(run_id, state["history"])
         self.finish(run_id)
         return run_id
@@ -238,10 +266,11 @@ class TrialRuns(tune.Callback):
         self._tracking: Tracking | None = None
         self._runs: dict[str, str] = {}
         self._last_epoch: dict[str, int] = {}
+        self._device_logged: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_tracking", "_runs", "_last_epoch"):
+        for key in ("_tracking", "_runs", "_last_epoch", "_device_logged"):
             state.pop(key)
         return state
 
@@ -284,8 +313,8 @@ class TrialRuns(tune.Callback):
             schema.TAG_RAY_TRIAL: trial.trial_id,
             schema.TAG_SEED: str(config.seed),
             schema.TAG_CONFIG_HASH: config_hash(config),
-            schema.TAG_GIT_COMMIT: self.commit,
             schema.TAG_PARENT: self.parent_run_id,
+            **source_tags(self.commit),
         }
         if self.spec.study.mode == "ablation":
             variant = trial.config[VARIANT_KEY]
@@ -299,7 +328,7 @@ class TrialRuns(tune.Callback):
         tags |= evaluation_tags(config)
         name = self.spec.trial_label(trial.config, trial.trial_id)
         run = self.tracking.client.create_run(self.experiment_id, tags=tags, run_name=name)
-        self.tracking.log_params(run.info.run_id, flatten(config.to_dict()))
+        self.tracking.log_params(run.info.run_id, run_settings(config))
         return run.info.run_id
 
     # --- Ray Tune's hooks ---------------------------------------------------------------
@@ -322,8 +351,19 @@ class TrialRuns(tune.Callback):
             for key, value in result.items()
             if schema.is_metric(key) and isinstance(value, int | float) and math.isfinite(value)
         }
+        if trial.trial_id not in self._device_logged:
+            self.log_device(run_id, result)
+            self._device_logged.add(trial.trial_id)
         self.tracking.log_epochs(run_id, [{**epoch_metrics, schema.EPOCH: epoch}])
         self._last_epoch[trial.trial_id] = epoch
+
+    def log_device(self, run_id: str, result: dict) -> None:
+        """The `device` parameter: the one the trial ran on (its config may say `auto`).
+        A trial resumed on another kind of device keeps the first (parameters are final)."""
+        device = result.get(RESULT_DEVICE)
+        run = self.tracking.client.get_run(run_id)
+        if device is not None and "device" not in run.data.params:
+            self.tracking.client.log_param(run_id, "device", str(device))
 
     @survives_outages
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -334,6 +374,7 @@ class TrialRuns(tune.Callback):
             return  # already ended (a sync after the study)
         full = ran_full_budget(trial.last_result)
         self.tracking.client.set_tag(run_id, schema.TAG_FULL_BUDGET, schema.flag(full))
+        self.set_state(run_id, schema.STATE_COMPLETE if full else schema.STATE_STOPPED)
         if self.log_checkpoints and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 self.tracking.client.log_artifacts(run_id, folder, "checkpoint")
@@ -346,7 +387,18 @@ class TrialRuns(tune.Callback):
             return
         self.tracking.client.set_tag(run_id, schema.TAG_FULL_BUDGET, schema.flag(False))
         self.tracking.client.set_tag(run_id, schema.TAG_FAILURE, failure_reason(trial))
+        self.set_state(run_id, schema.STATE_FAILED)
         self.tracking.finish(run_id, "FAILED")
+
+    def set_state(self, run_id: str, state: str) -> None:
+        """The `state` tag, and for a trial stopped early its run name says so (MLflow would
+        show it as Finished, like one that ran its whole budget)."""
+        client = self.tracking.client
+        client.set_tag(run_id, schema.TAG_STATE, state)
+        name = client.get_run(run_id).info.run_name or ""
+        suffix = f" ({schema.STATE_STOPPED})"
+        if state == schema.STATE_STOPPED and not name.endswith(suffix):
+            client.update_run(run_id, name=name + suffix)
 
     @survives_outages
     def mark_unfinished(self, status: str = "KILLED") -> int:

@@ -18,8 +18,9 @@ from ray import tune
 
 from gacd.checkpoint import load_checkpoint, save_checkpoint
 from gacd.config import Config
+from gacd.runtime import resolve_device
 from gacd.train import BEST_CHECKPOINT_FILE, State, best_checkpoint, fit
-from study.spec import EPOCHS_TOTAL, StudySpec
+from study.spec import EPOCHS_TOTAL, RESULT_DEVICE, StudySpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
@@ -58,6 +59,7 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     checkpoint of a final run also holds `best.pt`, its best epoch's student)."""
     config = spec.trial_config(ray_config)
     set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
+    device = str(resolve_device(config.device))
 
     def report(epoch_metrics: dict[str, float], state: State) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -67,7 +69,7 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
             if state["epoch"] == config.optim.epochs and (best := best_checkpoint(state)):
                 save_checkpoint(best, Path(folder) / BEST_CHECKPOINT_FILE)
             tune.report(
-                {**epoch_metrics, EPOCHS_TOTAL: config.optim.epochs},
+                {**epoch_metrics, EPOCHS_TOTAL: config.optim.epochs, RESULT_DEVICE: device},
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
 

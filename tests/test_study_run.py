@@ -81,6 +81,23 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
         history = client.get_metric_history(run_id, schema.VAL_PGD_ACC)
         assert [entry.step for entry in history] == [1, 2]
     assert float(children["params.attack.epsilon"][0]) in (0.06, 0.1)
+    # what MLflow's UI shows: the runs table first, Source and User, the device used, only the
+    # settings of the run's own method, the study's result on its parent's row
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert set(children["params.device"]) == {"cpu"}
+    assert not any(column.startswith(("params.crd.", "params.ard.")) for column in children)
+    assert "params.negatives.count" in children and "params.teacher.checkpoint" in children
+    for runs in (parents, children):
+        assert (runs["tags.mlflow.source.name"] == "study.run").all()
+        assert runs["tags.mlflow.user"].str.len().min() >= 1
+    assert set(children["tags.state"]) == {"complete"}
+    parent = client.get_run(parents.run_id[0])
+    assert parent.data.metrics["study/trials_complete"] == 2
+    assert parent.data.metrics["study/trials_failed"] == 0
+    best_value = max(children["metrics.val/pgd_acc"])
+    assert parent.data.metrics["study/best_value"] == pytest.approx(best_value, abs=1e-12)
+    assert parent.data.tags["best"] in set(children["run_name"])
 
     teachers = load_runs(uri, "gacd-teachers", role="teacher")
     assert len(teachers) == 1 and "metrics.test/pgd_acc" in teachers
@@ -132,6 +149,13 @@ def test_asha_stops_poor_trials_only_full_budgets_compete_and_optuna_holds_every
     assert len(runs) == 6 and set(runs.status) == {"FINISHED"}
     assert len(stopped) >= 1, runs[["metrics.epoch", "metrics.val/pgd_acc"]]
     assert (stopped["metrics.epoch"] < 4).all()
+    assert set(stopped["tags.state"]) == {"stopped early"}
+    assert stopped["run_name"].str.endswith("(stopped early)").all()
+    complete = runs[runs["tags.full_budget"] == "true"]
+    assert set(complete["tags.state"]) == {"complete"}
+    parent = MlflowClient(uri).get_run(load_runs(uri, "asha", role="study").run_id[0])
+    assert parent.data.metrics["study/trials_stopped_early"] == len(stopped)
+    assert parent.data.metrics["study/trials_complete"] == len(complete)
     study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(pruned) == len(stopped)
@@ -211,6 +235,19 @@ def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     parent = load_runs(uri, "ablate", role="study").run_id[0]
     report = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/pareto.png", "report/curves.png"} <= report
+    tables = {a.path for a in client.list_artifacts(parent)}
+    assert {"ablation_table.csv", "ablation_table.tex"} <= tables
+    csv = client.download_artifacts(parent, "ablation_table.csv", str(tmp_path))
+    assert "no_reweight" in Path(csv).read_text()
+    parent_run = client.get_run(parent)
+    means = {
+        variant: runs.loc[runs["tags.variant"] == variant, "metrics.test/pgd_acc"].mean()
+        for variant in ("full", "no_reweight")
+    }
+    assert parent_run.data.tags["best"] == max(means, key=means.get)
+    best_value = parent_run.data.metrics["study/best_value"]
+    assert best_value == pytest.approx(max(means.values()), abs=1e-12)
+    assert parent_run.data.metrics["study/trials_complete"] == 4
 
 
 def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
