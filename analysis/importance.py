@@ -40,6 +40,7 @@ import optuna
 import pandas as pd
 
 from analysis.plots import plot_importance
+from analysis.runs import StudyNotFoundError, require_store
 
 EVALUATORS = {
     "ped_anova": lambda seed: optuna.importance.PedAnovaImportanceEvaluator(),
@@ -57,7 +58,12 @@ def importances(
     trials: list[optuna.trial.FrozenTrial], direction: optuna.study.StudyDirection, evaluator
 ) -> dict[str, float]:
     """Normalised importances of the trials' parameters, computed on a study of those trials."""
-    study = optuna.create_study(direction=direction)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
+    try:
+        study = optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     study.add_trials(trials)
     return optuna.importance.get_param_importances(study, evaluator=evaluator)
 
@@ -170,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     storage = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
     try:
+        require_store(storage, "Optuna storage")
         study = optuna.load_study(study_name=args.study, storage=storage)
         table = importance_table(study, tuple(args.evaluator), args.resamples)
+    except StudyNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (KeyError, ValueError) as error:
         print(f"error: {str(error).strip(chr(34))} ({storage})", file=sys.stderr)
         return 2

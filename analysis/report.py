@@ -12,7 +12,9 @@ import pandas as pd
 from analysis.plots import has_best_metrics, write_plots
 from analysis.runs import (
     Study,
+    StudyNotFoundError,
     add_store_arguments,
+    require_store,
     run_with_study,
 )
 from analysis.table import (
@@ -38,8 +40,11 @@ def search_importance(study: Study, optuna_url: str | None) -> tuple[pd.DataFram
     from analysis.importance import importance_table
 
     try:
+        require_store(optuna_url, "Optuna storage")
         optuna_study = optuna.load_study(study_name=study.name, storage=optuna_url)
         return importance_table(optuna_study, resamples=30), ""
+    except StudyNotFoundError as error:
+        return None, str(error)
     except KeyError:
         return None, f"no Optuna study {study.name!r} in the storage"
     except ValueError as error:

@@ -29,6 +29,15 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def require_store(uri: str, what: str = "MLflow store") -> None:
+    """Refuse a SQLite URI whose database file does not exist: opening it would create an
+    empty store (MLflow's and Optuna's clients both do) for a command that only reads."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise StudyNotFoundError(f"no {what} at {path} (from {uri}): nothing to read")
+
+
 def load_runs(
     tracking_uri: str,
     experiment: str,
@@ -37,6 +46,7 @@ def load_runs(
 ) -> pd.DataFrame:
     """One row per run of `role` (trial, study, teacher) in `experiment`, optionally only the
     children of `parent_run_id`."""
+    require_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

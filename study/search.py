@@ -65,6 +65,12 @@ class StudySearch(OptunaSearch):
     """`OptunaSearch` that links Optuna and Ray trials, reports every epoch (the last one
     included) once at step = epoch, and prunes early-stopped trials."""
 
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        # Named after the study's metric (optuna-dashboard shows "Objective 0" otherwise).
+        if self._ot_study is not None and isinstance(self.metric, str):
+            self._ot_study.set_metric_names([self.metric])
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         params = super().suggest(trial_id)
         if params is None:

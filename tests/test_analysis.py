@@ -266,3 +266,25 @@ def test_a_validation_only_ablation_reports_no_best_checkpoint(tmp_path):
         client.set_terminated(run_id, "FINISHED")
     page = report.write_report(load_study(uri, "val"), tmp_path / "report").read_text()
     assert "Validation split, last checkpoint" in page and "best checkpoint" not in page
+
+
+def test_read_only_commands_create_no_store_where_there_is_none(tmp_path, monkeypatch, capsys):
+    """A table, an export, a report or an importance asked of a folder without a store fail
+    with one line naming the file, and leave no empty database behind."""
+    from analysis import importance, report
+
+    monkeypatch.chdir(tmp_path)
+    missing = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for command, args in (
+        (table.main, ["--experiment", "s"]),
+        (table.main, ["--experiment", "s", "--tracking-uri", missing]),
+        (export.main, ["--experiment", "s", "--out", str(tmp_path / "s.parquet")]),
+        (report.main, ["--experiment", "s", "--out", str(tmp_path / "report")]),
+        (importance.main, ["--study", "s"]),
+        (importance.main, ["--study", "s", "--optuna-storage", f"sqlite:///{tmp_path}/o.db"]),
+    ):
+        assert command(args) == 2, args
+        error = capsys.readouterr().err
+        assert error.startswith("error: no ") and ".db" in error, error
+        assert len(error.strip().splitlines()) == 1, error
+        assert list(tmp_path.iterdir()) == [], (args, list(tmp_path.iterdir()))

@@ -159,6 +159,7 @@ def test_asha_stops_poor_trials_only_full_budgets_compete_and_optuna_holds_every
     study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(pruned) == len(stopped)
+    assert study.metric_names == ["val/pgd_acc"]  # optuna-dashboard's name for the objective
     best = study.best_trial
     assert best.user_attrs["full_budget"] is True
     assert f"best full-budget trial: val/pgd_acc = {best.value:.4f}" in capsys.readouterr().out
