@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import socket
@@ -41,6 +42,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 # Short trials sync Ray's experiment state often, which is what a resume needs: no warning.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Ray's own result files are the CSV and JSON ones (`build_tuner` asks for them): no
+# TensorBoard files, nor the hint to open them (MLflow holds the curves).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 @dataclass
@@ -351,10 +355,18 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurr
             storage_path=str(paths.storage),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
-            callbacks=callbacks,
+            callbacks=[*callbacks, *result_files()],
             verbose=0,
         ),
     )
+
+
+def result_files() -> list:
+    """Ray's per-trial `progress.csv` and `result.json` (what `ExperimentAnalysis` reads back),
+    asked for by name since the automatic loggers (TensorBoard's among them) are off."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
 def trainable(spec: StudySpec):
@@ -472,7 +484,9 @@ def run_on_ray(
     if restorable:
         tuner = restore_tuner(spec, experiment_path)
     else:  # new, or stopped before Ray wrote its first experiment state
-        tuner = build_tuner(spec, paths, [runs, EpochLines(spec)], max_concurrent)
+        epochs = spec.trial_config(first_trial(spec)).optim.epochs
+        lines = EpochLines(spec, trial_count(spec), epochs)
+        tuner = build_tuner(spec, paths, [runs, lines], max_concurrent)
     results = tuner.fit()
     # Ray marks trials it stopped on SIGINT as terminated; their runs were never completed.
     runs.outage = False  # whatever happened during the study, ask the store again now
@@ -541,8 +555,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def quiet_libraries() -> None:
+    """MLflow says "Creating initial MLflow database tables" whenever a store is first opened,
+    Optuna "A new study created in RDB": the study's own lines say what runs. (Both libraries
+    set their loggers' levels when imported, so this runs after the imports.)"""
+    import mlflow  # noqa: F401 - configures its loggers
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         paths = study_paths(args.storage, args.tracking_uri, args.optuna_storage)
         spec = read_study_file(

@@ -66,6 +66,12 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "best full-budget trial" in done.stdout
     assert "mlflow ui --backend-store-uri" in done.stdout
+    # what a user reads: the teacher's epochs, the study's progress; none of the libraries' noise
+    output = done.stdout + done.stderr
+    assert "teacher: epoch 2/2" in output
+    assert "progress: smoke: 2/2 trials done (2 complete, 0 stopped early, 0 failed)" in output
+    for noise in ("TensorBoard", "Creating initial MLflow database", "new study created in"):
+        assert noise not in output, noise
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parents = load_runs(uri, "smoke", role="study")
