@@ -28,6 +28,15 @@ from analysis.table import (
 from gacd import schema
 
 REPORT_FILE = "report.md"
+HTML_REPORT_FILE = "report.html"
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; max-width: 80em; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+img { max-width: 100%; margin: 0.5em 0; }
+"""
 
 
 def search_importance(study: Study, optuna_url: str | None) -> tuple[pd.DataFrame | None, str]:
@@ -180,7 +189,28 @@ def write_report(
     lines += [f"![{path.stem}]({path.name})" for path in pictures]
     report = out / REPORT_FILE
     report.write_text("\n".join(lines) + "\n")
+    write_html(report, out / HTML_REPORT_FILE, study.name)
     return report
+
+
+def write_html(markdown_file: Path, html_file: Path, title: str) -> Path:
+    """The Markdown report as one HTML page with its pictures embedded (data URIs): MLflow's
+    artifact view renders HTML but resolves no relative image in Markdown."""
+    import base64
+    import html
+
+    import markdown
+
+    body = markdown.markdown(markdown_file.read_text(), extensions=["tables"])
+    for picture in sorted(markdown_file.parent.glob("*.png")):
+        encoded = base64.b64encode(picture.read_bytes()).decode("ascii")
+        body = body.replace(f'src="{picture.name}"', f'src="data:image/png;base64,{encoded}"')
+    page = (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}'
+        f"</title><style>{PAGE_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )
+    html_file.write_text(page)
+    return html_file
 
 
 def main(argv: list[str] | None = None) -> int:

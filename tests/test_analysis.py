@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import re
 import struct
 
 import numpy as np
@@ -134,6 +136,14 @@ def test_plots_and_report_are_written(store, tmp_path):
         assert path.stat().st_size > 5_000 and png_size(path) == (800, 500)
     page = report.write_report(study, tmp_path / "report").read_text()
     assert "![pareto](pareto.png)" in page and "| a " in page
+    # the page MLflow shows: one file, its tables as tables, its pictures inside it
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<table>" in html and re.search(r"<td[^>]*>a</td>", html)
+    embedded = re.findall(r'<img alt="(\w+)" src="data:image/png;base64,([^"]+)"', html)
+    assert [name for name, _ in embedded] == ["pareto", "curves"]
+    for name, data in embedded:
+        assert base64.b64decode(data) == (tmp_path / "report" / f"{name}.png").read_bytes()
+    assert 'src="pareto.png"' not in html and "![" not in html
 
 
 def test_pareto_front_keeps_only_undominated_points():
