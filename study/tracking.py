@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray import tune
 
 from gacd import schema
@@ -29,6 +30,7 @@ from gacd.config import Config, flatten
 from gacd.methods import run_settings
 from study.spec import (
     OPTUNA_NUMBER_KEY,
+    RESULT_DATASETS,
     RESULT_DEVICE,
     VARIANT_KEY,
     StudyError,
@@ -353,9 +355,17 @@ class TrialRuns(tune.Callback):
         }
         if trial.trial_id not in self._device_logged:
             self.log_device(run_id, result)
+            self.log_datasets(run_id, result)
             self._device_logged.add(trial.trial_id)
         self.tracking.log_epochs(run_id, [{**epoch_metrics, schema.EPOCH: epoch}])
         self._last_epoch[trial.trial_id] = epoch
+
+    def log_datasets(self, run_id: str, result: dict) -> None:
+        """The splits the trial used as the run's inputs (MLflow's Dataset column), once."""
+        splits = result.get(RESULT_DATASETS)
+        if not splits or self.tracking.client.get_run(run_id).inputs.dataset_inputs:
+            return
+        self.tracking.client.log_inputs(run_id, datasets=dataset_inputs(json.loads(splits)))
 
     def log_device(self, run_id: str, result: dict) -> None:
         """The `device` parameter: the one the trial ran on (its config may say `auto`).
@@ -411,6 +421,23 @@ class TrialRuns(tune.Callback):
         for run in unfinished:
             self.tracking.finish(run.info.run_id, status)
         return len(unfinished)
+
+
+def dataset_inputs(splits: list[dict[str, Any]]) -> list[DatasetInput]:
+    """`gacd.data.describe_splits` as MLflow dataset inputs, each tagged with its context."""
+    return [
+        DatasetInput(
+            Dataset(
+                name=split["name"],
+                digest=split["digest"],
+                source_type="local",
+                source=json.dumps({"uri": split["source"]}),
+                profile=json.dumps(split["profile"]),
+            ),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, split["context"])],
+        )
+        for split in splits
+    ]
 
 
 def evaluation_tags(config: Config) -> dict[str, str]:

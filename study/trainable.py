@@ -19,9 +19,10 @@ from ray import tune
 from gacd import schema
 from gacd.checkpoint import load_checkpoint, save_checkpoint
 from gacd.config import Config
+from gacd.data import describe_splits, load_datasets
 from gacd.runtime import resolve_device
 from gacd.train import BEST_CHECKPOINT_FILE, State, best_checkpoint, fit
-from study.spec import EPOCHS_TOTAL, RESULT_DEVICE, StudySpec
+from study.spec import EPOCHS_TOTAL, RESULT_DATASETS, RESULT_DEVICE, StudySpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
@@ -61,6 +62,8 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     config = spec.trial_config(ray_config)
     set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
     device = str(resolve_device(config.device))
+    data = load_datasets(config.data, config.seed, with_test=config.final)
+    splits = json.dumps(describe_splits(config.data, data))
 
     def report(epoch_metrics: dict[str, float], state: State) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -70,11 +73,16 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
             if state["epoch"] == config.optim.epochs and (best := best_checkpoint(state)):
                 save_checkpoint(best, Path(folder) / BEST_CHECKPOINT_FILE)
             tune.report(
-                {**epoch_metrics, EPOCHS_TOTAL: config.optim.epochs, RESULT_DEVICE: device},
+                {
+                    **epoch_metrics,
+                    EPOCHS_TOTAL: config.optim.epochs,
+                    RESULT_DEVICE: device,
+                    RESULT_DATASETS: splits,
+                },
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
 
-    fit(config, report=report, resume=restored_state())
+    fit(config, report=report, resume=restored_state(), data=data)
 
 
 def train_teacher(config_values: dict[str, Any], checkpoint: str, cpus: float, gpus: float) -> str:

@@ -199,3 +199,22 @@ def test_a_truncated_idx_file_is_refused_with_its_path(tmp_path):
     write_idx(path, arrays["train-images-idx3-ubyte"])
     with pytest.raises(DatasetNotFoundError, match="expected 0..9"):
         load_datasets(DataConfig(name="mnist", data_dir=str(tmp_path)), seed=0)
+
+
+def test_each_split_is_described_by_its_content_for_the_run_s_inputs():
+    from gacd.data import describe_splits
+
+    config = DataConfig(name="digits")
+    first = describe_splits(config, load_datasets(config, seed=0, with_test=True))
+    again = describe_splits(config, load_datasets(config, seed=0, with_test=True))
+    other_seed = describe_splits(config, load_datasets(config, seed=1))
+    assert [split["context"] for split in first] == ["training", "validation", "test"]
+    assert first == again, "the same splits, the same digests"
+    by_context = {split["context"]: split for split in other_seed}
+    # another seed carves another validation split out of the same training set
+    assert by_context["validation"]["digest"] != first[1]["digest"]
+    assert "test" not in by_context
+    assert first[0]["profile"] == {"num_rows": 1293, "image_shape": [1, 8, 8], "classes": 10}
+    assert "load_digits" in first[0]["source"]
+    subset = DataConfig(name="digits", classes=[0, 1])
+    assert describe_splits(subset, load_datasets(subset, seed=0))[0]["name"] == "digits[0, 1]"

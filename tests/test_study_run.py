@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,12 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
         assert (runs["tags.mlflow.source.name"] == "study.run").all()
         assert runs["tags.mlflow.user"].str.len().min() >= 1
     assert set(children["tags.state"]) == {"complete"}
+    for run_id in children.run_id:  # the Dataset column: what each trial trained on
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        contexts = {i.tags[0].value: i.dataset for i in inputs}
+        assert set(contexts) == {"training", "validation"}, contexts  # a search: no test split
+        assert {d.name for d in contexts.values()} == {"digits"}
+        assert json.loads(contexts["training"].profile)["num_rows"] > 1000
     parent = client.get_run(parents.run_id[0])
     assert parent.data.metrics["study/trials_complete"] == 2
     assert parent.data.metrics["study/trials_failed"] == 0
