@@ -529,3 +529,23 @@ def build_classifier(model: ModelConfig | TeacherConfig, spec: DatasetSpec) -> I
         depth=model.depth,
         width=model.width,
     )
+
+
+def classifier_from_checkpoint(state: dict) -> ImageClassifier:
+    """The student of a project checkpoint, weights loaded, in eval mode, without its data:
+    the data set's spec (classes, channels, normalisation) is in checkpoints written since
+    2026-12; older ones raise CheckpointError (evaluate them with `gacd.evaluate`)."""
+    from gacd.checkpoint import CheckpointError
+    from gacd.config import Config, flatten
+    from gacd.data import DatasetSpec
+
+    if state.get("data_spec") is None:
+        raise CheckpointError(
+            "checkpoint holds no data_spec (written before 2026-12): the student cannot be "
+            "rebuilt without its data set; python -m gacd.evaluate loads the data instead"
+        )
+    config = Config.from_dict(flatten(state["config"]))
+    spec = DatasetSpec(**state["data_spec"])
+    model = build_classifier(config.student, spec)
+    model.load_state_dict(state["student"])
+    return model.eval()

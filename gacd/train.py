@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -27,7 +28,7 @@ from gacd import schema
 from gacd.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from gacd.cli import add_override_argument, load_config_file, parse_overrides
 from gacd.config import Config, ConfigError, OptimConfig
-from gacd.data import Batch, Datasets, augment, batches, load_datasets
+from gacd.data import Batch, Datasets, DatasetSpec, augment, batches, load_datasets
 from gacd.evaluate import robustness_metrics, validation_metrics
 from gacd.methods import METHODS, Method
 from gacd.models import ImageClassifier, build_classifier
@@ -94,7 +95,9 @@ def fit(
     start_epoch, best = 0, None
     if resume is not None:
         start_epoch, history, best = restore(resume, config, method, optimizer, scheduler)
-    state = training_state(config, start_epoch, method, optimizer, scheduler, history, best)
+    state = training_state(
+        config, start_epoch, method, optimizer, scheduler, history, best, data.spec
+    )
     for epoch in range(start_epoch, config.optim.epochs):
         started = time.perf_counter()
         epoch_metrics = {schema.EPOCH: epoch + 1, schema.LR: optimizer.param_groups[0]["lr"]}
@@ -116,7 +119,9 @@ def fit(
         epoch_metrics[schema.EPOCH_SECONDS] = time.perf_counter() - started
         schema.check_metric_names(epoch_metrics)
         history.append(epoch_metrics)
-        state = training_state(config, epoch + 1, method, optimizer, scheduler, history, best)
+        state = training_state(
+            config, epoch + 1, method, optimizer, scheduler, history, best, data.spec
+        )
         if report is not None:
             report(epoch_metrics, state)
     return FitResult(method, history, state)
@@ -288,9 +293,11 @@ def training_state(
     scheduler,
     history: list[dict[str, float]],
     best: Best | None = None,
+    spec: DatasetSpec | None = None,
 ) -> State:
     """Everything a resumed run needs: weights, heads, bank, optimizer, schedule, RNG, config,
-    and in a final run the best epoch so far with its student's weights."""
+    and in a final run the best epoch so far with its student's weights; with the data set's
+    `spec`, what rebuilds the student without its data (`models.classifier_from_checkpoint`)."""
     task_state = {
         key: value for key, value in method.state_dict().items() if not key.startswith("student.")
     }
@@ -308,6 +315,7 @@ def training_state(
         },
         "history": history,
         "best": best,
+        "data_spec": dataclasses.asdict(spec) if spec is not None else None,
     }
 
 
@@ -324,6 +332,7 @@ def best_checkpoint(state: State) -> State | None:
         "selected_by": schema.SELECTION,
         "student": best["student"],
         "history": state["history"][: best["epoch"]],
+        "data_spec": state.get("data_spec"),
     }
 
 

@@ -28,6 +28,7 @@ from gacd import schema
 from gacd.checkpoint import load_checkpoint
 from gacd.config import Config, flatten
 from gacd.methods import run_settings
+from gacd.train import BEST_CHECKPOINT_FILE
 from study.spec import (
     OPTUNA_NUMBER_KEY,
     RESULT_DATASETS,
@@ -37,6 +38,7 @@ from study.spec import (
     StudySpec,
     config_hash,
 )
+from study.trainable import CHECKPOINT_FILE
 
 TEACHERS_EXPERIMENT = "gacd-teachers"
 # MLflow 3's UI opens an experiment on the page its kind names; unmarked ones land on the
@@ -388,7 +390,16 @@ class TrialRuns(tune.Callback):
         if self.log_checkpoints and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 self.tracking.client.log_artifacts(run_id, folder, "checkpoint")
+                self.log_students(run_id, Path(folder))
         self.tracking.finish(run_id, "FINISHED")
+
+    def log_students(self, run_id: str, folder: Path) -> None:
+        """The final run's students as MLflow models (`student`: the last epoch's, and
+        `student_best`: its best validation epoch's), listed under the run's and the
+        experiment's Models; loaded back with `mlflow.pyfunc.load_model`."""
+        for name, file in (("student", CHECKPOINT_FILE), ("student_best", BEST_CHECKPOINT_FILE)):
+            if (folder / file).is_file():
+                log_student_model(self.tracking_uri, run_id, folder / file, name)
 
     @survives_outages
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -421,6 +432,34 @@ class TrialRuns(tune.Callback):
         for run in unfinished:
             self.tracking.finish(run.info.run_id, status)
         return len(unfinished)
+
+
+def log_student_model(tracking_uri: str, run_id: str, checkpoint: Path, name: str) -> None:
+    """One checkpoint's student as an MLflow model "from code" (`study/student_model.py`):
+    the weights-only checkpoint is its artifact, nothing is pickled."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    spec = load_checkpoint(checkpoint)["data_spec"]
+    if spec is None:
+        return  # a checkpoint of an older version: it stays an artifact only
+    size, channels = spec["image_size"], spec["in_channels"]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, size, size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["num_classes"]))]),
+    )
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("student_model.py")),
+            artifacts={"checkpoint": str(checkpoint)},
+            signature=signature,
+            # Loading runs this project's code: its own install, not an inferred list.
+            pip_requirements=["gacd-study", "torch", "numpy"],
+        )
 
 
 def dataset_inputs(splits: list[dict[str, Any]]) -> list[DatasetInput]:

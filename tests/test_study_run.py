@@ -243,6 +243,7 @@ def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     client = MlflowClient(uri)
     artifacts = {a.path for a in client.list_artifacts(runs.run_id[0], "checkpoint")}
     assert artifacts == {"checkpoint/checkpoint.pt", "checkpoint/config.json", "checkpoint/best.pt"}
+    assert_students_load_back_as_mlflow_models(uri, runs)
     out = capsys.readouterr().out
     assert "full" in out and "no_reweight" in out and "test/pgd_acc" in out
     assert "test_best/pgd_acc" in out and "epoch of best `val/pgd_acc`" in out
@@ -262,6 +263,30 @@ def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     best_value = parent_run.data.metrics["study/best_value"]
     assert best_value == pytest.approx(max(means.values()), abs=1e-12)
     assert parent_run.data.metrics["study/trials_complete"] == 4
+
+
+def assert_students_load_back_as_mlflow_models(uri: str, runs) -> None:
+    """Each final run's students are MLflow models (the experiment's Models), which load back
+    through MLflow alone and score the test split as the run recorded."""
+    import mlflow
+    import numpy as np
+
+    from gacd.config import DataConfig
+    from gacd.data import load_datasets, to_float
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ablate").experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment])
+    assert sorted(m.name for m in models) == sorted(["student", "student_best"] * len(runs))
+    assert {m.source_run_id for m in models} == set(runs.run_id)
+    test = load_datasets(DataConfig(name="digits"), seed=0, with_test=True).test
+    images, labels = to_float(test.images).numpy(), test.labels.numpy()
+    mlflow.set_tracking_uri(uri)
+    row = runs.iloc[0]
+    for name, metric in (("student", "test/clean_acc"), ("student_best", "test_best/clean_acc")):
+        model = mlflow.pyfunc.load_model(f"runs:/{row.run_id}/{name}")
+        accuracy = float((np.argmax(model.predict(images), 1) == labels).mean())
+        assert accuracy == pytest.approx(row[f"metrics.{metric}"], abs=0.01), name
 
 
 def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
