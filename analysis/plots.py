@@ -7,8 +7,12 @@
 - `curves.png`: per-epoch validation curves (ablation: mean over seeds per variant; search: one
   line per trial, dashed where a scheduler stopped it);
 - `params.png` (search): each searched parameter against the study's metric;
-- `importance.png` (search): the importances `analysis.importance` computes, with their
-  intervals.
+- `importance.png` (search, with `--optuna-storage`): the importances `analysis.importance`
+  computes, with their intervals.
+
+Every line or point of its own has a colour of its own (up to 20 distinct, then a continuous
+map), legends sit beside the axes rather than over the data, and a searched parameter's axis
+is logarithmic exactly where its search space is (`loguniform`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,38 @@ from gacd import schema  # noqa: E402
 
 FIGURE_SIZE = (8.0, 5.0)  # inches at DPI: 800 x 500 pixels per panel row
 DPI = 100
+
+
+def colours(count: int) -> list:
+    """`count` distinct colours: tab10 / tab20's, then evenly spaced on a continuous map."""
+    if count <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(count)]
+    if count <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(count)]
+    return [plt.get_cmap("turbo")(i) for i in np.linspace(0.05, 0.95, count)]
+
+
+def legend_beside(axis, **options) -> None:
+    """The legend outside the axes on the right, where it covers no data."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **options)
+
+
+def search_distributions(study: Study) -> dict[str, str]:
+    """Each searched key's distribution (`loguniform`, `uniform`, `choice`, `int`), from the
+    resolved study the parent run holds (`study.json`); empty if it is not there."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(study.tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(study.parent_run_id, "study.json", folder)
+        except Exception:  # noqa: BLE001 - a run without it (made by hand): linear axes
+            return {}
+        spec = json.loads(Path(path).read_text())
+    return {key: value.get("distribution") for key, value in spec.get("search", {}).items()}
 
 
 def figure(rows: int = 1, columns: int = 1):
@@ -96,20 +132,26 @@ def accuracy_points(study: Study, checkpoint: str = "last") -> tuple[pd.DataFram
 def plot_pareto(study: Study, path: Path, checkpoint: str = "last") -> Path:
     points, clean, robust = accuracy_points(study, checkpoint)
     fig, (axis,) = figure()
-    axis.errorbar(
-        points["clean"],
-        points["robust"],
-        xerr=points["clean_std"].fillna(0),
-        yerr=points["robust_std"].fillna(0),
-        fmt="o",
-        capsize=3,
-    )
-    for label, row in points.iterrows():
+    palette = colours(len(points))
+    # Labels alternate above and below their points, in order of robust accuracy, so that
+    # neighbours do not print over each other.
+    ranked = points["robust"].rank(method="first").to_numpy()
+    for (label, row), colour, rank in zip(points.iterrows(), palette, ranked, strict=True):
+        axis.errorbar(
+            row["clean"],
+            row["robust"],
+            xerr=0 if np.isnan(row["clean_std"]) else row["clean_std"],
+            yerr=0 if np.isnan(row["robust_std"]) else row["robust_std"],
+            fmt="o",
+            capsize=3,
+            color=colour,
+        )
         axis.annotate(
             str(label),
             (row["clean"], row["robust"]),
             fontsize=8,
-            xytext=(4, 4),
+            color=colour,
+            xytext=(5, 5 if rank % 2 else -11),
             textcoords="offset points",
         )
     if len(points):
@@ -122,10 +164,10 @@ def plot_pareto(study: Study, path: Path, checkpoint: str = "last") -> Path:
             marker="s",
             markerfacecolor="none",
             markersize=12,
-            color="tab:red",
+            color="black",
             label="Pareto front",
         )
-        axis.legend()
+        legend_beside(axis)
     axis.set_xlabel(clean)
     axis.set_ylabel(robust)
     which = f", {checkpoint} checkpoint" if study.mode == "ablation" else ""
@@ -141,11 +183,13 @@ def plot_curves(study: Study, histories: pd.DataFrame, path: Path, metric: str) 
         curves = curves.assign(
             variant=runs.loc[curves["run_id"], schema.tag_column(schema.TAG_VARIANT)].to_numpy()
         )
-        for variant, part in curves.groupby("variant", sort=False):
+        groups = list(curves.groupby("variant", sort=False))
+        for (variant, part), colour in zip(groups, colours(len(groups)), strict=True):
             mean = part.groupby("step")["value"].mean()
-            axis.plot(mean.index, mean.to_numpy(), marker=".", label=variant)
+            axis.plot(mean.index, mean.to_numpy(), marker=".", label=variant, color=colour)
     else:
-        for run_id, part in curves.groupby("run_id"):
+        groups = list(curves.groupby("run_id"))
+        for (run_id, part), colour in zip(groups, colours(len(groups)), strict=True):
             full = runs.loc[run_id].get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(
                 True
             )
@@ -153,35 +197,41 @@ def plot_curves(study: Study, histories: pd.DataFrame, path: Path, metric: str) 
                 part["step"],
                 part["value"],
                 linestyle="-" if full else "--",
+                color=colour,
                 label=runs.loc[run_id, "run_name"],
             )
     axis.set_xlabel("epoch")
     axis.set_ylabel(metric)
     axis.set_title(f"{study.name}: {metric} per epoch")
-    axis.legend(fontsize=7, ncol=2)
+    legend_beside(axis, fontsize=7, ncol=1 if len(groups) <= 20 else 2)
     return save(fig, path)
 
 
 def plot_params(study: Study, path: Path) -> Path:
     """Each searched value (from the runs' `overrides` tags) against the study's metric."""
+    return save(params_figure(study), path)
+
+
+def params_figure(study: Study):
     runs = study.runs[study.runs["status"] == "FINISHED"]
     values = pd.DataFrame(
         runs[schema.tag_column(schema.TAG_OVERRIDES)].map(json.loads).tolist(), index=runs.index
     )
     metric = runs[schema.metric_column(study.metric)]
     full = runs.get(schema.tag_column(schema.TAG_FULL_BUDGET)) == schema.flag(True)
+    distributions = search_distributions(study)
     fig, axes = figure(len(values.columns))
     for axis, name in zip(axes, values.columns, strict=True):
         column = pd.to_numeric(values[name], errors="coerce")
         x = column if column.notna().all() else values[name].astype(str)
         axis.scatter(x[full], metric[full], label="full budget")
         axis.scatter(x[~full], metric[~full], marker="x", label="stopped early")
-        if column.notna().all() and (column > 0).all() and column.max() / column.min() > 10:
+        if distributions.get(name) == "loguniform":
             axis.set_xscale("log")
-        axis.set_xlabel(name)
+        axis.set_xlabel(f"{name} ({distributions.get(name) or 'searched'})")
         axis.set_ylabel(f"{study.metric} (last epoch)")
-        axis.legend(fontsize=7)
-    return save(fig, path)
+        legend_beside(axis, fontsize=7)
+    return fig
 
 
 def plot_importance(table: pd.DataFrame, path: Path) -> Path:
@@ -229,17 +279,30 @@ def write_plots(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__)
     add_store_arguments(parser)
-    parser.add_argument("--out", required=True, help="folder for the PNG files")
+    parser.add_argument("--out", required=True, help="folder for the PNG files (made if missing)")
     parser.add_argument(
         "--checkpoint",
         choices=("last", "best", "both"),
         default="last",
-        help="an ablation's Pareto plot at the last epoch, the epoch of best val/pgd_acc, or both",
+        help="an ablation's Pareto plot at the last epoch, the epoch of best val/pgd_acc, or both "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--optuna-storage",
+        help="a search's Optuna database: adds importance.png (default: none, no importance)",
     )
     args = parser.parse_args(argv)
 
     def plot(study: Study) -> int:
-        for path in write_plots(study, Path(args.out), checkpoint=args.checkpoint):
+        importance = None
+        if args.optuna_storage and study.mode == "search":
+            from analysis.report import search_importance
+
+            importance, why = search_importance(study, args.optuna_storage)
+            if importance is None:
+                print(f"no importance.png: {why}", file=sys.stderr)
+        written = write_plots(study, Path(args.out), importance, checkpoint=args.checkpoint)
+        for path in written:
             print(path)
         return 0
 

@@ -66,7 +66,9 @@ def ablation_section(study: Study, checkpoint: str) -> list[str]:
     if checkpoint == "best" and not has_best_metrics(study):
         return []  # it would show the last epoch's validation table again, as "best"
     try:
-        table = render_study(study, None, schema.REFERENCE, "md", top=10, checkpoint=checkpoint)
+        table = render_study(
+            study, None, schema.REFERENCE, "md", top=10, checkpoint=checkpoint, headers="labels"
+        )
     except LookupError:
         return []
     tested = any(name.startswith("test") for name in schema.metric_columns(study.runs.columns))
@@ -164,7 +166,7 @@ def write_report(
         lines += [
             "## Best full-budget trials (validation split)",
             "",
-            render_study(study, None, schema.REFERENCE, "md", top=10),
+            render_study(study, None, schema.REFERENCE, "md", top=10, headers="labels"),
             "",
             *search_noise(study),
         ]

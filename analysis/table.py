@@ -164,49 +164,117 @@ def mark_best(frame: pd.DataFrame) -> None:
 
 # --- rendering ------------------------------------------------------------------------------
 
+ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "cw": "CW-inf", "autoattack": "AutoAttack"}
+STRUCTURE_LABELS = {
+    schema.CKA_CLEAN: "CKA (clean)",
+    schema.CKA_ADVERSARIAL: "CKA (adversarial)",
+    schema.CLASS_CORR_DIFF: "Class-corr. diff.",
+}
+FAMILY_LABELS = {"test": "", "val": "Val. ", "transfer": "Transfer "}
+HEADERS = ("labels", "keys")
+SIGNIFICANCE = ("text", "marks", "none")
 
-def cell_text(row: pd.Series, is_reference: bool, digits: int, pm: str) -> str:
+
+def steps_of(runs: pd.DataFrame, key: str) -> str | None:
+    """The one value of a logged parameter over the runs (e.g. `eval.pgd_steps`), if one."""
+    column = schema.param_column(key)
+    values = set(runs[column].dropna()) if column in runs else set()
+    return values.pop() if len(values) == 1 else None
+
+
+def column_label(metric: str, runs: pd.DataFrame) -> str:
+    """A header a paper can take: `test/pgd_acc` -> `PGD-20`, `test_best/cw_acc` ->
+    `CW-inf (best)`, `transfer/clean_acc` -> `Transfer Clean`; unknown names stay as they are."""
+    if metric == schema.BEST_EPOCH:
+        return "Best epoch"
+    family, _, name = metric.partition("/")
+    best = family.endswith(schema.BEST)
+    family = family.removesuffix(schema.BEST)
+    if family not in FAMILY_LABELS:
+        return metric
+    if name.endswith("_acc") and name.removesuffix("_acc") in ATTACK_LABELS:
+        label = ATTACK_LABELS[name.removesuffix("_acc")]
+    elif name == "pgd_acc":
+        steps = steps_of(runs, "eval.val_steps" if family == "val" else "eval.pgd_steps")
+        label = f"PGD-{steps}" if steps else "PGD"
+    elif name in STRUCTURE_LABELS:
+        label = STRUCTURE_LABELS[name]
+    else:
+        return metric
+    return FAMILY_LABELS[family] + label + (" (best)" if best else "")
+
+
+def significance_mark(p_value: float) -> str:
+    if np.isnan(p_value):
+        return ""
+    return "**" if p_value < 0.01 else "*" if p_value < 0.05 else ""
+
+
+def significance_note(reference: str, style: str) -> str:
+    """What the cells' brackets or marks mean, for under the table."""
+    test = f"two-sided paired t-test against `{reference}` over the seeds both ran"
+    if style == "marks":
+        return f"\\* p < 0.05, \\*\\* p < 0.01: {test}."
+    return f"(difference, p): mean difference to `{reference}` and the {test}."
+
+
+def cell_text(
+    row: pd.Series, is_reference: bool, digits: int, pm: str, significance: str = "text"
+) -> str:
+    """`mean ± std`, then against the reference: `(diff, p=...)` (`text`), a `*`/`**` mark
+    for p < 0.05 / 0.01 (`marks`), or nothing (`none`)."""
     if row["n"] == 0:
         return "-"
     text = f"{row['mean']:.{digits}f}"
     if row["n"] > 1:
         text += f" {pm} {row['std']:.{digits}f}"
-    if not is_reference and not np.isnan(row["diff"]):
+    if is_reference or np.isnan(row["diff"]):
+        return text
+    if significance == "text":
         p_value = "n/a" if np.isnan(row["p_value"]) else f"{row['p_value']:.3f}"
         text += f" ({row['diff']:+.{digits}f}, p={p_value})"
+    elif significance == "marks":
+        text += significance_mark(row["p_value"])
     return text
 
 
-def display_frame(table: AblationTable, digits: int, pm: str, bold) -> pd.DataFrame:
-    """Strings: one row per variant, one column per metric, then the seed count `n`."""
+def display_frame(
+    table: AblationTable, digits: int, pm: str, bold, significance: str = "text", labels=None
+) -> pd.DataFrame:
+    """Strings: one row per variant, one column per metric (headed by `labels[metric]` when
+    given), then the seed count `n`."""
     frame = pd.DataFrame(index=pd.Index(table.variants, name="variant"))
     for metric in table.metrics:
         column = []
         for variant in table.variants:
             row = table.cell(variant, metric)
-            text = cell_text(row, variant == table.reference, digits, pm)
+            text = cell_text(row, variant == table.reference, digits, pm, significance)
             column.append(bold(text) if row["best"] else text)
-        frame[metric] = column
+        frame[(labels or {}).get(metric, metric)] = column
     frame["n"] = [table.seeds.get(variant, 0) for variant in table.variants]
     return frame
 
 
-def to_markdown(table: AblationTable, digits: int = 3) -> str:
-    frame = display_frame(table, digits, "±", lambda text: f"**{text}**")
+def to_markdown(
+    table: AblationTable, digits: int = 3, significance: str = "text", labels=None
+) -> str:
+    frame = display_frame(table, digits, "±", lambda text: f"**{text}**", significance, labels)
     return frame.to_markdown(colalign=["left"] + ["right"] * len(frame.columns))
 
 
-def to_latex(table: AblationTable, digits: int = 3) -> str:
+def to_latex(table: AblationTable, digits: int = 3, significance: str = "text", labels=None) -> str:
     """A booktabs tabular; metric names and variants escaped for LaTeX."""
-    frame = display_frame(table, digits, r"$\pm$", lambda text: rf"\textbf{{{text}}}")
+    frame = display_frame(
+        table, digits, r"$\pm$", lambda text: rf"\textbf{{{text}}}", significance, labels
+    )
     styler = frame.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
     styler = styler.format(lambda value: str(value).replace("%", r"\%"))
     styler = styler.hide(axis="index", names=True)  # one header row, not a second for "variant"
     return styler.to_latex(hrules=True, column_format="l" + "r" * len(frame.columns))
 
 
-def to_csv(table: AblationTable) -> str:
-    """Tidy: one row per variant and metric, unrounded."""
+def to_csv(table: AblationTable, digits: int = 3, significance: str = "text", labels=None) -> str:
+    """Tidy: one row per variant and metric (its key), unrounded."""
     return table.stats.reset_index().to_csv(index=False)
 
 
@@ -264,21 +332,32 @@ def render_study(
     fmt: str,
     top: int,
     checkpoint: str = "last",
+    headers: str = "keys",
+    significance: str = "text",
 ) -> str:
     """The ablation's table (for `checkpoint`: last, best or both), or a search's best
-    full-budget trials, in `fmt`."""
+    full-budget trials, in `fmt`; headed by metric keys or by `labels` (`PGD-20`); an
+    ablation's differences to the reference as text, marks or not at all (`significance`)."""
     if study.mode == "search":
         table = top_trials(study.runs, study.metric, study.maximize, top)
         if table.empty:
             raise StudyNotFoundError(f"study {study.name!r}: no trial ran its full budget")
+        if headers == "labels":
+            table = table.rename(columns=lambda name: column_label(name, study.runs))
         if fmt == "latex":
-            return table.style.format_index(escape="latex", axis=1).to_latex(hrules=True)
-        return table.to_markdown() if fmt == "md" else table.to_csv()
+            styler = table.style.format_index(escape="latex", axis=1)
+            return styler.format(precision=4).to_latex(hrules=True)
+        # Searched values to 4 significant digits (a log-uniform lr of 0.0123456789...).
+        return table.to_markdown(floatfmt=".4g") if fmt == "md" else table.to_csv()
     chosen = for_checkpoint(metrics or default_metrics(study.runs), checkpoint)
     table = ablation_table(study.runs, chosen, reference, order=study.variants)
     if table.stats.empty:
         raise StudyNotFoundError(f"study {study.name!r}: no finished run has {chosen}")
-    return RENDERERS[fmt](table)
+    labels = {m: column_label(m, study.runs) for m in chosen} if headers == "labels" else None
+    text = RENDERERS[fmt](table, significance=significance, labels=labels)
+    # What the marks mean, under a Markdown table (brackets say it themselves).
+    note = significance_note(reference, significance) if fmt == "md" else ""
+    return text + (f"\n\n{note}" if note and significance == "marks" else "")
 
 
 def default_metrics(runs: pd.DataFrame) -> list[str]:
@@ -299,24 +378,61 @@ def main(argv: list[str] | None = None) -> int:
         "reference, best marked) or a search's best full-budget trials.",
     )
     add_store_arguments(parser)
-    parser.add_argument("--metrics", nargs="+", help="metric names (default: the test metrics)")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        help="metric keys, e.g. test/pgd_acc transfer/clean_acc (default: every test accuracy, "
+        "then the structure and transfer metrics logged)",
+    )
     parser.add_argument(
         "--checkpoint",
         choices=CHECKPOINTS,
         default="last",
-        help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both",
+        help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both "
+        "(default: %(default)s)",
     )
     parser.add_argument(
-        "--reference", default=schema.REFERENCE, help="the variant others are compared to"
+        "--reference",
+        default=schema.REFERENCE,
+        help="the variant others are compared to (default: %(default)s)",
     )
-    parser.add_argument("--format", choices=sorted(RENDERERS), default="md")
-    parser.add_argument("--top", type=int, default=10, help="trials shown for a search")
-    parser.add_argument("--out", help="write to this file instead of printing")
+    parser.add_argument(
+        "--format",
+        choices=sorted(RENDERERS),
+        default="md",
+        help="Markdown, LaTeX (booktabs) or tidy CSV (one row per variant and metric, "
+        "unrounded, metric keys) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--headers",
+        choices=HEADERS,
+        default="labels",
+        help="column headers a paper can take (PGD-20, CW-inf (best)) or the metric keys "
+        "(test/pgd_acc) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--significance",
+        choices=SIGNIFICANCE,
+        default="text",
+        help="an ablation's comparison with the reference in each cell: (difference, p=...), "
+        "a mark (* p<0.05, ** p<0.01), or none (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top", type=int, default=10, help="trials shown for a search (default: %(default)s)"
+    )
+    parser.add_argument("--out", help="write to this file instead of printing (default: print)")
     args = parser.parse_args(argv)
 
     def tabulate(study: Study) -> int:
         text = render_study(
-            study, args.metrics, args.reference, args.format, args.top, args.checkpoint
+            study,
+            args.metrics,
+            args.reference,
+            args.format,
+            args.top,
+            args.checkpoint,
+            args.headers,
+            args.significance,
         )
         if args.out:
             Path(args.out).write_text(text + "\n")

@@ -98,12 +98,51 @@ def test_markdown_latex_and_csv_render_the_same_numbers(store):
     assert row["mean"] == pytest.approx(a["mean"]) and row["p_value"] == pytest.approx(a["p_value"])
 
 
+@pytest.mark.parametrize(
+    ("metric", "label"),
+    [
+        ("test/clean_acc", "Clean"),
+        ("test/pgd_acc", "PGD-20"),
+        ("test_best/cw_acc", "CW-inf (best)"),
+        ("val/pgd_acc", "Val. PGD-5"),
+        ("transfer/autoattack_acc", "Transfer AutoAttack"),
+        ("test/class_corr_diff", "Class-corr. diff."),
+        ("test_best/epoch", "Best epoch"),
+        ("train/loss", "train/loss"),
+    ],
+)
+def test_headers_a_paper_can_take(metric, label):
+    runs = pd.DataFrame({"params.eval.pgd_steps": ["20", "20"], "params.eval.val_steps": ["5"] * 2})
+    assert table.column_label(metric, runs) == label
+    mixed = runs.assign(**{"params.eval.pgd_steps": ["20", "10"]})
+    assert table.column_label("test/pgd_acc", mixed) == "PGD"  # no one step count to name
+
+
+def test_significance_as_text_marks_or_nothing(store, capsys):
+    study = load_study(store, "known")
+    result = table.ablation_table(study.runs, ["test/pgd_acc"], "full", order=study.variants)
+    a = result.cell("a", "test/pgd_acc")
+    plain = f"{a['mean']:.3f} ± {a['std']:.3f}"
+    assert a["p_value"] > 0.05  # a's gain is not significant: no mark
+    assert f"**{plain}**" in table.to_markdown(result, significance="marks")
+    assert f"**{plain}**" in table.to_markdown(result, significance="none")
+    assert "p=" not in table.to_markdown(result, significance="marks")
+    assert table.significance_mark(0.004) == "**" and table.significance_mark(0.03) == "*"
+    assert table.significance_mark(0.2) == "" and table.significance_mark(float("nan")) == ""
+    args = ["--experiment", "known", "--tracking-uri", store, "--significance", "marks"]
+    assert table.main(args) == 0
+    out = capsys.readouterr().out
+    assert "p < 0.05" in out and "paired t-test against `full`" in out and "p=" not in out
+
+
 def test_table_command_writes_each_format_and_refuses_an_unknown_study(store, tmp_path, capsys):
     out = tmp_path / "table.tex"
     args = ["--experiment", "known", "--tracking-uri", store]
     assert table.main([*args, "--format", "latex", "--out", str(out)]) == 0
     assert r"\begin{tabular}" in out.read_text()
     assert table.main([*args, "--metrics", "test/clean_acc"]) == 0
+    assert " Clean |" in capsys.readouterr().out
+    assert table.main([*args, "--metrics", "test/clean_acc", "--headers", "keys"]) == 0
     assert "test/clean_acc" in capsys.readouterr().out
     assert table.main(["--experiment", "nope", "--tracking-uri", store]) == 2
     error = capsys.readouterr().err
@@ -221,31 +260,90 @@ def test_tables_show_the_last_the_best_or_both_checkpoints_and_say_which(store, 
     assert best.cell("full", "test_best/epoch")["mean"] == 2
     assert not best.stats.xs("test_best/epoch", level="metric")["best"].any()  # not ranked
     args = ["--experiment", "known", "--tracking-uri", store, "--metrics", "test/pgd_acc"]
-    assert table.main([*args, "--checkpoint", "best"]) == 0
+    assert table.main([*args, "--checkpoint", "best", "--headers", "keys"]) == 0
     out = capsys.readouterr().out
     assert "test_best/pgd_acc" in out and "test/pgd_acc " not in out
+    assert table.main([*args, "--checkpoint", "both"]) == 0
+    out = capsys.readouterr().out
+    assert " PGD (best) |" in out and " PGD |" in out and " Best epoch |" in out
     page = report.write_report(study, tmp_path / "report").read_text()
     assert "last checkpoint" in page and "best checkpoint" in page
     assert "epoch of best `val/pgd_acc`" in page and "0.610 ± 0.100" in page
     assert (tmp_path / "report" / "pareto_best.png").is_file()
 
 
-def search_store(tmp_path, values, samples):
-    """A search as `study.run` leaves it: full-budget trials with their validation size."""
+def search_store(tmp_path, values, samples, distribution="loguniform"):
+    """A search as `study.run` leaves it: full-budget trials with their validation size, and
+    the resolved study (its search space) on the parent run."""
     uri = f"sqlite:///{tmp_path / 'search.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("search", artifact_location=(tmp_path / "s").as_uri())
     tags = {"role": "study", "study": "search", "mode": "search", "metric": "val/pgd_acc"}
     parent = client.create_run(experiment, tags=tags | {"direction": "max"}).info.run_id
+    space = {"tau": {"distribution": distribution, "low": 0.02, "high": 0.5}, "gamma": {}}
+    space["gamma"] = {"distribution": "uniform", "low": 0.0, "high": 3.0}
+    client.log_dict(parent, {"search": space}, "study.json")
     for number, value in enumerate(values):
         run_tags = {"role": "trial", "mlflow.parentRunId": parent, "full_budget": "true"}
-        run_tags["overrides"] = json.dumps({"tau": 0.1 * (number + 1)})
+        # tau spans 0.02 .. 0.5 (25x) on either distribution; gamma 0.1 .. 2.5, also > 10x
+        run_tags["overrides"] = json.dumps(
+            {"tau": 0.02 * 1.4 ** (number % 10), "gamma": 0.1 + 0.1 * number}
+        )
         run_id = client.create_run(experiment, tags=run_tags, run_name=f"trial-{number}").info
         client.log_metric(run_id.run_id, "val/pgd_acc", value, step=4)
         client.log_metric(run_id.run_id, "val/samples", samples, step=4)
         client.log_metric(run_id.run_id, "val/clean_acc", 0.9, step=4)
         client.set_terminated(run_id.run_id, "FINISHED")
     return load_study(uri, "search")
+
+
+@pytest.mark.parametrize("distribution", ["loguniform", "uniform"])
+def test_parameter_axes_follow_the_search_space(tmp_path, distribution):
+    """Log-uniform on a log axis, uniform on a linear one, whatever the values' spread."""
+    study = search_store(tmp_path, [0.1 + 0.01 * n for n in range(25)], 500, distribution)
+    figure = plots.params_figure(study)
+    scales = {axis.get_xlabel().split(" ")[0]: axis.get_xscale() for axis in figure.axes}
+    assert scales == {"tau": "log" if distribution == "loguniform" else "linear", "gamma": "linear"}
+    for axis in figure.axes:  # the legend sits outside the axes
+        legend = axis.get_legend()
+        assert legend is not None and legend.get_bbox_to_anchor().x0 >= axis.bbox.x1 - 1
+
+
+def test_trials_get_distinct_colours_beyond_ten(tmp_path):
+    assert len(set(plots.colours(25))) == 25 and len(set(plots.colours(15))) == 15
+    study = search_store(tmp_path, [0.1 + 0.01 * n for n in range(25)], 500)
+    histories = pd.DataFrame(
+        [
+            {"run_id": run_id, "metric": "val/pgd_acc", "step": step, "value": 0.1 * step}
+            for run_id in study.runs["run_id"]
+            for step in (1, 2)
+        ]
+    )
+    path = plots.plot_curves(study, histories, tmp_path / "curves.png", "val/pgd_acc")
+    assert path.is_file() and path.stat().st_size > 5_000
+
+
+def test_the_plots_command_draws_importance_when_given_the_optuna_storage(tmp_path, capsys):
+    study = search_store(tmp_path, [0.1 + 0.01 * n for n in range(8)], 500)
+    args = ["--experiment", "search", "--tracking-uri", study.tracking_uri]
+    assert plots.main([*args, "--out", str(tmp_path / "p")]) == 0
+    assert not (tmp_path / "p" / "importance.png").exists()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna_study = optuna.create_study(study_name="search", storage=storage, direction="maximize")
+    for n in range(8):
+        optuna_study.add_trial(
+            optuna.trial.create_trial(
+                params={"tau": 0.02 * 1.4**n, "gamma": 0.1 * n},
+                distributions={
+                    "tau": optuna.distributions.FloatDistribution(0.02, 0.5, log=True),
+                    "gamma": optuna.distributions.FloatDistribution(0.0, 3.0),
+                },
+                value=0.1 + 0.01 * n,
+            )
+        )
+    out = tmp_path / "q"
+    assert plots.main([*args, "--out", str(out), "--optuna-storage", storage]) == 0
+    assert (out / "importance.png").is_file() and "importance.png" in capsys.readouterr().out
 
 
 def test_a_search_table_shows_each_trials_standard_error(tmp_path):
