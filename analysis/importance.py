@@ -164,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         "--optuna-storage", help="Optuna's database (default: sqlite:///$PWD/optuna.db)"
     )
     parser.add_argument(
-        "--evaluator", nargs="+", choices=sorted(EVALUATORS), default=["ped_anova", "fanova"]
+        "--evaluator",
+        nargs="+",
+        choices=sorted(EVALUATORS),
+        default=["ped_anova", "fanova"],
+        help="Optuna's importance evaluators to run (default: %(default)s)",
     )
     parser.add_argument(
         "--resamples",
         type=int,
         default=100,
-        help="subsets of half the trials for the intervals (all of them if there are fewer)",
+        help="subsets of half the trials for the intervals (all of them if there are fewer) "
+        "(default: %(default)s)",
     )
     parser.add_argument("--out", help="folder for importance.csv and importance.png")
     args = parser.parse_args(argv)

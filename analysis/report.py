@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         choices=CHECKPOINTS,
         default="both",
-        help="an ablation's tables for the last epoch, the epoch of best val/pgd_acc, or both",
+        help="an ablation's tables for the last epoch, the epoch of best val/pgd_acc, or both "
+        "(default: %(default)s)",
     )
     args = parser.parse_args(argv)
 

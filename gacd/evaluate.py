@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Clean, FGSM, PGD, CW-inf and AutoAttack accuracy of checkpoints.",
     )
     parser.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of gacd.train")
-    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the split the attacks run on (default: %(default)s)",
+    )
     add_override_argument(parser, "e.g. --set eval.autoattack=false --set device=cpu")
     args = parser.parse_args(argv)
     return print_scores(
