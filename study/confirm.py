@@ -63,9 +63,18 @@ def ranking(tracking_uri: str, name: str, metric: str, maximize: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.confirm", description=__doc__)
     parser.add_argument("--study", required=True, help="a finished search")
-    parser.add_argument("--top", type=int, default=3, help="how many of its best full-budget trials (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, default=3, help="fresh seeds per configuration (default: %(default)s)")
-    parser.add_argument("--first-seed", type=int, default=1000, help="the first fresh seed, counted up from (default: %(default)s)")
+    parser.add_argument(
+        "--top", type=int, default=3, help="its best full-budget trials (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="fresh seeds per configuration (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=1000,
+        help="the first fresh seed, counted up from (default: %(default)s)",
+    )
     for option in ("--storage", "--tracking-uri", "--optuna-storage", "--address"):
         parser.add_argument(option, help="as for study.run")
     parser.add_argument("--num-cpus", type=int, help="CPUs the study may use (all by default)")
