@@ -39,7 +39,8 @@ def print_summary(spec: StudySpec, paths, tracking, parent_run: str) -> None:
     report = write_report(study, paths.experiment(spec.name) / "report", paths.optuna_url)
     tracking.client.log_artifacts(parent_run, str(report.parent), "report")
     print(f"\nreport: {report} (also on the study's MLflow run, under report/)")
-    print(f"browse the runs: {browse_command(paths.tracking_uri)}")
+    experiment = tracking.experiment_id(spec.name)
+    print(f"browse the runs: {browse_command(paths.tracking_uri, experiment)}")
 
 
 def study_result(study: Study) -> tuple[float | None, str | None]:
@@ -99,7 +100,16 @@ def summarize_search(spec: StudySpec, paths, tracking, parent_run: str) -> None:
     print(json.dumps(best.params, indent=2))
 
 
-def browse_command(tracking_uri: str) -> str:
+# MLflow 3's UI opens in its GenAI mode unless the page asks for model training.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def browse_command(tracking_uri: str, experiment_id: str) -> str:
+    """How to open the study's runs table: the server's page, or `mlflow ui` and its page."""
+    page = f"#/experiments/{experiment_id}{MODEL_TRAINING_VIEW}"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    return (
+        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000, then "
+        f"open http://127.0.0.1:5000/{page}"
+    )

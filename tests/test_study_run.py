@@ -67,6 +67,9 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "best full-budget trial" in done.stdout
     assert "mlflow ui --backend-store-uri" in done.stdout
+    smoke = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("smoke")
+    page = f"/#/experiments/{smoke.experiment_id}?workflowType=machine_learning"
+    assert f"open http://127.0.0.1:5000{page}" in done.stdout
     # what a user reads: the teacher's epochs, the study's progress; none of the libraries' noise
     output = done.stdout + done.stderr
     assert "teacher: epoch 2/2" in output
@@ -263,6 +266,60 @@ def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     best_value = parent_run.data.metrics["study/best_value"]
     assert best_value == pytest.approx(max(means.values()), abs=1e-12)
     assert parent_run.data.metrics["study/trials_complete"] == 4
+    assert_mlflow_ui_shows_the_study(tmp_path, "ablate", runs=4)
+
+
+def assert_mlflow_ui_shows_the_study(tmp_path: Path, name: str, runs: int) -> None:
+    """`mlflow ui` on the study's store, on 127.0.0.1, asked through its REST API what the
+    browser shows: the experiment opens on its runs table (a model-training experiment), the
+    parent run has the study's result, each trial its data sets and models, and the report is
+    one HTML page with its pictures inside."""
+    import urllib.request
+
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "ui", "--host", "127.0.0.1"]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    command += ["--port", str(port), "--workers", "1"]
+    with open(tmp_path / "ui.log", "a") as log:
+        ui = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def call(path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(base + path, data=data)
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+        return json.loads(raw) if path.startswith("/api/") else raw.decode()
+
+    try:
+        wait_for_port(port, ui, timeout=120)
+        assert "<html" in call("/").lower()
+        experiment = call(f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}")
+        tags = {t["key"]: t["value"] for t in experiment["experiment"]["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        experiment_id = experiment["experiment"]["experiment_id"]
+        found = call("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]})["runs"]
+        by_role = {}
+        for run in found:
+            role = {t["key"]: t["value"] for t in run["data"]["tags"]}["role"]
+            by_role.setdefault(role, []).append(run)
+        (parent,) = by_role["study"]
+        metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+        assert metrics["study/trials_complete"] == runs and "study/best_value" in metrics
+        assert len(by_role["trial"]) == runs
+        for run in by_role["trial"]:
+            contexts = {
+                {t["key"]: t["value"] for t in i["tags"]}["mlflow.data.context"]
+                for i in run["inputs"]["dataset_inputs"]
+            }
+            assert contexts == {"training", "validation", "test"}
+        models = call("/api/2.0/mlflow/logged-models/search", {"experiment_ids": [experiment_id]})
+        assert len(models["models"]) == 2 * runs
+        page = call(f"/get-artifact?path=report/report.html&run_uuid={parent['info']['run_id']}")
+        assert "<table>" in page and "data:image/png;base64," in page
+    finally:
+        stop(ui)
 
 
 def assert_students_load_back_as_mlflow_models(uri: str, runs) -> None:
