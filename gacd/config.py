@@ -9,6 +9,7 @@ Fields that are fractions of the pixel range (budgets) accept strings such as `"
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -47,18 +48,61 @@ class ConfigFileError(ConfigError):
         ValueError.__init__(self, f"{path}: {problem}")
 
 
+# A study or config file is a few kilobytes; these bounds keep a hostile one (a "billion
+# laughs" of YAML aliases, a huge file) from taking the machine's memory or time.
+MAX_FILE_BYTES = 1_000_000
+MAX_VALUES = 100_000
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader (data only, no tags that run code) that refuses a key given twice
+    in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                problem = f"key {key!r} given twice in one mapping"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+def count_values(data: Any, limit: int) -> int:
+    """How many values `data` holds once its shared parts (YAML aliases) are expanded, as
+    `nest_dotted` and `flatten` would expand them; stops counting past `limit`."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return count
+
+
 def read_yaml_file(path: str | Path) -> Any:
-    """Parse a YAML file safely (data only, no tags that run code); one-line errors."""
+    """Parse a YAML file safely (data only, no tags that run code, no key given twice, bounded
+    in size once aliases are expanded); one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigFileError(str(path), "no such file")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigFileError(str(path), f"larger than {MAX_FILE_BYTES:,} bytes: not a config")
     try:
-        return yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=StrictLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigFileError(str(path), f"invalid YAML{where}: {problem}") from error
+    if count_values(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigFileError(
+            str(path), f"holds more than {MAX_VALUES:,} values once its aliases are expanded"
+        )
+    return data
 
 
 @dataclass
@@ -396,10 +440,13 @@ def convert(annotation: Any, value: Any, key: str) -> Any:
 
 
 def to_float(value: Any, key: str) -> float:
-    """A number, or a string such as `"8/255"` or `"1e-3"` (YAML 1.1 reads that as a string)."""
+    """A finite number, or a string such as `"8/255"` or `"1e-3"` (YAML 1.1 reads that as a
+    string); `.inf` and `.nan` are refused here, for every key."""
     if isinstance(value, bool):
         raise ConfigError(key, "a number", value)
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ConfigError(key, "a finite number", value)
         return float(value)
     if isinstance(value, str):
         try:
@@ -427,6 +474,11 @@ def validate(config: Config) -> None:
     require_name(MODELS, config.student.arch, "student.arch")
     if config.teacher.arch is not None:
         require_name(MODELS, config.teacher.arch, "teacher.arch")
+    for prefix, model in (("student", config.student), ("teacher", config.teacher)):
+        if model.width is not None:
+            require(model.width > 0, f"{prefix}.width", "a number > 0", model.width)
+        if model.depth is not None:
+            require(model.depth >= 1, f"{prefix}.depth", "an integer >= 1", model.depth)
     validate_data(config.data)
     validate_optim(config.optim)
     validate_attack(config)
@@ -527,6 +579,15 @@ def validate_budget(prefix: str, epsilon: float | None, step_size: float | None)
         )
     if step_size is not None:
         require(0 < step_size <= 1, f"{prefix}.step_size", "a number in (0, 1]", step_size)
+    if epsilon is not None and step_size is not None:
+        # A step past the ball's radius is projected back at once: the attack degenerates to
+        # sign steps to the corners, which is never what a budget written so means.
+        require(
+            step_size <= epsilon or epsilon == 0,
+            f"{prefix}.step_size",
+            f"a step no larger than {prefix}.epsilon ({epsilon:g})",
+            step_size,
+        )
 
 
 def validate_attack(config: Config) -> None:

@@ -14,7 +14,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,24 @@ def study_paths(storage: str | None, tracking_uri: str | None, optuna: str | Non
             Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
         )
         optuna = f"sqlite:///{beside / 'optuna.db'}"
+    else:
+        check_optuna_url_form(optuna)
     return StudyPaths(root, uri, optuna)
+
+
+OPTUNA_DIALECTS = ("sqlite", "postgresql", "mysql")
+
+
+def check_optuna_url_form(url: str) -> None:
+    """An Optuna storage URL Optuna's RDB storage can open (checked before anything starts)."""
+    dialect = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if dialect not in OPTUNA_DIALECTS:
+        raise StudyError(
+            f"--optuna-storage {url!r}: expected sqlite:///ABSOLUTE/PATH.db or a "
+            "postgresql:// or mysql:// database URL"
+        )
+    if dialect == "sqlite" and not Path(url.split(":///", 1)[-1]).parent.is_dir():
+        raise StudyError(f"--optuna-storage {url!r}: the folder of the database does not exist")
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -115,6 +131,8 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
             else ""
         ),
     ]
+    if address is None:
+        lines += local_resource_problems(spec)
     config = spec.trial_config(first_trial(spec))
     lines.append(
         f"trial      {config.method} on {config.data.name}, {config.student.arch} student, "
@@ -205,6 +223,21 @@ def use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def local_resource_problems(spec: StudySpec) -> list[str]:
+    """For a study on a local Ray instance: a trial that asks more than this machine has
+    (`--dry-run` says so; the run itself refuses it in `concurrency`)."""
+    import torch
+
+    have = {"GPU": torch.cuda.device_count(), "CPU": os.cpu_count() or 1}
+    wanted = {"GPU": spec.resources.gpus_per_trial, "CPU": spec.resources.cpus_per_trial}
+    return [
+        f"warning    resources.{kind.lower()}s_per_trial is {wanted[kind]:g} but this machine has "
+        f"{have[kind]} {kind}s: a local run would refuse to start (join a cluster with --address)"
+        for kind in ("GPU", "CPU")
+        if wanted[kind] > have[kind]
+    ]
+
+
 def concurrency(spec: StudySpec, resources: dict[str, float], num_cpus, num_gpus) -> int | None:
     """Refuse trials the cluster cannot hold; cap concurrency at `--num-gpus`/`--num-cpus`."""
     per_trial = spec.resources
@@ -263,6 +296,11 @@ def ensure_teacher(
     return tracking.teacher_run(checkpoint, commit)
 
 
+def optuna_store_exists(url: str) -> bool:
+    """Whether an Optuna storage is there to read (asking a SQLite URL would create it)."""
+    return not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file()
+
+
 def resolve_reference(spec: StudySpec, paths: StudyPaths) -> None:
     """`ablation.from_study`: the best full-budget trial of a finished search becomes the
     reference (under the ablation's own `reference` overrides, which win)."""
@@ -272,7 +310,7 @@ def resolve_reference(spec: StudySpec, paths: StudyPaths) -> None:
     source = spec.ablation.from_study
     if source is None:
         return
-    if not study_exists(paths.optuna_url, source):
+    if not optuna_store_exists(paths.optuna_url) or not study_exists(paths.optuna_url, source):
         raise StudyError(
             f"ablation.from_study: no study {source!r} in {paths.optuna_url}; run that search "
             "first (with the same --tracking-uri / --optuna-storage)"
@@ -403,19 +441,25 @@ def restore_tuner(spec: StudySpec, path: Path):
     )
 
 
+def check_writable(folder: Path, option: str) -> None:
+    """`folder`, or the nearest folder above it that exists, is one this process can write
+    in (checked without creating anything: a refused start leaves no empty folder)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StudyError(f"{option} {str(folder)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StudyError(f"{option} {str(folder)!r}: cannot write in {str(existing)!r}")
+
+
 def preflight(spec: StudySpec, paths: StudyPaths) -> None:
     """What would fail a trial fails here, before anything starts or is written: the results
     folder writable, the data sets on disk, the teacher readable and of its architecture."""
     from gacd.data import load_datasets
     from gacd.teacher import load_teacher
 
-    try:
-        paths.storage.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=paths.storage).close()
-    except OSError as error:
-        raise StudyError(
-            f"--storage {str(paths.storage)!r}: cannot write there ({error.strerror or error})"
-        ) from error
+    check_writable(paths.storage, "--storage")
     config = spec.trial_config(first_trial(spec))
     data = load_datasets(config.data, config.seed)
     trained_first = spec.teacher is not None and spec.teacher.train is not None
@@ -437,11 +481,16 @@ def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> i
         )
     if args.resume:
         spec = load_saved_spec(spec, experiment_path, paths.teachers)
+    # Every refusal comes before anything is written: no results folder, no MLflow store,
+    # no Optuna study (a local Ray instance's session files in /tmp aside).
     preflight(spec, paths)
-    check_tracking_uri(paths.tracking_uri)
+    if not args.resume and spec.study.mode == "ablation":
+        resolve_reference(spec, paths)
     resources = connect(args.address, args.num_cpus, args.num_gpus)
     try:
-        return run_on_ray(spec, paths, args, exists, resources)
+        max_concurrent = concurrency(spec, resources, args.num_cpus, args.num_gpus)
+        check_tracking_uri(paths.tracking_uri)
+        return run_on_ray(spec, paths, args, exists, max_concurrent)
     finally:
         import ray
 
@@ -449,7 +498,11 @@ def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> i
 
 
 def run_on_ray(
-    spec: StudySpec, paths: StudyPaths, args: argparse.Namespace, exists: bool, resources
+    spec: StudySpec,
+    paths: StudyPaths,
+    args: argparse.Namespace,
+    exists: bool,
+    max_concurrent: int | None,
 ) -> int:
     from ray import tune
 
@@ -458,10 +511,7 @@ def run_on_ray(
     from study.tracking import Tracking, TrialRuns, git_commit, sync_results
 
     experiment_path = paths.experiment(spec.name)
-    max_concurrent = concurrency(spec, resources, args.num_cpus, args.num_gpus)
     tracking, commit = Tracking(paths.tracking_uri), git_commit()
-    if not args.resume and spec.study.mode == "ablation":
-        resolve_reference(spec, paths)
     teacher_run = ensure_teacher(spec, tracking, commit, max_concurrent)
     experiment_id, parent_run = tracking.study_run(spec, commit, args.resume)
     if teacher_run is not None:
@@ -525,11 +575,33 @@ def run_on_ray(
 # --- command line ---------------------------------------------------------------------------
 
 
+def count_argument(text: str) -> int:
+    """A whole number >= 0 (`--num-gpus 0` runs on CPUs only)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad command lines are one line on stderr and exit status 2, as bad files are."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m study.run", description=__doc__.split("\n")[0])
     parser.add_argument("file", help="the study file (YAML), e.g. search_spaces/digits.yaml")
-    parser.add_argument("--num-gpus", type=int, help="GPUs the study may use (all by default)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs the study may use (all by default)")
+    parser.add_argument(
+        "--num-gpus", type=count_argument, help="GPUs the study may use (all by default)"
+    )
+    parser.add_argument(
+        "--num-cpus", type=count_argument, help="CPUs the study may use (all by default)"
+    )
     parser.add_argument(
         "--address", help="join a running Ray cluster: auto, or HOST:PORT of its head node"
     )

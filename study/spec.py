@@ -463,7 +463,7 @@ def validate_teacher(spec: StudySpec, teacher_cache: Path | None) -> None:
     try:
         config = spec.teacher_training_config()
     except ConfigError as error:
-        raise error.under("teacher.train") from error
+        raise error.under(teacher_key_owner(spec, error.key)) from error
     assert config is not None
     require(
         not METHODS.get(config.method).uses_teacher,
@@ -481,6 +481,18 @@ def validate_teacher(spec: StudySpec, teacher_cache: Path | None) -> None:
         teacher.checkpoint,
     )
     teacher.checkpoint = path
+
+
+def teacher_key_owner(spec: StudySpec, key: str) -> str:
+    """Where the user wrote the key a teacher config refused: `teacher.train`, or `base` for
+    what the teacher inherits from it (data, seed, device, eval) and does not set itself."""
+    assert spec.teacher is not None and spec.teacher.train is not None
+    written = flatten(nest_dotted(spec.teacher.train))
+    dotted = key.split("[")[0]
+    if any(name == dotted or dotted.startswith(name + ".") for name in written):
+        return "teacher.train"
+    inherited = ("data", "seed", "device", "eval")
+    return "base" if dotted.split(".")[0] in inherited else "teacher.train"
 
 
 def teacher_checkpoint_path(cache: Path, config: Config) -> Path:
