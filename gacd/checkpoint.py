@@ -57,9 +57,13 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
             "containers, which torch.load(weights_only=True) will not unpickle; re-save its "
             "state dict"
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - untrusted bytes: whatever the reader tripped on
+        # torch's readers raise RuntimeError, EOFError, ValueError, but also IndexError,
+        # KeyError, struct.error or zipfile's errors on garbage (found by fuzzing).
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"{what} {str(path)!r}: not a readable PyTorch file (truncated or corrupt?): {error}"
+            f"{what} {str(path)!r}: not a readable PyTorch file (truncated or corrupt?): "
+            f"{first_line[:200]}"
         ) from error
 
 

@@ -56,7 +56,13 @@ def load_teacher(config: TeacherConfig, spec: DatasetSpec) -> FrozenTeacher:
     path = Path(config.checkpoint)
     payload = load_checkpoint(path, what="teacher.checkpoint")
     if is_project_checkpoint(payload):
-        stored = ModelConfig(**payload["config"]["student"])
+        try:
+            stored = ModelConfig(**payload["config"]["student"])
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"teacher.checkpoint {str(path)!r}: a checkpoint of this project without a "
+                f"readable student config ({type(error).__name__}: {error})"
+            ) from error
         if config.arch is not None and config.arch != stored.arch:
             raise CheckpointError(
                 f"teacher.checkpoint {str(path)!r}: holds a '{stored.arch}' "
