@@ -17,11 +17,11 @@ import torch
 from ray import tune
 
 from gacd import schema
-from gacd.checkpoint import load_checkpoint, save_checkpoint
-from gacd.config import Config
-from gacd.data import describe_splits, load_datasets
+from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gacd.config import Config, ConfigError
+from gacd.data import DatasetNotFoundError, describe_splits, load_datasets
 from gacd.runtime import resolve_device
-from gacd.train import BEST_CHECKPOINT_FILE, State, best_checkpoint, fit
+from gacd.train import BEST_CHECKPOINT_FILE, NonFiniteLossError, State, best_checkpoint, fit
 from study.spec import EPOCHS_TOTAL, RESULT_DATASETS, RESULT_DEVICE, StudySpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -56,9 +56,37 @@ def restored_state() -> State | None:
         return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
 
 
+# A failure that would happen again from the same checkpoint: retrying it only spends
+# another attempt's epochs. Its message is kept beside the trial, and a retry fails at once.
+DETERMINISTIC_FAILURES = (NonFiniteLossError, ConfigError, CheckpointError, DatasetNotFoundError)
+FAILURE_MARKER = "deterministic_failure.txt"
+
+
+class RepeatedFailure(RuntimeError):
+    """A retry of a trial whose last attempt failed deterministically (not run again)."""
+
+
+def failure_marker() -> Path:
+    return Path(tune.get_context().get_trial_dir()) / FAILURE_MARKER
+
+
 def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     """A Ray Tune function trainable: fit the trial's config, one report per epoch (the last
-    checkpoint of a final run also holds `best.pt`, its best epoch's student)."""
+    checkpoint of a final run also holds `best.pt`, its best epoch's student). A diverging
+    loss, a bad config or an unreadable file fails the trial once: Ray's retries of it end at
+    once with the same reason instead of training again."""
+    marker = failure_marker()
+    if marker.is_file():
+        raise RepeatedFailure(f"{marker.read_text().strip()} (not retried: it failed so before)")
+    try:
+        run_trial(ray_config, spec)
+    except DETERMINISTIC_FAILURES as error:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{type(error).__name__}: {error}")
+        raise
+
+
+def run_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     config = spec.trial_config(ray_config)
     set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
     device = str(resolve_device(config.device))

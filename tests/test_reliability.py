@@ -121,6 +121,13 @@ def test_a_diverging_trial_fails_alone_with_its_reason(
     assert set(failed["params.optim.lr"]) == {"100000000.0"}
     assert set(finished["params.optim.lr"]) == {"0.05"}
     assert failed["tags.failure"].str.contains("loss is nan at epoch 1").all()
+    # a divergence fails the trial once: Ray's retry (max_failures 1) ends at once, untrained
+    for trial_id in failed["tags.ray_trial_id"]:
+        (error_file,) = (tmp_path / "results" / "diverge").glob(f"*{trial_id}*/error.txt")
+        errors = error_file.read_text()
+        assert errors.count("Failure #") == 2, errors
+        assert "RepeatedFailure: NonFiniteLossError: loss is nan" in errors
+        assert "not retried" in errors
     study = optuna.load_study(study_name="diverge", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     told = {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
     assert {told[trial_id] for trial_id in failed["tags.ray_trial_id"]} == {"FAIL"}
