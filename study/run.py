@@ -567,6 +567,15 @@ def run_on_ray(
             file=sys.stderr,
         )
         return 1
+    if len(results) and results.num_errors == len(results):
+        # Nothing to summarise: each trial's reason is above and in its run's `failure` tag.
+        tracking.finish(parent_run, "FAILED")
+        print(
+            f"error: {spec.name}: every trial failed ({results.num_errors} of {len(results)}); "
+            "each reason is printed above and in its MLflow run's failure tag",
+            file=sys.stderr,
+        )
+        return 1
     print_summary(spec, paths, tracking, parent_run)
     tracking.finish(parent_run, "FINISHED")
     return 0

@@ -195,3 +195,22 @@ def test_a_lost_worker_node_moves_its_trial_and_the_study_finishes(tmp_path, rob
         if worker is not None:
             stop_node(worker)
         stop_node(head)
+
+
+def test_a_search_whose_every_trial_fails_ends_cleanly_and_names_each_reason(
+    tmp_path, ray_cluster, robust_teacher_path, capsys
+):
+    spec = search("all_fail", robust_teacher_path, epochs=2, max_failures=0)
+    spec["search"] = {"optim.lr": {"distribution": "choice", "values": [1.0e8, 1.0e9]}}
+    code = main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out[-2000:] + captured.err[-2000:]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "all_fail: every trial failed (2 of 2)" in errors[0], errors
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (parent,) = load_runs(uri, "all_fail", role="study").itertuples()
+    assert parent.status == "FAILED"
+    runs = load_runs(uri, "all_fail")
+    assert set(runs.status) == {"FAILED"} and len(runs) == 2
+    for reason in runs["tags.failure"]:
+        assert "loss is nan" in reason and reason in captured.out
