@@ -187,8 +187,14 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> 
         if address:
             ray.init(address=address)
         else:
+            from study.reaper import children_of, start_reaper
+
             # "local": always a new instance, never a cluster a `ray start` left on this machine.
+            before = children_of(os.getpid()) if sys.platform.startswith("linux") else set()
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+            # The instance's own processes, watched so that none outlives a killed driver.
+            if sys.platform.startswith("linux"):
+                start_reaper(children_of(os.getpid()) - before)
     except (ConnectionError, TimeoutError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise StudyError(

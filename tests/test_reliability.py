@@ -214,3 +214,49 @@ def test_a_search_whose_every_trial_fails_ends_cleanly_and_names_each_reason(
     assert set(runs.status) == {"FAILED"} and len(runs) == 2
     for reason in runs["tags.failure"]:
         assert "loss is nan" in reason and reason in captured.out
+
+
+def descendants_of(root: int) -> dict[int, str]:
+    """Every process below `root` now, `pid -> command line`, read from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found, stack = {}, [root]
+    while stack:
+        pid = stack.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in found:
+                try:
+                    found[child] = (Path(f"/proc/{child}/cmdline").read_bytes()).decode(
+                        errors="replace"
+                    )
+                except OSError:
+                    continue
+                stack.append(child)
+    return found
+
+
+def test_a_driver_killed_outright_leaves_no_ray_process_behind(tmp_path, robust_teacher_path):
+    """A study that started its own local Ray instance, SIGKILLed mid-trial: every process of
+    that instance (GCS, raylet, dashboard, agents, workers) ends within seconds."""
+    path = write_study(tmp_path, search("orphans", robust_teacher_path, epochs=10, num_samples=1))
+    storage = ["--storage", str(tmp_path / "results")]
+    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--num-cpus", "1"]
+    driver = start_driver([sys.executable, "-m", "study.run", path, *storage, *uri])
+    read_until(driver, "epoch 2/10")
+    seen = descendants_of(driver.pid)
+    ray_processes = {pid: line for pid, line in seen.items() if "ray" in line}
+    assert len(ray_processes) >= 4, seen  # gcs, raylet, agents, the trial's worker
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    left = ray_processes
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = {pid: line for pid, line in left.items() if Path(f"/proc/{pid}").exists()}
+    assert not left, f"left behind: {left}"
