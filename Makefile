@@ -46,6 +46,8 @@ benchmark-ablation: install fashion-mnist-data
 		$(call resume,fashion_mnist_search)
 	$(BIN)/python -m study.run search_spaces/fashion_mnist_ablation.yaml $(BENCH_ARGS) \
 		$(call resume,fashion_mnist_ablation)
+	$(BIN)/python -m study.run search_spaces/fashion_mnist_negatives_confirm.yaml $(BENCH_ARGS) \
+		$(call resume,fashion_mnist_negatives_confirm)
 
 # Fashion-MNIST's idx files: in data/ already, or Debian's package (installed here when this
 # runs as root with apt-get), or a message saying what to run.
