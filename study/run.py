@@ -20,7 +20,7 @@ from typing import Any
 
 from gacd import schema
 from gacd.checkpoint import CheckpointError
-from gacd.config import ConfigError
+from gacd.config import ConfigError, flatten
 from gacd.data import DatasetNotFoundError
 from gacd.schema import REFERENCE
 from study.spec import (
@@ -335,10 +335,25 @@ def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     """On `--resume`, the spec the study started with (its resolved reference included)."""
     saved = json.loads((path / schema.SPEC_FILE).read_text())
     if saved["source"] != spec_source(spec):
+        before, now = flatten(saved["source"]), flatten(spec_source(spec))
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed == ["teacher.checkpoint"] and before[changed[0]] is not None:
+            old_cache = Path(str(before["teacher.checkpoint"])).parents[1]
+            raise StudyError(
+                f"--resume: study {spec.name!r} was started with its teacher cached in "
+                f"{old_cache} (--storage {old_cache.parent}), not in {teachers}: resume with "
+                "that --storage (a study's folder cannot be moved on its own; move the whole "
+                "--storage folder, teachers/ included, and its checkpoints still name the old "
+                "place)"
+            )
+        shown = ", ".join(
+            f"{key} (was {before.get(key)!r}, now {now.get(key)!r})" for key in changed[:3]
+        )
         raise StudyError(
             f"--resume: the study file (or --budget) differs from the one study {spec.name!r} "
-            f"started with (saved in {path / schema.SPEC_FILE}); resume with that file and "
-            "budget, or start a new --name"
+            f"started with (saved in {path / schema.SPEC_FILE}) at {shown}"
+            + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            + "; resume with that file and budget, or start a new --name"
         )
     return load_study_spec(path, teachers)
 

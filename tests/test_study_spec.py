@@ -393,3 +393,36 @@ def test_a_budget_replaces_the_file_s_values_and_is_recorded(tmp_path, capsys):
     assert code == 2 and "'budget': expected one of this file's budgets (full)" in (
         capsys.readouterr().err
     )
+
+
+def test_a_resume_says_what_differs_and_a_moved_storage_says_where_it_was(tmp_path):
+    import json
+
+    from gacd import schema
+    from study.run import load_saved_spec, spec_source
+    from study.spec import StudyError
+
+    teacher = {"train": {"method": "pgd_at", "student": {"arch": "small_cnn", "width": 8}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(digits_search(teacher=teacher)))
+    old_storage, new_storage = tmp_path / "old", tmp_path / "new"
+    started = read_study_file(path, teacher_cache=old_storage / "teachers")
+    folder = old_storage / "unit"
+    folder.mkdir(parents=True)
+    saved = {"source": spec_source(started), "resolved": started.to_dict()}
+    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    assert load_saved_spec(started, folder, old_storage / "teachers").name == "unit"
+    moved = read_study_file(path, teacher_cache=new_storage / "teachers")
+    with pytest.raises(StudyError) as caught:
+        load_saved_spec(moved, folder, new_storage / "teachers")
+    assert f"--storage {old_storage}" in str(caught.value)
+    changed = digits_search(teacher=teacher)
+    changed["base"]["optim"]["epochs"] = 5
+    path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(StudyError) as caught:
+        load_saved_spec(
+            read_study_file(path, teacher_cache=old_storage / "teachers"),
+            folder,
+            old_storage / "teachers",
+        )
+    assert "base.optim.epochs (was 4, now 5)" in str(caught.value)
