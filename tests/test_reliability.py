@@ -260,3 +260,40 @@ def test_a_driver_killed_outright_leaves_no_ray_process_behind(tmp_path, robust_
         time.sleep(0.5)
         left = {pid: line for pid, line in left.items() if Path(f"/proc/{pid}").exists()}
     assert not left, f"left behind: {left}"
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_one_before(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """The checkpoint Ray would restore from is truncated, then the trial's worker killed: the
+    retry reads the checkpoint before it instead of failing three times on the broken one."""
+    epochs = 10
+    spec = search("corrupt", robust_teacher_path, epochs, num_samples=1)
+    path = write_study(tmp_path, spec)
+    driver = start_driver(
+        [sys.executable, "-m", "study.run", path, *study_args(tmp_path, ray_cluster)]
+    )
+    read_until(driver, f"epoch 4/{epochs}")
+    experiment = tmp_path / "results" / "corrupt"
+    worker = trial_worker(experiment)
+    os.kill(worker, signal.SIGSTOP)  # no checkpoint is written while the newest is broken
+    time.sleep(1)
+    # All but the oldest kept checkpoint broken: whichever Ray restores from is unreadable
+    # (the driver may not have registered the newest folder yet).
+    kept = sorted(experiment.glob("*/checkpoint_*"), key=lambda folder: folder.name)
+    assert len(kept) >= 3, kept
+    for folder in kept[1:]:
+        checkpoint = folder / "checkpoint.pt"
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    os.kill(worker, signal.SIGKILL)
+    output = driver.stdout.read()
+    assert driver.wait(timeout=300) == 0, output[-3000:]
+    assert "not a readable PyTorch file" in output and "trying the checkpoint before it" in output
+    (result,) = ray_results(experiment)
+    assert result.metrics["epoch"] == epochs and result.error is None
+    restored = [json.loads(line) for line in next(experiment.glob("*/result.json")).open()]
+    resumed_at = [r["epoch"] for r in restored if r["iterations_since_restore"] == 1][-1]
+    oldest_epoch = int(kept[0].name.split("_")[1]) + 1
+    assert resumed_at == oldest_epoch + 1, (resumed_at, [k.name for k in kept])
+    runs = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "corrupt")
+    assert list(runs.status) == ["FINISHED"]
