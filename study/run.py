@@ -331,6 +331,39 @@ def resolve_reference(spec: StudySpec, paths: StudyPaths) -> None:
     print(f"reference: study {source} trial {best.number} ({best.value:.4f}): {best.params}")
 
 
+def private_group(gid: int) -> bool:
+    """The user's own group with no other member (a umask of 002 makes files group-writable
+    in it, which lets no one else write them)."""
+    import grp
+    import pwd
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    return gid == user.pw_gid and set(group.gr_mem) <= {user.pw_name}
+
+
+def check_trusted(folder: Path) -> None:
+    """A resume unpickles Ray's state (`tuner.pkl`, the experiment state) from the study's
+    folder: code runs from it. Refuse a folder, or a file in it, that another user owns or
+    that group or others may write (docs/reliability.md, "Trust boundary")."""
+    if not hasattr(os, "getuid"):
+        return  # no owners and modes to check
+    me = os.getuid()
+    for path in [folder, *sorted(folder.iterdir())]:
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            continue
+        info = path.stat()
+        group_writable = info.st_mode & 0o020 and not private_group(info.st_gid)
+        if info.st_uid != me or info.st_mode & 0o002 or group_writable:
+            raise StudyError(
+                f"--resume: {path} is writable by others or owned by another user; a resume "
+                "runs the code Ray pickled there, so the study's folder must be yours alone "
+                "(chmod go-w, or start a new --name)"
+            )
+
+
 def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     """On `--resume`, the spec the study started with (its resolved reference included)."""
     saved = json.loads((path / schema.SPEC_FILE).read_text())
@@ -502,6 +535,7 @@ def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> i
             "continue it, or --name for a new study"
         )
     if args.resume:
+        check_trusted(experiment_path)
         spec = load_saved_spec(spec, experiment_path, paths.teachers)
     # Every refusal comes before anything is written: no results folder, no MLflow store,
     # no Optuna study (a local Ray instance's session files in /tmp aside).

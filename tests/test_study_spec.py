@@ -426,3 +426,24 @@ def test_a_resume_says_what_differs_and_a_moved_storage_says_where_it_was(tmp_pa
             old_storage / "teachers",
         )
     assert "base.optim.epochs (was 4, now 5)" in str(caught.value)
+
+
+def test_a_resume_refuses_a_study_folder_others_can_write(tmp_path, capsys):
+    """`--resume` unpickles Ray's state from the folder: one that group or others may write
+    (or another user owns) is refused before anything is read."""
+    import os
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(digits_search(teacher={"checkpoint": str(tmp_path / "t.pt")})))
+    folder = tmp_path / "results" / "unit"
+    folder.mkdir(parents=True)
+    (folder / "gacd_study.json").write_text("{}")
+    (folder / "tuner.pkl").write_bytes(b"not read")
+    os.chmod(folder / "tuner.pkl", 0o666)
+    code, _ = run_main(tmp_path, str(path), "--resume")
+    error = capsys.readouterr().err
+    assert code == 2 and "tuner.pkl is writable by others" in error, error
+    os.chmod(folder / "tuner.pkl", 0o644)
+    os.chmod(folder, 0o777)
+    code, _ = run_main(tmp_path, str(path), "--resume")
+    assert code == 2 and "unit is writable by others" in capsys.readouterr().err
