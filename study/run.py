@@ -8,6 +8,7 @@ trials early, and every trial is a child run of the study's run in MLflow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -515,11 +516,39 @@ def preflight(spec: StudySpec, paths: StudyPaths) -> None:
     from gacd.teacher import load_teacher
 
     check_writable(paths.storage, "--storage")
-    config = spec.trial_config(first_trial(spec))
-    data = load_datasets(config.data, config.seed)
     trained_first = spec.teacher is not None and spec.teacher.train is not None
-    if config.teacher.checkpoint is not None and not trained_first:
-        load_teacher(config.teacher, data.spec)
+    data_checked, teachers_checked = {}, set()
+    for ray_config, where in preflight_trials(spec):
+        config = spec.trial_config(ray_config)
+        key = json.dumps(dataclasses.asdict(config.data), sort_keys=True)
+        try:
+            if key not in data_checked:
+                data_checked[key] = load_datasets(config.data, config.seed).spec
+            teacher = config.teacher
+            path = teacher.checkpoint
+            if path is not None and path not in teachers_checked and not trained_first:
+                load_teacher(teacher, data_checked[key])
+                teachers_checked.add(path)
+        except (CheckpointError, DatasetNotFoundError) as error:
+            if not where:
+                raise
+            raise type(error)(f"{where}: {error}") from error
+
+
+def preflight_trials(spec: StudySpec) -> list[tuple[dict[str, Any], str]]:
+    """The trials whose files a start checks: the first, and in a search one per value of
+    each `choice` (a searched teacher checkpoint or data set that is not there is refused
+    now, not when a trial draws it)."""
+    from study.spec import distribution_values
+
+    first = first_trial(spec)
+    trials = [(first, "")]
+    if spec.study.mode == "search":
+        for key, distribution in spec.search.items():
+            if distribution.distribution == "choice":
+                for value in distribution_values(key, distribution):
+                    trials.append(({**first, key: value}, f"search.{key}={value!r}"))
+    return trials
 
 
 def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:

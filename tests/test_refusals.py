@@ -145,3 +145,26 @@ def test_a_huge_file_is_not_read(tmp_path, capsys):
     assert main([str(study), "--dry-run"]) == 2
     assert "not a config" in capsys.readouterr().err
     assert Path(study).stat().st_size > 1_000_000
+
+
+def test_a_searched_teacher_that_is_not_there_is_refused_at_the_start(
+    tmp_path, capsys, robust_teacher_path
+):
+    """Each choice a search can draw is checked like the first trial: a missing teacher
+    checkpoint among them refuses the start, naming the searched value."""
+    spec = search(**{"base.method": "gacd"})
+    missing = str(tmp_path / "missing.pt")
+    spec["search"] = {
+        "teacher.checkpoint": {
+            "distribution": "choice",
+            "values": [str(robust_teacher_path), missing],
+        }
+    }
+    spec["base"]["teacher"] = {"checkpoint": str(robust_teacher_path)}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    args = [str(study), "--storage", str(tmp_path / "results")]
+    code = main([*args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    error = capsys.readouterr().err
+    assert code == 2 and "search.teacher.checkpoint=" in error and "no such file" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
