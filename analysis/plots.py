@@ -7,8 +7,8 @@
 - `curves.png`: per-epoch validation curves (ablation: mean over seeds per variant; search: one
   line per trial, dashed where a scheduler stopped it);
 - `params.png` (search): each searched parameter against the study's metric;
-- `importance.png` (search, with `--optuna-storage`): the importances `analysis.importance`
-  computes, with their intervals.
+- `importance.png` (search): the importances with their intervals, drawn here but written by
+  `analysis.importance --out` and `analysis.report` (they compute them from the Optuna study).
 
 Every line or point of its own has a colour of its own (up to 20 distinct, then a continuous
 map), legends sit beside the axes rather than over the data, and a searched parameter's axis
@@ -287,21 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         help="an ablation's Pareto plot at the last epoch, the epoch of best val/pgd_acc, or both "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--optuna-storage",
-        help="a search's Optuna database: adds importance.png (default: none, no importance)",
-    )
     args = parser.parse_args(argv)
 
     def plot(study: Study) -> int:
-        importance = None
-        if args.optuna_storage and study.mode == "search":
-            from analysis.report import search_importance
-
-            importance, why = search_importance(study, args.optuna_storage)
-            if importance is None:
-                print(f"no importance.png: {why}", file=sys.stderr)
-        written = write_plots(study, Path(args.out), importance, checkpoint=args.checkpoint)
+        written = write_plots(study, Path(args.out), checkpoint=args.checkpoint)
         for path in written:
             print(path)
         return 0

@@ -323,11 +323,14 @@ def test_trials_get_distinct_colours_beyond_ten(tmp_path):
     assert path.is_file() and path.stat().st_size > 5_000
 
 
-def test_the_plots_command_draws_importance_when_given_the_optuna_storage(tmp_path, capsys):
+def test_importance_png_is_written_where_the_help_says(tmp_path, capsys):
+    """analysis.plots draws no importance (it has no Optuna study); analysis.importance --out
+    writes importance.png beside importance.csv, as both commands' help says."""
     study = search_store(tmp_path, [0.1 + 0.01 * n for n in range(8)], 500)
     args = ["--experiment", "search", "--tracking-uri", study.tracking_uri]
     assert plots.main([*args, "--out", str(tmp_path / "p")]) == 0
     assert not (tmp_path / "p" / "importance.png").exists()
+    assert "analysis.importance --out" in plots.__doc__
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna_study = optuna.create_study(study_name="search", storage=storage, direction="maximize")
     for n in range(8):
@@ -338,12 +341,13 @@ def test_the_plots_command_draws_importance_when_given_the_optuna_storage(tmp_pa
                     "tau": optuna.distributions.FloatDistribution(0.02, 0.5, log=True),
                     "gamma": optuna.distributions.FloatDistribution(0.0, 3.0),
                 },
-                value=0.1 + 0.01 * n,
+                value=0.1 + 0.01 * ((n * 3) % 8),
             )
         )
     out = tmp_path / "q"
-    assert plots.main([*args, "--out", str(out), "--optuna-storage", storage]) == 0
-    assert (out / "importance.png").is_file() and "importance.png" in capsys.readouterr().out
+    command = ["--study", "search", "--optuna-storage", storage, "--out", str(out)]
+    assert importance.main([*command, "--resamples", "4"]) == 0
+    assert (out / "importance.png").is_file() and (out / "importance.csv").is_file()
 
 
 def test_a_search_table_shows_each_trials_standard_error(tmp_path):
