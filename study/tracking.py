@@ -41,8 +41,9 @@ from study.spec import (
 from study.trainable import CHECKPOINT_FILE
 
 TEACHERS_EXPERIMENT = "gacd-teachers"
-# MLflow 3's UI opens an experiment on the page its kind names; unmarked ones land on the
-# GenAI overview (traces) instead of the runs table.
+# MLflow 3 files an experiment under a kind (model training, GenAI) by this tag, and infers a
+# GenAI one from an unmarked, trace-less experiment. Its UI still starts in GenAI mode: the page
+# of a study's runs table asks for `?workflowType=machine_learning` (`study.report`).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MAX_PARAMS_PER_BATCH = 100
