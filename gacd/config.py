@@ -199,7 +199,7 @@ class EvalConfig:
 
 @dataclass
 class NegativesConfig:
-    source: Literal["memory_bank", "in_batch"] = "memory_bank"
+    source: Literal["memory_bank", "in_batch"] = "in_batch"
     count: int = 4096
     momentum: float = 0.5
     # Draw memory-bank negatives only from samples of other classes.

@@ -519,11 +519,21 @@ def validate_trials(spec: StudySpec) -> None:
     """Build the config of every variant and of each end of every searched range."""
     if spec.study.mode == "search":
         pin_evaluation_budget(spec)
-        check_trial(spec, {}, "base")
+        base = check_trial(spec, {}, "base")
         for key, distribution in spec.search.items():
             for value in distribution_values(key, distribution):
                 check_trial(spec, {key: value}, f"search.{key}")
         check_scheduler_budget(spec)
+        # A searched value nothing reads is a search that cannot find anything.
+        if base.method == "gacd" and "negatives.source" not in spec.search:
+            for key in ("negatives.count", "negatives.momentum", "negatives.class_aware"):
+                require(
+                    key not in spec.search or base.negatives.source == "memory_bank",
+                    f"search.{key}",
+                    "negatives.source: memory_bank in base (in-batch negatives are the "
+                    "batch's other samples; only a memory bank reads this)",
+                    base.negatives.source,
+                )
         return
     assert spec.ablation is not None
     seed = spec.ablation.seeds[0]

@@ -168,3 +168,16 @@ def test_a_searched_teacher_that_is_not_there_is_refused_at_the_start(
     error = capsys.readouterr().err
     assert code == 2 and "search.teacher.checkpoint=" in error and "no such file" in error, error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+def test_searching_what_in_batch_negatives_never_read_is_refused(tmp_path, capsys):
+    spec = search(**{"base.method": "gacd", "base.teacher": {"checkpoint": "teacher.pt"}})
+    spec["search"] = {"negatives.count": {"distribution": "choice", "values": [256, 1024]}}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    assert main([str(study), "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "search.negatives.count" in error and "negatives.source: memory_bank" in error
+    spec["base"]["negatives"] = {"source": "memory_bank"}
+    study.write_text(yaml.safe_dump(spec))
+    assert main([str(study), "--dry-run"]) == 0

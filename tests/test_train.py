@@ -47,7 +47,9 @@ def test_resuming_mid_run_gives_the_same_weights_as_an_uninterrupted_run(
 
 
 def test_checkpoint_holds_what_a_resume_needs(digits, robust_teacher_path, tmp_path):
-    config = small_gacd(robust_teacher_path, **{"optim.epochs": 1})
+    config = small_gacd(
+        robust_teacher_path, **{"optim.epochs": 1, "negatives.source": "memory_bank"}
+    )
     result = fit(config, data=digits)
     path = save_checkpoint(result.state, tmp_path / "checkpoint.pt")
     state = load_checkpoint(path)
@@ -60,6 +62,7 @@ def test_checkpoint_holds_what_a_resume_needs(digits, robust_teacher_path, tmp_p
         "epoch",
         "config",
         "history",
+        "data_spec",
     } <= set(state)
     assert (
         "contrast.bank.teacher" in state["task"] and "student_head.linear.weight" in state["task"]
