@@ -446,8 +446,7 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurr
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=str(paths.storage),
-            # Three kept: one to fall back on if the newest is unreadable, one more to spare.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
             callbacks=[*callbacks, *result_files()],
             verbose=0,

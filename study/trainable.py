@@ -49,24 +49,11 @@ def set_up_worker(cpus: float, gpus: float) -> None:
 
 
 def restored_state() -> State | None:
-    """The state of the checkpoint Ray restores the trial from; if that one is unreadable (a
-    truncated or corrupted file), the newest older one Ray kept beside it that reads; if none
-    does, None (the trial starts over) rather than a retry from the same broken file."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
-    latest = Path(checkpoint.path)
-    older = sorted(
-        (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
-        reverse=True,
-    )
-    for folder in [latest, *older]:
-        try:
-            return load_checkpoint(folder / CHECKPOINT_FILE)
-        except CheckpointError as error:
-            print(f"warning: {error}; trying the checkpoint before it", flush=True)
-    print("warning: no checkpoint of this trial reads: it starts over", flush=True)
-    return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
 
 
 # A failure that would happen again from the same checkpoint: retrying it only spends
