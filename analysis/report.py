@@ -67,7 +67,7 @@ def ablation_section(study: Study, checkpoint: str) -> list[str]:
         return []  # it would show the last epoch's validation table again, as "best"
     try:
         table = render_study(
-            study, None, schema.REFERENCE, "md", top=10, checkpoint=checkpoint, headers="labels"
+            study, None, study.reference, "md", top=10, checkpoint=checkpoint, headers="labels"
         )
     except LookupError:
         return []
@@ -77,9 +77,9 @@ def ablation_section(study: Study, checkpoint: str) -> list[str]:
         f"## {split} split, {checkpoint} checkpoint, mean ± std over seeds",
         "",
         f"Each run evaluated at {checkpoint_caption(checkpoint)}. Each cell: mean ± sample "
-        "std over the seeds that finished; in brackets the mean difference to `full` over the "
-        "seeds both ran and the two-sided paired t-test's p-value; the best mean per column "
-        "in bold; `n` the variant's finished seeds.",
+        "std over the seeds that finished; in brackets the mean difference to "
+        f"`{study.reference}` over the seeds both ran and the two-sided paired t-test's "
+        "p-value; the best mean per column in bold; `n` the variant's finished seeds.",
         "",
         table,
         "",
@@ -166,7 +166,7 @@ def write_report(
         lines += [
             "## Best full-budget trials (validation split)",
             "",
-            render_study(study, None, schema.REFERENCE, "md", top=10, headers="labels"),
+            render_study(study, None, study.reference, "md", top=10, headers="labels"),
             "",
             *search_noise(study),
         ]

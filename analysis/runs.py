@@ -75,6 +75,7 @@ def run_row(run) -> dict[str, object]:
         "status": run.info.status,
         "run_name": run.info.run_name,
         "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
     }
     row |= {schema.tag_column(key): value for key, value in run.data.tags.items()}
     row |= {schema.param_column(key): value for key, value in run.data.params.items()}
@@ -94,30 +95,55 @@ class Study:
     parent_run_id: str
     runs: pd.DataFrame
     variants: list[str]  # an ablation's variants in the order its file gave them
+    reference: str = schema.REFERENCE  # the variant an ablation compares the others with
 
     @property
     def maximize(self) -> bool:
         return self.direction == "max"
 
 
-def load_study(tracking_uri: str, experiment: str) -> Study:
-    """The study of `experiment` (one per experiment), with the runs of its trials."""
+def load_study(tracking_uri: str, experiment: str, study: str | None = None) -> Study:
+    """A study of `experiment`, with the runs of its trials: `study` by name, or the
+    experiment's own (a comparison's experiment holds its stages, `NAME-search`, ...)."""
     parents = load_runs(tracking_uri, experiment, role=schema.ROLE_STUDY)
     if parents.empty:
         raise StudyNotFoundError(
             f"MLflow experiment {experiment!r} in {tracking_uri} holds no study run"
         )
-    parent = parents.iloc[0]
+    names = parents[schema.tag_column(schema.TAG_STUDY)]
+    if study is not None:
+        chosen = parents[names == study]
+    elif len(parents) > 1:
+        chosen = parents[names == experiment]
+        if chosen.empty:
+            raise StudyNotFoundError(
+                f"MLflow experiment {experiment!r} holds the studies "
+                f"{', '.join(sorted(names))}: name one with --study"
+            )
+    else:
+        chosen = parents
+    if chosen.empty:
+        raise StudyNotFoundError(
+            f"MLflow experiment {experiment!r} in {tracking_uri} holds no study {study!r} "
+            f"(it holds {', '.join(sorted(names))})"
+        )
+    parent = chosen.iloc[0]
+
+    def tag(name: str, default: str) -> str:
+        value = parent.get(schema.tag_column(name))  # NaN where another study set it
+        return value if isinstance(value, str) else default
+
     runs = load_runs(tracking_uri, experiment, parent_run_id=parent["run_id"])
     return Study(
         tracking_uri,
-        experiment,
-        parent.get(schema.tag_column(schema.TAG_MODE), "ablation"),
-        parent.get(schema.tag_column(schema.TAG_METRIC), schema.VAL_PGD_ACC),
-        parent.get(schema.tag_column(schema.TAG_DIRECTION), "max"),
+        tag(schema.TAG_STUDY, experiment),
+        tag(schema.TAG_MODE, "ablation"),
+        tag(schema.TAG_METRIC, schema.VAL_PGD_ACC),
+        tag(schema.TAG_DIRECTION, "max"),
         parent["run_id"],
         runs,
-        json.loads(parent.get(schema.tag_column(schema.TAG_VARIANTS), "[]")),
+        json.loads(tag(schema.TAG_VARIANTS, "[]")),
+        tag(schema.TAG_REFERENCE, schema.REFERENCE),
     )
 
 
@@ -147,6 +173,11 @@ def metric_histories(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", required=True, help="the study's name (its experiment)")
+    parser.add_argument(
+        "--study",
+        help="a study of the experiment other than its own: a comparison's stage, e.g. "
+        "NAME-final (default: the experiment's own study)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
 
 
@@ -154,7 +185,8 @@ def run_with_study(args: argparse.Namespace, action: Callable[[Study], int]) -> 
     """A command's body on the study `--experiment` names; a missing study is one line and
     exit status 2."""
     try:
-        return action(load_study(args.tracking_uri or default_tracking_uri(), args.experiment))
+        uri = args.tracking_uri or default_tracking_uri()
+        return action(load_study(uri, args.experiment, getattr(args, "study", None)))
     except StudyNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -314,6 +314,9 @@ def top_trials(runs: pd.DataFrame, metric: str, maximize: bool, top: int = 10) -
         index=best_first.index,
     )
     trials = best_first[["run_name", column]].rename(columns={column: metric})
+    entry = schema.tag_column(schema.TAG_ENTRY)
+    if entry in best_first:  # a comparison's searches: each trial's method entry
+        trials.insert(1, "method", best_first[entry])
     samples = schema.metric_column(schema.VAL_SAMPLES)
     if metric.startswith("val/") and metric.endswith("_acc") and samples in best_first:
         trials[STANDARD_ERROR] = standard_error(best_first[column], best_first[samples])
@@ -338,7 +341,7 @@ def render_study(
     """The ablation's table (for `checkpoint`: last, best or both), or a search's best
     full-budget trials, in `fmt`; headed by metric keys or by `labels` (`PGD-20`); an
     ablation's differences to the reference as text, marks or not at all (`significance`)."""
-    if study.mode == "search":
+    if study.mode in ("search", "compare"):  # a comparison's searches: its first stage
         table = top_trials(study.runs, study.metric, study.maximize, top)
         if table.empty:
             raise StudyNotFoundError(f"study {study.name!r}: no trial ran its full budget")
@@ -393,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--reference",
-        default=schema.REFERENCE,
-        help="the variant others are compared to (default: %(default)s)",
+        help="the variant others are compared to (default: the study's reference, full)",
     )
     parser.add_argument(
         "--format",
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         text = render_study(
             study,
             args.metrics,
-            args.reference,
+            args.reference or study.reference,
             args.format,
             args.top,
             args.checkpoint,

@@ -110,12 +110,15 @@ def check_metric_names(names: Iterable[str]) -> None:
 # Tags every analysis reads; `mlflow.*` ones are MLflow's own (the UI shows them).
 TAG_ROLE = "role"  # one of the ROLE_* values
 ROLE_STUDY, ROLE_TRIAL, ROLE_TEACHER = "study", "trial", "teacher"
+ROLE_COMPARISON = "comparison"  # a comparison's run: its stages' study runs are nested under it
 TAG_STUDY = "study"
 TAG_MODE = "mode"  # search | ablation
 TAG_BUDGET = "budget"  # the study file's budget applied (`--budget`), when one was
 TAG_METRIC = "metric"
 TAG_DIRECTION = "direction"  # max | min
 TAG_VARIANT = "variant"
+TAG_REFERENCE = "reference"  # on an ablation's run: the variant the others are compared with
+TAG_ENTRY = "compare_entry"  # a comparison's search trial: its method entry
 TAG_VARIANTS = "variants"  # on the study's run: the ablation's variants in file order (JSON)
 TAG_SEED = "seed"
 TAG_RAY_TRIAL = "ray_trial_id"

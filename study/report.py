@@ -13,7 +13,7 @@ from analysis.report import write_report
 from analysis.runs import Study, load_study
 from analysis.table import ablation_table, checkpoint_caption, render_study, top_trials
 from gacd import schema
-from gacd.schema import REFERENCE, tag_column
+from gacd.schema import tag_column
 from study.search import RAY_TRIAL_ID_ATTR, best_full_budget_trial
 from study.spec import StudySpec
 
@@ -21,37 +21,42 @@ from study.spec import StudySpec
 def print_summary(spec: StudySpec, paths, tracking, parent_run: str) -> None:
     if spec.study.mode == "search":
         summarize_search(spec, paths, tracking, parent_run)
-    study = load_study(paths.tracking_uri, spec.name)
+    study = load_study(paths.tracking_uri, spec.study.experiment_name, spec.name)
+    if spec.study.mode == "compare":
+        # A comparison's searches: its own report (study.compare) covers them.
+        log_study_metrics(study, tracking, parent_run)
+        return
     if spec.study.mode == "ablation":
         # Runs kept off the test split have no best-epoch test metrics to show.
         for checkpoint in ("last", "best") if spec.ablation.test_split else ("last",):
-            table = render_study(study, None, REFERENCE, "md", top=10, checkpoint=checkpoint)
+            table = render_study(study, None, study.reference, "md", top=10, checkpoint=checkpoint)
             print(
                 f"\n{spec.name}: {'test' if spec.ablation.test_split else 'validation'} split "
                 f"at {checkpoint_caption(checkpoint)}, mean ± std over seeds (difference to "
-                f"{REFERENCE}, paired t-test over shared seeds)\n{table}"
+                f"{study.reference}, paired t-test over shared seeds)\n{table}"
             )
         checkpoint = "both" if spec.ablation.test_split else "last"
         for fmt, extension in (("csv", "csv"), ("latex", "tex")):
-            text = render_study(study, None, REFERENCE, fmt, top=10, checkpoint=checkpoint)
+            text = render_study(study, None, study.reference, fmt, top=10, checkpoint=checkpoint)
             tracking.client.log_text(parent_run, text, f"ablation_table.{extension}")
     log_study_metrics(study, tracking, parent_run)
     report = write_report(study, paths.experiment(spec.name) / "report", paths.optuna_url)
     tracking.client.log_artifacts(parent_run, str(report.parent), "report")
     print(f"\nreport: {report} (also on the study's MLflow run, under report/)")
-    experiment = tracking.experiment_id(spec.name)
-    print(f"browse the runs: {browse_command(paths.tracking_uri, experiment)}")
+    if spec.study.experiment is None:  # a comparison's stage: the comparison says it once
+        experiment = tracking.experiment_id(spec.name)
+        print(f"browse the runs: {browse_command(paths.tracking_uri, experiment)}")
 
 
 def study_result(study: Study) -> tuple[float | None, str | None]:
     """The study's best value of its metric and what holds it: a search's best full-budget
     trial, or an ablation's best variant by its mean over seeds."""
-    if study.mode == "search":
+    if study.mode in ("search", "compare"):
         trials = top_trials(study.runs, study.metric, study.maximize, top=1)
         if trials.empty:
             return None, None
         return float(trials.iloc[0][study.metric]), str(trials.iloc[0]["run_name"])
-    table = ablation_table(study.runs, [study.metric], REFERENCE, study.variants)
+    table = ablation_table(study.runs, [study.metric], study.reference, study.variants)
     if table.stats.empty:
         return None, None
     means = table.stats.xs(study.metric, level="metric")["mean"].dropna()

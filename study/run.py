@@ -23,8 +23,8 @@ from gacd import schema
 from gacd.checkpoint import CheckpointError
 from gacd.config import ConfigError, flatten
 from gacd.data import DatasetNotFoundError
-from gacd.schema import REFERENCE
 from study.spec import (
+    ENTRY_KEY,
     SEED_KEY,
     VARIANT_KEY,
     StudyError,
@@ -106,6 +106,9 @@ def check_optuna_url_form(url: str) -> None:
 def trial_count(spec: StudySpec) -> int:
     if spec.study.mode == "search":
         return spec.study.num_samples
+    if spec.study.mode == "compare":
+        assert spec.compare is not None
+        return spec.study.num_samples * len(spec.compare.methods)
     assert spec.ablation is not None
     return len(spec.variants()) * len(spec.ablation.seeds)
 
@@ -144,13 +147,18 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
     if spec.teacher is not None:
         source = "trained first, cached at" if spec.teacher.train else "checkpoint"
         lines.append(f"teacher    {source} {spec.teacher.checkpoint}")
-    if study.mode == "search":
+    if spec.searches:
         lines.append(
             f"sampler    Optuna {study.sampler.name} (seed {study.sampler.seed}"
             + (", multivariate" if study.sampler.multivariate else "")
             + ")"
         )
+    if study.mode == "search":
         lines += [f"  {key:24} {value}" for key, value in search_space(spec).items()]
+    elif study.mode == "compare":
+        from study.compare import describe_comparison
+
+        lines += describe_comparison(spec)
     else:
         assert spec.ablation is not None
         source = spec.ablation.from_study
@@ -162,7 +170,13 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
     lines += [
         f"results    {paths.experiment(spec.name)}",
         f"mlflow     {paths.tracking_uri} (experiment {spec.name})",
-        f"optuna     {paths.optuna_url} (study {spec.name})",
+        f"optuna     {paths.optuna_url} ("
+        + (
+            f"studies {', '.join(spec.optuna_study_name(e) for e in spec.compare.methods)}"
+            if spec.compare is not None
+            else f"study {spec.name}"
+        )
+        + ")",
     ]
     return "\n".join(lines)
 
@@ -170,7 +184,10 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
 def first_trial(spec: StudySpec) -> dict[str, Any]:
     if spec.study.mode == "ablation":
         assert spec.ablation is not None
-        return {VARIANT_KEY: REFERENCE, SEED_KEY: spec.ablation.seeds[0]}
+        return {VARIANT_KEY: spec.reference, SEED_KEY: spec.ablation.seeds[0]}
+    if spec.study.mode == "compare":
+        assert spec.compare is not None
+        return {ENTRY_KEY: spec.compare.reference}
     return {}
 
 
@@ -414,13 +431,14 @@ def trial_dirname(trial: Any) -> str:
 def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurrent: int | None):
     from ray import tune
 
-    from study.search import optuna_storage, scheduler, searcher
+    from study.search import compare_searcher, optuna_storage, scheduler, searcher
 
     config = spec.trial_config(first_trial(spec))
-    if spec.study.mode == "search":
+    if spec.searches:
         param_space: dict[str, Any] = {}
-        search_alg = searcher(spec, optuna_storage(paths.optuna_url))
-        num_samples = spec.study.num_samples
+        make = compare_searcher if spec.study.mode == "compare" else searcher
+        search_alg = make(spec, optuna_storage(paths.optuna_url))
+        num_samples = trial_count(spec)
     else:
         assert spec.ablation is not None
         param_space = {
@@ -480,12 +498,14 @@ def fail_orphans(spec: StudySpec, paths: StudyPaths, experiment_path: Path | Non
 
     from study.search import fail_orphaned_trials, study_exists
 
-    if not study_exists(paths.optuna_url, spec.name):
-        return
     known = set()
     if experiment_path is not None:
         known = {trial.trial_id for trial in tune.ExperimentAnalysis(str(experiment_path)).trials}
-    fail_orphaned_trials(paths.optuna_url, spec.name, known)
+    entries = list(spec.compare.methods) if spec.compare is not None else [None]
+    for entry in entries:
+        name = spec.optuna_study_name(entry)
+        if study_exists(paths.optuna_url, name):
+            fail_orphaned_trials(paths.optuna_url, name, known)
 
 
 def restore_tuner(spec: StudySpec, path: Path):
@@ -542,29 +562,47 @@ def preflight_trials(spec: StudySpec) -> list[tuple[dict[str, Any], str]]:
 
     first = first_trial(spec)
     trials = [(first, "")]
-    if spec.study.mode == "search":
-        for key, distribution in spec.search.items():
+    entries: list[str | None] = [None] if spec.study.mode == "search" else []
+    if spec.compare is not None:
+        entries = list(spec.compare.methods)
+    for entry in entries:
+        start = {ENTRY_KEY: entry} if entry else first
+        section = f"compare.methods.{entry}.search" if entry else "search"
+        if entry:
+            trials.append((start, f"compare.methods.{entry}"))
+        for key, distribution in spec.search_space_of(entry).items():
             if distribution.distribution == "choice":
-                for value in distribution_values(key, distribution):
-                    trials.append(({**first, key: value}, f"search.{key}={value!r}"))
+                for value in distribution_values(key, distribution, section):
+                    trials.append(({**start, key: value}, f"{section}.{key}={value!r}"))
     return trials
+
+
+def saved_or_new(spec: StudySpec, paths: StudyPaths, resume: bool) -> tuple[StudySpec, bool]:
+    """The spec to run and whether the study exists: a resume runs the one it saved (and
+    refuses a study that is not there), a new study refuses one that is."""
+    folder = paths.experiment(spec.name)
+    exists = (folder / schema.SPEC_FILE).is_file()
+    if resume and not exists:
+        raise StudyError(f"--resume: no study {spec.name!r} in {paths.storage} to resume")
+    if exists and not resume:
+        raise StudyError(
+            f"study {spec.name!r} already exists in {folder}: pass --resume to "
+            "continue it, or --name for a new study"
+        )
+    if resume:
+        check_trusted(folder)
+        spec = load_saved_spec(spec, folder, paths.teachers)
+    return spec, exists
 
 
 def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:
     from study.tracking import check_tracking_uri
 
-    experiment_path = paths.experiment(spec.name)
-    exists = (experiment_path / schema.SPEC_FILE).is_file()
-    if args.resume and not exists:
-        raise StudyError(f"--resume: no study {spec.name!r} in {paths.storage} to resume")
-    if exists and not args.resume:
-        raise StudyError(
-            f"study {spec.name!r} already exists in {experiment_path}: pass --resume to "
-            "continue it, or --name for a new study"
-        )
-    if args.resume:
-        check_trusted(experiment_path)
-        spec = load_saved_spec(spec, experiment_path, paths.teachers)
+    if spec.study.mode == "compare" and spec.study.experiment is None:
+        from study.compare import run_comparison
+
+        return run_comparison(spec, paths, args)
+    spec, exists = saved_or_new(spec, paths, args.resume)
     # Every refusal comes before anything is written: no results folder, no MLflow store,
     # no Optuna study (a local Ray instance's session files in /tmp aside).
     preflight(spec, paths)
@@ -587,7 +625,10 @@ def run_on_ray(
     args: argparse.Namespace,
     exists: bool,
     max_concurrent: int | None,
+    parent: str | None = None,
 ) -> int:
+    """Run (or continue) one study on the connected Ray cluster; `parent`: the MLflow run of
+    the comparison it is a stage of."""
     from ray import tune
 
     from study.progress import EpochLines
@@ -597,7 +638,7 @@ def run_on_ray(
     experiment_path = paths.experiment(spec.name)
     tracking, commit = Tracking(paths.tracking_uri), git_commit()
     teacher_run = ensure_teacher(spec, tracking, commit, max_concurrent)
-    experiment_id, parent_run = tracking.study_run(spec, commit, args.resume)
+    experiment_id, parent_run = tracking.study_run(spec, commit, args.resume, parent)
     if teacher_run is not None:
         tracking.client.set_tag(parent_run, schema.TAG_TEACHER_RUN, teacher_run)
     if not exists:
@@ -613,7 +654,7 @@ def run_on_ray(
         log_checkpoints=spec.study.mode == "ablation",
     )
     restorable = args.resume and tune.Tuner.can_restore(str(experiment_path))
-    if args.resume and spec.study.mode == "search":
+    if args.resume and spec.searches:
         fail_orphans(spec, paths, experiment_path if restorable else None)
     if restorable:
         tuner = restore_tuner(spec, experiment_path)

@@ -16,14 +16,17 @@ epoch's, and so is a PRUNED one's (Optuna takes it from the last intermediate va
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 from typing import Any
 
 import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from gacd import schema
-from study.spec import EPOCHS_TOTAL, OPTUNA_NUMBER_KEY, DistributionSpec, StudySpec
+from study.spec import ENTRY_KEY, EPOCHS_TOTAL, OPTUNA_NUMBER_KEY, DistributionSpec, StudySpec
 
 # Optuna user attributes that link an Optuna trial to its Ray trial (and so its MLflow run).
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
@@ -42,8 +45,10 @@ def optuna_distribution(spec: DistributionSpec) -> optuna.distributions.BaseDist
     )
 
 
-def search_space(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
-    return {key: optuna_distribution(value) for key, value in spec.search.items()}
+def search_space(
+    spec: StudySpec, entry: str | None = None
+) -> dict[str, optuna.distributions.BaseDistribution]:
+    return {key: optuna_distribution(value) for key, value in spec.search_space_of(entry).items()}
 
 
 def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -115,20 +120,115 @@ class StudySearch(OptunaSearch):
         super().on_trial_complete(trial_id, result if full else None, error)
 
 
-def searcher(spec: StudySpec, storage: optuna.storages.BaseStorage) -> StudySearch:
-    """Seeded Optuna sampler over the study's space, its trials kept in `storage`."""
+def searcher(
+    spec: StudySpec, storage: optuna.storages.BaseStorage, entry: str | None = None
+) -> StudySearch:
+    """Seeded Optuna sampler over the study's space (or one comparison entry's), its trials
+    kept in `storage`."""
     return StudySearch(
-        space=search_space(spec),
+        space=search_space(spec, entry),
         metric=spec.study.metric,
         mode=spec.study.direction,
         sampler=sampler(spec),
-        study_name=spec.name,
+        study_name=spec.optuna_study_name(entry),
         storage=storage,
     )
 
 
+class CompareSearch(Searcher):
+    """A comparison's searches as one Ray searcher: one `StudySearch` (its own Optuna study,
+    `<study>.<entry>`, its own seeded sampler) per method entry, each given exactly
+    `trials_per_entry` trials, proposed in turn so that every method's search advances at the
+    same pace on the cluster. Each proposal carries its entry (`ENTRY_KEY`)."""
+
+    def __init__(self, searchers: dict[str, StudySearch], trials_per_entry: int, metric, mode):
+        super().__init__(metric=metric, mode=mode)
+        self.searchers = searchers
+        self.trials_per_entry = trials_per_entry
+        self.proposed = dict.fromkeys(searchers, 0)
+        self.entry_of: dict[str, str] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # each entry's searcher has its space, metric and mode
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        open_entries = [e for e, n in self.proposed.items() if n < self.trials_per_entry]
+        if not open_entries:
+            return Searcher.FINISHED
+        entry = min(open_entries, key=lambda e: self.proposed[e])  # the least advanced first
+        params = self.searchers[entry].suggest(trial_id)
+        if params is None or params == Searcher.FINISHED:
+            return params
+        self.proposed[entry] += 1
+        self.entry_of[trial_id] = entry
+        return {**params, ENTRY_KEY: entry}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self.entry_of:
+            self.searchers[self.entry_of[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self.entry_of:
+            self.searchers[self.entry_of[trial_id]].on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__dict__.copy(), file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file))
+
+
+def compare_searcher(spec: StudySpec, storage: optuna.storages.BaseStorage) -> CompareSearch:
+    assert spec.compare is not None
+    searchers = {entry: searcher(spec, storage, entry) for entry in spec.compare.methods}
+    return CompareSearch(searchers, spec.study.num_samples, spec.study.metric, spec.study.direction)
+
+
+class PerEntryScheduler(FIFOScheduler):
+    """One ASHA per method entry of a comparison: a trial is stopped early only against the
+    trials of its own method (methods learn at different speeds; one ASHA across them would
+    stop the slow starters, not the poor configurations). Trials run first in, first out."""
+
+    def __init__(self, schedulers: dict[str, TrialScheduler]) -> None:
+        super().__init__()
+        self.schedulers = schedulers
+
+    def of(self, trial: Any) -> TrialScheduler:
+        return self.schedulers[trial.config[ENTRY_KEY]]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return all(s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values())
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self.of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self.of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self.of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{e}: {s.debug_string()}" for e, s in self.schedulers.items())
+
+
 def scheduler(spec: StudySpec, epochs: int) -> TrialScheduler:
-    """ASHA on epochs (metric and mode come from the TuneConfig), or first-in-first-out."""
+    """ASHA on epochs (metric and mode come from the TuneConfig), or first-in-first-out; in a
+    comparison, one of them per method entry."""
+    if spec.study.mode == "compare":
+        assert spec.compare is not None
+        one = StudySpec(study=dataclasses.replace(spec.study, mode="search"))
+        return PerEntryScheduler({entry: scheduler(one, epochs) for entry in spec.compare.methods})
     if spec.scheduler == "asha":
         settings = spec.study.scheduler
         return ASHAScheduler(

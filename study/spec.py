@@ -11,6 +11,9 @@ A study file (YAML) has these sections (see the README for the full format):
 - `search` (mode `search`): dotted config keys to distributions.
 - `ablation` (mode `ablation`): a reference (overrides, or `from_study: NAME`, the best
   full-budget configuration of a finished search), named variants as overrides, and seeds.
+- `compare` (mode `compare`): methods, each with its own overrides and search space, searched
+  alike (`study.num_samples` trials each, one scheduler, one epoch budget), their best trials
+  confirmed on fresh seeds, the winners run on the test split (`study.compare`).
 
 `read_study_file` turns the file into a `StudySpec`, and every trial's `gacd` config is built
 from it by `StudySpec.trial_config`, so a file that passes `--dry-run` cannot fail later on its
@@ -49,6 +52,8 @@ from gacd.schema import REFERENCE
 VARIANT_KEY = "variant"
 SEED_KEY = "seed"
 OPTUNA_NUMBER_KEY = "optuna_trial_number"
+# A compare search's trial: the entry of `compare.methods` it belongs to.
+ENTRY_KEY = "compare_entry"
 # Reported with every epoch, so a scheduler's early stop can be told from a full run.
 EPOCHS_TOTAL = "epochs_total"
 # The device a trial ran on, in its results (the config may say only `auto`).
@@ -79,7 +84,7 @@ class SamplerSpec:
 @dataclass
 class StudySection:
     name: str | None = None
-    mode: Literal["search", "ablation"] = "search"
+    mode: Literal["search", "ablation", "compare"] = "search"
     metric: str = schema.VAL_PGD_ACC
     direction: Literal["max", "min"] = "max"
     num_samples: int = 8
@@ -91,6 +96,13 @@ class StudySection:
     # The entry of the file's `budgets` applied (`--budget` chooses another; None: the file
     # as written).
     budget: str | None = None
+    # The MLflow experiment the study logs to (None: the study's name). A comparison's stages
+    # share the comparison's experiment.
+    experiment: str | None = None
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name or ""
 
 
 @dataclass
@@ -118,6 +130,8 @@ class AblationSpec:
     # Evaluate every run on the test split after its last epoch. `false` keeps an ablation on
     # the validation split: `study.confirm` re-ranks a search's best trials that way.
     test_split: bool = True
+    # The reference's name (its runs `full-seed0`, ...); a comparison names it by its method.
+    reference_name: str = REFERENCE
 
 
 @dataclass
@@ -130,6 +144,32 @@ class DistributionSpec:
 
 
 @dataclass
+class MethodEntry:
+    """One method of a comparison: its `method` (default: the entry's name), the overrides it
+    always runs with, and the dotted keys its search varies."""
+
+    method: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, DistributionSpec] = field(default_factory=dict)
+
+
+@dataclass
+class CompareSpec:
+    """Every method searched with the same budget (`study.num_samples` trials each), its `top`
+    full-budget trials re-run on `confirm_seeds` (validation split), the one with the best
+    mean run on `seeds` (test split) and compared with `reference`'s."""
+
+    reference: str = "gacd"
+    methods: dict[str, MethodEntry] = field(default_factory=dict)
+    top: int = 2
+    confirm_seeds: list[int] = field(default_factory=lambda: [1000, 1001])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def entry_method(self, entry: str) -> str:
+        return self.methods[entry].method or entry
+
+
+@dataclass
 class StudySpec:
     study: StudySection = field(default_factory=StudySection)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
@@ -137,6 +177,7 @@ class StudySpec:
     base: dict[str, Any] = field(default_factory=dict)
     search: dict[str, DistributionSpec] = field(default_factory=dict)
     ablation: AblationSpec | None = None
+    compare: CompareSpec | None = None
 
     @property
     def name(self) -> str:
@@ -145,12 +186,33 @@ class StudySpec:
 
     @property
     def scheduler(self) -> str:
-        return self.study.scheduler.name or ("asha" if self.study.mode == "search" else "none")
+        return self.study.scheduler.name or ("none" if self.study.mode == "ablation" else "asha")
+
+    @property
+    def searches(self) -> bool:
+        """Trials proposed by Optuna (a search, or a comparison's searches), not a grid."""
+        return self.study.mode in ("search", "compare")
+
+    @property
+    def reference(self) -> str:
+        assert self.ablation is not None
+        return self.ablation.reference_name
 
     def variants(self) -> dict[str, dict[str, Any]]:
         """The ablation's variants by name, the reference first."""
         assert self.ablation is not None
-        return {REFERENCE: {}, **self.ablation.variants}
+        return {self.reference: {}, **self.ablation.variants}
+
+    def search_space_of(self, entry: str | None = None) -> dict[str, DistributionSpec]:
+        """What a search varies: the study's `search`, or one comparison entry's."""
+        if entry is None:
+            return self.search
+        assert self.compare is not None
+        return self.compare.methods[entry].search
+
+    def optuna_study_name(self, entry: str | None = None) -> str:
+        """The Optuna study of a search, or of one method of a comparison's searches."""
+        return self.name if entry is None else f"{self.name}.{entry}"
 
     def trial_values(self, ray_config: dict[str, Any]) -> dict[str, Any]:
         """Nested overrides of the `gacd` defaults for one trial, in order of precedence:
@@ -165,7 +227,13 @@ class StudySpec:
                 for key, value in layer.items():
                     set_dotted(values, key, copy.deepcopy(value))
             values["seed"] = ray_config[SEED_KEY]
-        for key in self.search:
+        entry = ray_config.get(ENTRY_KEY) if self.study.mode == "compare" else None
+        if entry is not None:
+            assert self.compare is not None
+            set_dotted(values, "method", self.compare.entry_method(entry))
+            for key, value in self.compare.methods[entry].overrides.items():
+                set_dotted(values, key, copy.deepcopy(value))
+        for key in self.search_space_of(entry):
             if key in ray_config:
                 set_dotted(values, key, ray_config[key])
         # Select on validation, report on test: only ablation runs ever see the test split.
@@ -176,11 +244,16 @@ class StudySpec:
         return Config.from_dict(self.trial_values(ray_config))
 
     def trial_label(self, ray_config: dict[str, Any], trial_id: str) -> str:
-        """`full-seed1` in an ablation, `trial-007` (the Optuna number) in a search."""
+        """`full-seed1` in an ablation, `trial-007` (the Optuna number) in a search,
+        `trades.trial-007` in a comparison's searches."""
         if self.study.mode == "ablation":
             return schema.ablation_run_name(ray_config[VARIANT_KEY], ray_config[SEED_KEY])
         number = ray_config.get(OPTUNA_NUMBER_KEY)
-        return schema.search_run_name(number) if isinstance(number, int) else trial_id
+        if not isinstance(number, int):
+            return trial_id
+        entry = ray_config.get(ENTRY_KEY)
+        name = schema.search_run_name(number)
+        return f"{entry}.{name}" if entry else name
 
     def teacher_overrides(self) -> dict[str, Any]:
         if self.teacher is None:
@@ -246,7 +319,16 @@ def read_study_file(
 
 # The sections a budget may change: what to train and how long, not what is searched or
 # compared (`search` and `ablation.variants` are keyed by dotted config keys themselves).
-BUDGET_SECTIONS = ("study", "resources", "teacher", "base", "ablation.seeds")
+BUDGET_SECTIONS = (
+    "study",
+    "resources",
+    "teacher",
+    "base",
+    "ablation.seeds",
+    "compare.top",
+    "compare.confirm_seeds",
+    "compare.seeds",
+)
 
 
 def apply_budget(raw: dict[str, Any], budget: str | None) -> dict[str, Any]:
@@ -387,6 +469,12 @@ def validate_sections(spec: StudySpec) -> None:
 
 
 def validate_mode(spec: StudySpec) -> None:
+    mode = spec.study.mode
+    if mode != "compare":
+        require(spec.compare is None, "compare", f"no compare section in a {mode} (mode: {mode})")
+    if mode == "compare":
+        validate_compare(spec)
+        return
     if spec.study.mode == "search":
         require(
             bool(spec.search),
@@ -405,18 +493,19 @@ def validate_mode(spec: StudySpec) -> None:
     )
     ablation = spec.ablation
     assert ablation is not None
-    require(bool(ablation.seeds), "ablation.seeds", "a non-empty list of integer seeds", [])
     require(
-        len(set(ablation.seeds)) == len(ablation.seeds),
-        "ablation.seeds",
-        "distinct seeds",
-        ablation.seeds,
+        bool(NAME_PATTERN.match(ablation.reference_name)),
+        "ablation.reference_name",
+        "a name of letters, digits, '_', '-' and '.'",
+        ablation.reference_name,
     )
+    reference = ablation.reference_name
     require(
-        REFERENCE not in ablation.variants,
-        f"ablation.variants.{REFERENCE}",
-        f"another name ('{REFERENCE}' is the reference itself)",
+        reference not in ablation.variants,
+        f"ablation.variants.{reference}",
+        f"another name ('{reference}' is the reference itself)",
     )
+    validate_seeds(ablation.seeds, "ablation.seeds")
     for variant in ablation.variants:
         require(
             bool(NAME_PATTERN.match(variant)),
@@ -433,12 +522,64 @@ def validate_mode(spec: StudySpec) -> None:
         )
 
 
+def validate_seeds(seeds: list[int], key: str) -> None:
+    require(bool(seeds), key, "a non-empty list of integer seeds", seeds)
+    require(len(set(seeds)) == len(seeds), key, "distinct seeds", seeds)
+
+
+def validate_compare(spec: StudySpec) -> None:
+    compare = spec.compare
+    require(compare is not None, "compare", "a compare section (mode: compare)")
+    assert compare is not None
+    require(not spec.search, "search", "no search section in a comparison (each method has one)")
+    require(spec.ablation is None, "ablation", "no ablation section in a comparison")
+    require(
+        bool(compare.methods),
+        "compare.methods",
+        "a mapping of method entries (gacd: {search: ...}, trades: {search: ...})",
+    )
+    for entry, settings in compare.methods.items():
+        where = f"compare.methods.{entry}"
+        require(
+            bool(NAME_PATTERN.match(entry)) and "." not in entry,
+            where,
+            "a name of letters, digits, '_' and '-'",
+            entry,
+        )
+        method = compare.entry_method(entry)
+        require(
+            method in METHODS.names(),
+            f"{where}.method" if settings.method else where,
+            f"one of the methods {', '.join(METHODS.names())} (or method: NAME)",
+            method,
+        )
+        require(
+            bool(settings.search),
+            f"{where}.search",
+            "at least one dotted config key with a distribution (what this method tunes)",
+        )
+        require(
+            "method" not in settings.overrides and "seed" not in settings.overrides,
+            f"{where}.overrides",
+            "no method or seed (the entry's method is `method`; seeds are the comparison's)",
+        )
+    require(
+        compare.reference in compare.methods,
+        "compare.reference",
+        f"one of the entries of compare.methods ({', '.join(compare.methods)})",
+        compare.reference,
+    )
+    require(compare.top >= 1, "compare.top", "an integer >= 1", compare.top)
+    validate_seeds(compare.confirm_seeds, "compare.confirm_seeds")
+    validate_seeds(compare.seeds, "compare.seeds")
+
+
 SEARCH_METRICS = (schema.VAL_CLEAN_ACC, schema.VAL_PGD_ACC, schema.TRAIN_LOSS_PREFIX)
 
 
 def validate_metric(spec: StudySpec) -> None:
     metric = spec.study.metric
-    if spec.study.mode == "search" or not spec.ablation.test_split:
+    if spec.searches or not spec.ablation.test_split:
         # Searches select on validation only; the test split is for final runs.
         require(
             metric in SEARCH_METRICS, "study.metric", f"one of {', '.join(SEARCH_METRICS)}", metric
@@ -518,58 +659,75 @@ def config_hash(config: Config, ignore: tuple[str, ...] = ()) -> str:
 def validate_trials(spec: StudySpec) -> None:
     """Build the config of every variant and of each end of every searched range."""
     if spec.study.mode == "search":
-        pin_evaluation_budget(spec)
-        base = check_trial(spec, {}, "base")
-        for key, distribution in spec.search.items():
-            for value in distribution_values(key, distribution):
-                check_trial(spec, {key: value}, f"search.{key}")
-        check_scheduler_budget(spec)
-        # A searched value nothing reads is a search that cannot find anything.
-        if base.method == "gacd" and "negatives.source" not in spec.search:
-            for key in ("negatives.count", "negatives.momentum", "negatives.class_aware"):
-                require(
-                    key not in spec.search or base.negatives.source == "memory_bank",
-                    f"search.{key}",
-                    "negatives.source: memory_bank in base (in-batch negatives are the "
-                    "batch's other samples; only a memory bank reads this)",
-                    base.negatives.source,
-                )
+        validate_search(spec, None, "search", {})
+        return
+    if spec.study.mode == "compare":
+        assert spec.compare is not None
+        for entry in spec.compare.methods:
+            validate_search(spec, entry, f"compare.methods.{entry}.search", {ENTRY_KEY: entry})
         return
     assert spec.ablation is not None
     seed = spec.ablation.seeds[0]
-    check_trial(spec, {VARIANT_KEY: REFERENCE, SEED_KEY: seed}, "ablation.reference")
+    check_trial(spec, {VARIANT_KEY: spec.reference, SEED_KEY: seed}, "ablation.reference")
     for variant in spec.ablation.variants:
         check_trial(spec, {VARIANT_KEY: variant, SEED_KEY: seed}, f"ablation.variants.{variant}")
+
+
+def validate_search(spec: StudySpec, entry: str | None, where: str, first: dict[str, Any]) -> None:
+    """A search's (or one comparison entry's) base config and each end of its ranges."""
+    space = spec.search_space_of(entry)
+    pin_evaluation_budget(spec, space, first)
+    owner = where.removesuffix(".search") if entry else "base"
+    base = check_trial(spec, first, owner)
+    for key, distribution in space.items():
+        for value in distribution_values(key, distribution, where):
+            check_trial(spec, {**first, key: value}, f"{where}.{key}")
+    check_scheduler_budget(spec, space, first, where)
+    # A searched value nothing reads is a search that cannot find anything.
+    if base.method == "gacd" and "negatives.source" not in space:
+        for key in ("negatives.count", "negatives.momentum", "negatives.class_aware"):
+            require(
+                key not in space or base.negatives.source == "memory_bank",
+                f"{where}.{key}",
+                "negatives.source: memory_bank in base (in-batch negatives are the "
+                "batch's other samples; only a memory bank reads this)",
+                base.negatives.source,
+            )
 
 
 def check_trial(spec: StudySpec, ray_config: dict[str, Any], where: str) -> Config:
     try:
         return spec.trial_config(ray_config)
     except ConfigError as error:
-        if where.startswith("search."):
+        if ".search." in where or where.startswith("search."):
             raise ConfigError(
                 where, f"values valid for config key '{error.key}' ({error.expected})", error.got
             ) from error
         raise error.under(where) from error
 
 
-def pin_evaluation_budget(spec: StudySpec) -> None:
-    """Searching the training epsilon must not move the budget trials are compared at."""
+def pin_evaluation_budget(
+    spec: StudySpec, space: dict[str, DistributionSpec], first: dict[str, Any]
+) -> None:
+    """Searching the training epsilon must not move the budget trials are compared at (in a
+    comparison, every method is evaluated at the same one)."""
     base = nest_dotted(spec.base)
-    if "attack.epsilon" in spec.search and base.get("eval", {}).get("epsilon") is None:
-        epsilon = check_trial(spec, {}, "base").attack.epsilon
+    if "attack.epsilon" in space and base.get("eval", {}).get("epsilon") is None:
+        epsilon = check_trial(spec, first, "base").attack.epsilon
         set_dotted(spec.base, "eval.epsilon", epsilon)
 
 
-def check_scheduler_budget(spec: StudySpec) -> None:
+def check_scheduler_budget(
+    spec: StudySpec, space: dict[str, DistributionSpec], first: dict[str, Any], where: str
+) -> None:
     if spec.scheduler != "asha":
         return
     require(
-        "optim.epochs" not in spec.search,
-        "search.optim.epochs",
+        "optim.epochs" not in space,
+        f"{where}.optim.epochs",
         "not searched under ASHA (it schedules on epochs); use scheduler name: none",
     )
-    epochs = check_trial(spec, {}, "base").optim.epochs
+    epochs = check_trial(spec, first, "base").optim.epochs
     require(
         spec.study.scheduler.grace_period <= epochs,
         "study.scheduler.grace_period",
@@ -578,9 +736,9 @@ def check_scheduler_budget(spec: StudySpec) -> None:
     )
 
 
-def distribution_values(key: str, spec: DistributionSpec) -> list[Any]:
+def distribution_values(key: str, spec: DistributionSpec, section: str = "search") -> list[Any]:
     """The values a distribution can take at its ends (and every choice); validates it."""
-    where = f"search.{key}"
+    where = f"{section}.{key}"
     kind = spec.distribution
     require(kind is not None, f"{where}.distribution", "one of uniform, loguniform, int, choice")
     if kind == "choice":

@@ -30,6 +30,7 @@ from gacd.config import Config, flatten
 from gacd.methods import run_settings
 from gacd.train import BEST_CHECKPOINT_FILE
 from study.spec import (
+    ENTRY_KEY,
     OPTUNA_NUMBER_KEY,
     RESULT_DATASETS,
     RESULT_DEVICE,
@@ -136,15 +137,23 @@ class Tracking:
         clauses = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
         return self.client.search_runs([experiment_id], filter_string=clauses, max_results=5000)
 
-    def study_run(self, spec: StudySpec, commit: str, resume: bool) -> tuple[str, str]:
-        """`(experiment_id, parent_run_id)`: a new parent run, or the one a resume continues."""
-        experiment_id = self.experiment_id(spec.name)
-        runs = self.find_runs(
-            experiment_id, **{schema.TAG_ROLE: schema.ROLE_STUDY, schema.TAG_STUDY: spec.name}
-        )
+    def study_run(
+        self,
+        spec: StudySpec,
+        commit: str,
+        resume: bool,
+        parent: str | None = None,
+        role: str = schema.ROLE_STUDY,
+    ) -> tuple[str, str]:
+        """`(experiment_id, parent_run_id)`: a new parent run, or the one a resume continues;
+        `parent`, the comparison's run it is nested under (a stage of `study.compare`);
+        `role`, a study's or a comparison's own run."""
+        experiment = spec.study.experiment_name
+        experiment_id = self.experiment_id(experiment)
+        runs = self.find_runs(experiment_id, **{schema.TAG_ROLE: role, schema.TAG_STUDY: spec.name})
         if runs and not resume:
             raise StudyError(
-                f"MLflow experiment {spec.name!r} already holds study {spec.name!r} "
+                f"MLflow experiment {experiment!r} already holds study {spec.name!r} "
                 f"(run {runs[0].info.run_id}) in {self.uri}: pass --resume to continue it, or "
                 "--name for a new study"
             )
@@ -153,7 +162,7 @@ class Tracking:
             self.client.update_run(run_id, status="RUNNING")
             return experiment_id, run_id
         tags = {
-            schema.TAG_ROLE: schema.ROLE_STUDY,
+            schema.TAG_ROLE: role,
             schema.TAG_STUDY: spec.name,
             schema.TAG_MODE: spec.study.mode,
             schema.TAG_METRIC: spec.study.metric,
@@ -162,6 +171,9 @@ class Tracking:
         }
         if spec.study.mode == "ablation":
             tags[schema.TAG_VARIANTS] = json.dumps(list(spec.variants()))
+            tags[schema.TAG_REFERENCE] = spec.reference
+        if parent is not None:
+            tags[schema.TAG_PARENT] = parent
         if spec.study.budget is not None:
             tags[schema.TAG_BUDGET] = spec.study.budget
         run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
@@ -326,8 +338,13 @@ class TrialRuns(tune.Callback):
             overrides = self.spec.variants()[variant]
         else:
             variant = schema.SEARCH_VARIANT
-            overrides = {key: trial.config[key] for key in self.spec.search}
+            entry = trial.config.get(ENTRY_KEY)
+            space = self.spec.search_space_of(entry)
+            overrides = {key: trial.config[key] for key in space if key in trial.config}
             tags[schema.TAG_OPTUNA_TRIAL] = str(trial.config.get(OPTUNA_NUMBER_KEY))
+            if entry is not None:
+                variant = entry  # a comparison's search: the method entry it tunes
+                tags[schema.TAG_ENTRY] = entry
         tags[schema.TAG_VARIANT] = variant
         tags[schema.TAG_OVERRIDES] = json.dumps(overrides, sort_keys=True)
         tags |= evaluation_tags(config)

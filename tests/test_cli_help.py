@@ -16,6 +16,7 @@ COMMANDS = [
     "analysis.importance",
     "analysis.plots",
     "analysis.report",
+    "analysis.compare",
     "gacd.train",
     "gacd.evaluate",
     "gacd.transfer",

@@ -1,0 +1,380 @@
+"""A fair comparison as one study (`mode: compare`): every method tuned with the same budget,
+then compared over fresh seeds. `python -m study.run search_spaces/digits_compare.yaml`.
+
+Three stages, each an ordinary study that logs, resumes and tabulates like any other, all in
+the comparison's MLflow experiment and nested under its run:
+
+1. `NAME-search`: every method's search at once, on one Ray Tune run: `study.num_samples`
+   trials each (`CompareSearch`: one seeded Optuna study per method, `NAME-search.<entry>`),
+   each method's trials stopped early only against its own (`PerEntryScheduler`), one epoch
+   budget, one validation split.
+2. `NAME-confirm`: each method's `compare.top` best full-budget trials re-run on
+   `compare.confirm_seeds` (validation split only); the one with the best mean is the
+   method's winner, not one seed's luck. Skipped when `top` is 1.
+3. `NAME-final`: each winner on `compare.seeds`, evaluated on the test split; the table
+   compares every method with `compare.reference` (paired over seeds) and says what budget
+   each got.
+
+What was decided between stages (each method's candidates, winner, or why it has none) is
+kept in `<storage>/NAME/comparison.json`, so `--resume` continues the stage that was running
+and never chooses again. A method whose search fails is reported as failed, with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from gacd import schema
+from gacd.config import Config, nest_dotted, set_dotted
+from study.spec import StudySpec, spec_from_dict
+
+STATE_FILE = "comparison.json"
+STAGES = ("search", "confirm", "final")
+
+
+def stage_name(spec: StudySpec, stage: str) -> str:
+    return f"{spec.name}-{stage}"
+
+
+def describe_comparison(spec: StudySpec) -> list[str]:
+    """`--dry-run`'s lines for a comparison: its methods and what each searches."""
+    from study.search import search_space
+
+    compare = spec.compare
+    assert compare is not None
+    lines = [
+        f"compare    {len(compare.methods)} methods x {spec.study.num_samples} trials each; "
+        f"top {compare.top} of each re-run on seeds {compare.confirm_seeds} (validation), "
+        f"the winners on seeds {compare.seeds} (test); reference {compare.reference}"
+    ]
+    for entry, settings in compare.methods.items():
+        overrides = json.dumps(settings.overrides) if settings.overrides else ""
+        lines.append(f"  {entry} ({compare.entry_method(entry)}) {overrides}".rstrip())
+        lines += [f"    {key:22} {value}" for key, value in search_space(spec, entry).items()]
+    return lines
+
+
+# --- the stages' study specs -----------------------------------------------------------------
+
+
+def search_stage(spec: StudySpec) -> StudySpec:
+    stage = copy.deepcopy(spec)
+    stage.study.name = stage_name(spec, "search")
+    stage.study.experiment = spec.name
+    return stage
+
+
+def candidate_overrides(spec: StudySpec, entry: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What one trial of a method's search ran with, over `base`."""
+    assert spec.compare is not None
+    settings = spec.compare.methods[entry]
+    return {"method": spec.compare.entry_method(entry), **settings.overrides, **params}
+
+
+def explicit(spec: StudySpec, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every variant setting every key any of them sets (to `base`'s value where it sets none
+    itself): an ablation lays its variants over its reference, and one method's searched
+    values must not reach another's runs."""
+    keys = sorted({key for overrides in variants.values() for key in overrides})
+    values = copy.deepcopy(nest_dotted(spec.base))
+    for key, value in spec.teacher_overrides().items():
+        set_dotted(values, f"teacher.{key}", value)
+    defaults = Config.from_dict(values).to_dict()
+    out = {}
+    for name, overrides in variants.items():
+        out[name] = {
+            key: overrides[key] if key in overrides else dotted(defaults, key) for key in keys
+        }
+    return out
+
+
+def dotted(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values[part]
+    return values
+
+
+def test_metric(metric: str) -> str:
+    """The final stage's metric: the search's, on the test split."""
+    if metric.startswith("val/"):
+        return "test/" + metric.removeprefix("val/")
+    return schema.accuracy("test", "pgd")
+
+
+def ablation_stage(
+    spec: StudySpec,
+    stage: str,
+    reference: str,
+    variants: dict[str, dict[str, Any]],
+    seeds: list[int],
+    test_split: bool,
+    teachers: Path,
+) -> StudySpec:
+    """The comparison turned into one of its ablation stages (confirm or final)."""
+    raw = json.loads(json.dumps(spec.to_dict(), default=str))
+    metric = test_metric(spec.study.metric) if test_split else spec.study.metric
+    raw["study"] |= {
+        "name": stage_name(spec, stage),
+        "mode": "ablation",
+        "experiment": spec.name,
+        "metric": metric,
+    }
+    raw["study"]["scheduler"]["name"] = "none"
+    raw["compare"], raw["search"] = None, {}
+    full = explicit(spec, variants)
+    raw["ablation"] = {
+        "reference": full[reference],
+        "reference_name": reference,
+        "from_study": None,
+        "variants": {name: values for name, values in full.items() if name != reference},
+        "seeds": seeds,
+        "test_split": test_split,
+    }
+    return spec_from_dict(raw, teacher_cache=teachers)
+
+
+# --- what the stages decided -----------------------------------------------------------------
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return {"done": [], "candidates": {}, "winners": {}, "failed": {}} | state
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    path = folder / STATE_FILE
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(state, indent=2))
+    temporary.replace(path)
+
+
+def candidates(spec: StudySpec, paths, tracking_uri: str) -> tuple[dict, dict]:
+    """Each method's best `top` full-budget trials of the search stage, and the methods that
+    have none, with why."""
+    from analysis.runs import load_study
+
+    search = search_stage(spec)
+    assert spec.compare is not None
+    chosen, failed = {}, {}
+    runs = load_study(tracking_uri, spec.name, search.name).runs
+    for entry in spec.compare.methods:
+        study = optuna.load_study(
+            study_name=search.optuna_study_name(entry), storage=paths.optuna_url
+        )
+        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        best = sorted(complete, key=lambda t: t.value, reverse=spec.study.direction == "max")
+        if best:
+            chosen[entry] = [
+                {
+                    "name": f"{entry}.{schema.search_run_name(t.number)}",
+                    "value": t.value,
+                    "params": t.params,
+                }
+                for t in best[: spec.compare.top]
+            ]
+            continue
+        failed[entry] = search_failure(study, runs, entry)
+    return chosen, failed
+
+
+def search_failure(study: optuna.Study, runs, entry: str) -> str:
+    """Why a method's search has no full-budget trial: its trials by state and the first
+    failure's reason (from its MLflow run)."""
+    states: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trials"
+    reason = ""
+    failure, entries = schema.tag_column(schema.TAG_FAILURE), schema.tag_column(schema.TAG_ENTRY)
+    if not runs.empty and failure in runs and entries in runs:
+        reasons = runs.loc[runs[entries] == entry, failure].dropna()
+        reason = f"; first failure: {reasons.iloc[0]}" if not reasons.empty else ""
+    return f"search failed: no trial ran its full budget ({counts}){reason}"
+
+
+def winners(spec: StudySpec, state: dict[str, Any], tracking_uri: str) -> tuple[dict, dict]:
+    """Each method's candidate with the best mean on the confirm seeds (its only candidate when
+    `top` is 1), and the methods whose every confirm run failed."""
+    from analysis.runs import load_study
+    from analysis.table import ablation_table
+
+    chosen, failed = {}, {}
+    if spec.compare.top == 1 or "confirm" not in state["done"]:
+        for entry, found in state["candidates"].items():
+            chosen[entry] = {"name": found[0]["name"], "params": found[0]["params"], "mean": None}
+        return chosen, failed
+    study = load_study(tracking_uri, spec.name, stage_name(spec, "confirm"))
+    stats = ablation_table(study.runs, [spec.study.metric], study.reference, study.variants).stats
+    means = stats.xs(spec.study.metric, level="metric") if not stats.empty else None
+    for entry, found in state["candidates"].items():
+        scored = [
+            (float(means.loc[c["name"], "mean"]), float(means.loc[c["name"], "std"]), c)
+            for c in found
+            if means is not None and c["name"] in means.index and means.loc[c["name"], "n"] > 0
+        ]
+        if not scored:
+            failed[entry] = "confirm failed: no run of its candidates finished"
+            continue
+        maximize = spec.study.direction == "max"
+        mean, std, best = sorted(scored, key=lambda s: s[0], reverse=maximize)[0]
+        chosen[entry] = {"name": best["name"], "params": best["params"], "mean": mean, "std": std}
+    return chosen, failed
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def run_comparison(spec: StudySpec, paths, args: argparse.Namespace) -> int:
+    """Check, connect, and run (or continue) the comparison's stages."""
+    import ray
+
+    from study.run import concurrency, connect, preflight, saved_or_new
+    from study.tracking import check_tracking_uri
+
+    spec, exists = saved_or_new(spec, paths, args.resume)
+    preflight(search_stage(spec), paths)
+    resources = connect(args.address, args.num_cpus, args.num_gpus)
+    try:
+        max_concurrent = concurrency(spec, resources, args.num_cpus, args.num_gpus)
+        check_tracking_uri(paths.tracking_uri)
+        return run_stages(spec, paths, args, exists, max_concurrent)
+    finally:
+        ray.shutdown()
+
+
+def run_stages(spec: StudySpec, paths, args, exists: bool, max_concurrent: int | None) -> int:
+    from study.run import spec_source
+    from study.tracking import Tracking, git_commit
+
+    folder = paths.experiment(spec.name)
+    tracking, commit = Tracking(paths.tracking_uri), git_commit()
+    parent = comparison_run(tracking, spec, commit, args.resume)
+    if not exists:
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
+        (folder / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
+    state = read_state(folder)
+    assert spec.compare is not None
+    reference = state["reference"] = spec.compare.reference
+
+    code = run_stage(search_stage(spec), "search", paths, args, max_concurrent, parent, state)
+    if code not in (0, 1):
+        return stop(tracking, parent, code)
+    if "candidates" not in state["done"]:
+        state["candidates"], state["failed"] = candidates(spec, paths, paths.tracking_uri)
+        state["done"].append("candidates")
+        write_state(folder, state)
+    for entry, reason in state["failed"].items():
+        print(f"{spec.name}: {entry}: {reason}", file=sys.stderr)
+    if reference not in state["candidates"]:
+        return give_up(tracking, parent, spec, paths, state, f"the reference method {reference!r}")
+
+    if spec.compare.top > 1:
+        found = state["candidates"]
+        variants = {
+            c["name"]: candidate_overrides(spec, entry, c["params"])
+            for entry, cs in found.items()
+            for c in cs
+        }
+        confirm = ablation_stage(
+            spec,
+            "confirm",
+            found[reference][0]["name"],
+            variants,
+            spec.compare.confirm_seeds,
+            False,
+            paths.teachers,
+        )
+        code = run_stage(confirm, "confirm", paths, args, max_concurrent, parent, state)
+        if code != 0:
+            return stop(tracking, parent, code)
+    if "winners" not in state["done"]:
+        chosen, failed = winners(spec, state, paths.tracking_uri)
+        state["winners"], state["failed"] = chosen, state["failed"] | failed
+        state["done"].append("winners")
+        write_state(folder, state)
+    if reference not in state["winners"]:
+        return give_up(tracking, parent, spec, paths, state, f"the reference method {reference!r}")
+    for entry, won in state["winners"].items():
+        chosen = ""
+        if won["mean"] is not None:
+            chosen = f" ({won['mean']:.4f} mean on the confirm seeds)"
+        print(f"{spec.name}: {entry}'s winner {won['name']}{chosen}: {won['params']}")
+
+    final_variants = {
+        entry: candidate_overrides(spec, entry, won["params"])
+        for entry, won in state["winners"].items()
+    }
+    final = ablation_stage(
+        spec, "final", reference, final_variants, spec.compare.seeds, True, paths.teachers
+    )
+    code = run_stage(final, "final", paths, args, max_concurrent, parent, state)
+    if code != 0:
+        return stop(tracking, parent, code)
+    finish(tracking, parent, spec, paths, state)
+    return 0
+
+
+def run_stage(stage: StudySpec, key: str, paths, args, max_concurrent, parent: str, state) -> int:
+    """One stage: started, continued (`--resume` of its own study), or skipped when done."""
+    from study.run import run_on_ray
+
+    if key in state["done"]:
+        return 0
+    folder = paths.experiment(stage.name)
+    started = (folder / schema.SPEC_FILE).is_file()
+    print(f"\n{stage.study.experiment}: stage {key} ({stage.name})", flush=True)
+    stage_args = argparse.Namespace(**{**vars(args), "resume": started})
+    code = run_on_ray(stage, paths, stage_args, started, max_concurrent, parent)
+    if code == 0:
+        state["done"].append(key)
+        write_state(paths.experiment(stage.study.experiment), state)
+    return code
+
+
+def comparison_run(tracking, spec: StudySpec, commit: str, resume: bool) -> str:
+    """The comparison's MLflow run (its stages' study runs are nested under it)."""
+    _, run_id = tracking.study_run(spec, commit, resume, role=schema.ROLE_COMPARISON)
+    return run_id
+
+
+def stop(tracking, parent: str, code: int) -> int:
+    tracking.finish(parent, "KILLED" if code == 130 else "FAILED")
+    return code
+
+
+def give_up(tracking, parent, spec, paths, state, what: str) -> int:
+    """The reference has no winner: nothing to compare with. What is known is reported."""
+    from analysis.compare import write_comparison
+
+    reason = state["failed"].get(spec.compare.reference, "no winner")
+    write_comparison(paths.tracking_uri, spec.name, paths.experiment(spec.name), state)
+    tracking.client.set_tag(parent, schema.TAG_FAILURE, f"{what}: {reason}")
+    tracking.finish(parent, "FAILED")
+    print(
+        f"error: {spec.name}: {what} has no winner ({reason}); nothing to compare with",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def finish(tracking, parent: str, spec: StudySpec, paths, state: dict[str, Any]) -> None:
+    from analysis.compare import write_comparison
+    from study.report import browse_command
+
+    report = write_comparison(paths.tracking_uri, spec.name, paths.experiment(spec.name), state)
+    tracking.client.log_artifacts(parent, str(report.parent), "report")
+    tracking.client.log_dict(parent, state, STATE_FILE)
+    print("\n" + report.with_name("comparison.md").read_text())
+    print(f"report: {report} (also on the comparison's MLflow run, under report/)")
+    experiment = tracking.experiment_id(spec.name)
+    print(f"browse the runs: {browse_command(paths.tracking_uri, experiment)}")
+    tracking.finish(parent, "FINISHED")

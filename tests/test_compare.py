@@ -1,0 +1,292 @@
+"""A comparison (`mode: compare`): each method searched alike, its best trials confirmed on
+fresh seeds, its winner run on the test split; on a real Ray cluster, MLflow and Optuna."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from analysis.runs import load_runs
+from gacd import schema
+from gacd.config import ConfigError, ConfigFileError
+from study.compare import STATE_FILE, explicit, search_stage
+from study.run import main, trial_count
+from study.search import PerEntryScheduler, compare_searcher, optuna_storage, scheduler
+from study.spec import ENTRY_KEY, read_study_file, spec_from_dict
+from tests.test_study_run import digits_base, study_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comparison(teacher: str, **compare) -> dict:
+    methods = {
+        "gacd": {
+            "search": {
+                "tau": {"distribution": "loguniform", "low": 0.05, "high": 0.5},
+                "attack.steps": {"distribution": "choice", "values": [1]},
+            }
+        },
+        "trades": {"search": {"trades_beta": {"distribution": "uniform", "low": 1.0, "high": 9.0}}},
+    }
+    return {
+        "study": {
+            "name": "duel",
+            "mode": "compare",
+            "num_samples": 2,
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "sampler": {"seed": 0, "n_startup_trials": 1},
+        },
+        "teacher": {"checkpoint": teacher},
+        "base": {**digits_base(epochs=2), "method": "natural"},
+        "compare": {"methods": methods, "confirm_seeds": [1000], "seeds": [0, 1], **compare},
+    }
+
+
+# --- the study file --------------------------------------------------------------------------
+
+
+def test_the_shipped_comparison_gives_every_method_its_own_search_and_the_same_budget():
+    spec = read_study_file(ROOT / "search_spaces/digits_compare.yaml", teacher_cache=Path("/t"))
+    assert spec.compare is not None and len(spec.compare.methods) == 8
+    assert trial_count(spec) == 8 * spec.study.num_samples
+    for entry in spec.compare.methods:
+        config = spec.trial_config({ENTRY_KEY: entry})
+        assert config.method == entry and config.optim.epochs == 12 and not config.final
+        assert config.data.val_fraction == 0.3 and config.eval.epsilon == 0.1
+    trades = spec.trial_config({ENTRY_KEY: "trades", "trades_beta": 2.5, "tau": 0.3})
+    assert trades.trades_beta == 2.5 and trades.tau == 0.1  # another method's key: not read
+    assert spec.trial_label({ENTRY_KEY: "kd", "optuna_trial_number": 4}, "x") == "kd.trial-004"
+
+
+BAD_COMPARISONS = [
+    ({"methods": {"gacd": {"search": {}}}}, "compare.methods.gacd.search"),
+    ({"reference": "kd"}, "compare.reference"),
+    ({"top": 0}, "compare.top"),
+    ({"confirm_seeds": [3, 3]}, "compare.confirm_seeds"),
+    ({"seeds": []}, "compare.seeds"),
+    (
+        {
+            "methods": {
+                "gacd": {
+                    "method": "gacdd",
+                    "search": {"tau": {"distribution": "choice", "values": [0.1]}},
+                }
+            }
+        },
+        "compare.methods.gacd.method",
+    ),
+    (
+        {
+            "methods": {
+                "gacd": {
+                    "overrides": {"method": "kd"},
+                    "search": {"tau": {"distribution": "choice", "values": [0.1]}},
+                }
+            }
+        },
+        "compare.methods.gacd.overrides",
+    ),
+    (
+        {
+            "methods": {
+                "gacd": {"search": {"tau": {"distribution": "uniform", "low": -1.0, "high": 0.5}}}
+            }
+        },
+        "compare.methods.gacd.search.tau",
+    ),
+    (
+        {
+            "methods": {
+                "gacd": {"search": {"negatives.count": {"distribution": "choice", "values": [64]}}}
+            }
+        },
+        "compare.methods.gacd.search.negatives.count",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "key"), BAD_COMPARISONS)
+def test_a_bad_comparison_is_refused_naming_the_key(tmp_path, change, key):
+    raw = comparison("/nowhere/teacher.pt")
+    raw["compare"] |= change
+    with pytest.raises(ConfigError) as refused:
+        spec_from_dict(raw)
+    assert refused.value.key == key, str(refused.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_compare_section_outside_a_comparison_is_refused(tmp_path):
+    raw = comparison("/nowhere/teacher.pt")
+    raw["study"]["mode"] = "search"
+    raw["search"] = {"tau": {"distribution": "uniform", "low": 0.1, "high": 0.2}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigFileError,
+        match="study.yaml: config key 'compare': expected no compare section in a search",
+    ):
+        read_study_file(path)
+
+
+def test_one_method_s_searched_values_never_reach_another_s_runs():
+    spec = spec_from_dict(comparison("/nowhere/teacher.pt"))
+    variants = explicit(
+        spec,
+        {
+            "gacd": {"method": "gacd", "tau": 0.3, "attack.steps": 1},
+            "trades": {"method": "trades", "trades_beta": 2.0},
+        },
+    )
+    assert variants["trades"] == {
+        "method": "trades",
+        "tau": 0.1,  # gacd's default, not gacd's searched 0.3
+        "attack.steps": 2,  # base's
+        "trades_beta": 2.0,
+    }
+    assert variants["gacd"]["trades_beta"] == 6.0
+
+
+# --- the searcher and the scheduler ----------------------------------------------------------
+
+
+def test_every_method_gets_exactly_its_trials_in_turn_each_in_its_own_optuna_study(tmp_path):
+    spec = search_stage(spec_from_dict(comparison("/nowhere/teacher.pt")))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = compare_searcher(spec, optuna_storage(url))
+    proposals = [searcher.suggest(f"t{i}") for i in range(4)]
+    assert [p[ENTRY_KEY] for p in proposals] == ["gacd", "trades", "gacd", "trades"]
+    assert searcher.suggest("t4") == Searcher.FINISHED
+    assert set(proposals[1]) == {ENTRY_KEY, "trades_beta", "optuna_trial_number"}
+    for i in range(len(proposals)):
+        result = {schema.EPOCH: 2, "epochs_total": 2, schema.VAL_PGD_ACC: 0.1 * (i + 1)}
+        searcher.on_trial_complete(f"t{i}", result)
+    for entry, values in (("gacd", [0.1, 0.3]), ("trades", [0.2, 0.4])):
+        study = optuna.load_study(study_name=f"duel-search.{entry}", storage=url)
+        assert [t.value for t in study.trials] == pytest.approx(values)
+    saved = tmp_path / "searcher.pkl"
+    searcher.save(str(saved))
+    again = compare_searcher(spec, optuna_storage(url))
+    again.restore(str(saved))
+    assert again.suggest("t5") == Searcher.FINISHED  # a restored searcher proposes no more
+
+
+def test_a_method_s_trials_are_stopped_early_only_against_its_own():
+    spec = search_stage(spec_from_dict(comparison("/nowhere/teacher.pt")))
+    per_entry = scheduler(spec, epochs=4)
+    assert isinstance(per_entry, PerEntryScheduler)
+    per_entry.set_search_properties(schema.VAL_PGD_ACC, "max")
+
+    def trial(name: str, entry: str):
+        return SimpleNamespace(trial_id=name, config={ENTRY_KEY: entry})
+
+    fast = [trial(f"g{i}", "gacd") for i in range(3)]
+    slow = trial("t0", "trades")  # learns slowly: far below every gacd trial at epoch 1
+    for item in [*fast, slow]:
+        per_entry.on_trial_add(None, item)
+    for item, value in zip(fast, (0.8, 0.9, 0.7), strict=True):
+        per_entry.on_trial_result(None, item, {schema.EPOCH: 1, schema.VAL_PGD_ACC: value})
+    decision = per_entry.on_trial_result(None, slow, {schema.EPOCH: 1, schema.VAL_PGD_ACC: 0.1})
+    assert decision == TrialScheduler.CONTINUE
+    worse = trial("g3", "gacd")
+    per_entry.on_trial_add(None, worse)
+    decision = per_entry.on_trial_result(None, worse, {schema.EPOCH: 1, schema.VAL_PGD_ACC: 0.1})
+    assert decision == TrialScheduler.STOP
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losing_nothing(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    raw = comparison(str(robust_teacher_path))
+    raw["compare"]["methods"]["natural"] = {  # diverges: every trial fails
+        "overrides": {"optim.momentum": 0.0},
+        "search": {"optim.lr": {"distribution": "loguniform", "low": 1e5, "high": 1e6}},
+    }
+    path = tmp_path / "duel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    args = study_args(tmp_path, ray_cluster)
+    command = [sys.executable, "-m", "study.run", str(path), *args]
+    driver = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen, confirming = [], False
+    for line in driver.stdout:
+        seen.append(line)
+        confirming = confirming or "stage confirm" in line
+        if confirming and "epoch 1/2" in line:
+            driver.send_signal(signal.SIGINT)
+            break
+    assert driver.wait(timeout=300) == 130, "".join(seen[-40:]) + driver.stdout.read()[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert load_runs(uri, "duel", role=schema.ROLE_COMPARISON).status[0] == "KILLED"
+
+    assert main([str(path), "--resume", *args]) == 0
+    state = json.loads((tmp_path / "results" / "duel" / STATE_FILE).read_text())
+    assert set(state["failed"]) == {"natural"}
+    assert state["failed"]["natural"].startswith("search failed: no trial ran its full budget")
+    assert "NonFiniteLossError" in state["failed"]["natural"]
+    assert set(state["winners"]) == {"gacd", "trades"}
+
+    comparison_run = load_runs(uri, "duel", role=schema.ROLE_COMPARISON)
+    assert list(comparison_run.status) == ["FINISHED"]
+    stages = load_runs(uri, "duel", role=schema.ROLE_STUDY)
+    assert sorted(stages["tags.study"]) == ["duel-confirm", "duel-final", "duel-search"]
+    assert set(stages["tags.mlflow.parentRunId"]) == {comparison_run.run_id[0]}
+    assert set(stages.status) == {"FINISHED"}
+    by_stage = {
+        row["tags.study"]: load_runs(uri, "duel", parent_run_id=row.run_id)
+        for _, row in stages.iterrows()
+    }
+    search = by_stage["duel-search"]
+    assert search["tags.compare_entry"].value_counts().to_dict() == {
+        "gacd": 2,
+        "trades": 2,
+        "natural": 2,
+    }
+    assert set(search.loc[search["tags.compare_entry"] == "natural", "tags.state"]) == {"failed"}
+    # every number Optuna holds is the one MLflow and Ray recorded
+    client = MlflowClient(uri)
+    for entry in ("gacd", "trades"):
+        study = optuna.load_study(
+            study_name=f"duel-search.{entry}", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+        )
+        for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+            run = search[search["tags.ray_trial_id"] == trial.user_attrs["ray_trial_id"]]
+            history = client.get_metric_history(run.run_id.iloc[0], schema.VAL_PGD_ACC)
+            assert trial.value == pytest.approx(history[-1].value, abs=1e-12)
+    # the confirm stage re-ran each candidate on the fresh seed, once each after the resume
+    confirm = by_stage["duel-confirm"]
+    names = {c["name"] for found in state["candidates"].values() for c in found}
+    assert set(confirm["tags.variant"]) == names and len(confirm) == len(names)
+    assert set(confirm["tags.seed"]) == {"1000"} and set(confirm.status) == {"FINISHED"}
+    for run_id in confirm.run_id:
+        steps = [m.step for m in client.get_metric_history(run_id, schema.VAL_PGD_ACC)]
+        assert steps == [1, 2], steps
+    assert not any(column.startswith("metrics.test/") for column in confirm.columns)
+    # the winners on the test split; gacd's searched values stay gacd's
+    final = by_stage["duel-final"]
+    assert sorted(final.run_name) == ["gacd-seed0", "gacd-seed1", "trades-seed0", "trades-seed1"]
+    assert "metrics.test/pgd_acc" in final and set(final.status) == {"FINISHED"}
+    trades = final[final["tags.variant"] == "trades"]
+    assert set(trades["params.attack.steps"]) == {"2"}
+    won = state["winners"]["trades"]["params"]["trades_beta"]
+    assert {float(beta) for beta in trades["params.trades_beta"]} == {won}
+    report = (tmp_path / "results" / "duel" / "report" / "report.md").read_text()
+    assert "| gacd " in report and "| trades " in report
+    assert "natural**: search failed" in report
+    budget = (tmp_path / "results" / "duel" / "report" / "budget.csv").read_text()
+    assert budget.count("\n") == 4  # a header and every method, the failed one included
