@@ -290,3 +290,17 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     assert "natural**: search failed" in report
     budget = (tmp_path / "results" / "duel" / "report" / "budget.csv").read_text()
     assert budget.count("\n") == 4  # a header and every method, the failed one included
+
+
+def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
+    path = ROOT / "search_spaces/fashion_mnist_compare.yaml"
+    cpu = read_study_file(path, teacher_cache=tmp_path)
+    full = read_study_file(path, teacher_cache=tmp_path, budget="full")
+    assert (cpu.study.num_samples, full.study.num_samples) == (4, 8)
+    for entry in cpu.compare.methods:
+        assert cpu.trial_config({ENTRY_KEY: entry}).optim.epochs == 8
+        assert full.trial_config({ENTRY_KEY: entry}).optim.epochs == 30
+    baselines = read_study_file(
+        ROOT / "search_spaces/fashion_mnist_baselines.yaml", teacher_cache=tmp_path
+    )
+    assert cpu.teacher.checkpoint == baselines.teacher.checkpoint  # one teacher for both tables
