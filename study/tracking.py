@@ -374,26 +374,27 @@ class TrialRuns(tune.Callback):
             if schema.is_metric(key) and isinstance(value, int | float) and math.isfinite(value)
         }
         if trial.trial_id not in self._device_logged:
-            self.log_device(run_id, result)
-            self.log_datasets(run_id, result)
+            run = self.tracking.client.get_run(run_id)
+            self.log_device(run, result)
+            self.log_datasets(run, result)
             self._device_logged.add(trial.trial_id)
         self.tracking.log_epochs(run_id, [{**epoch_metrics, schema.EPOCH: epoch}])
         self._last_epoch[trial.trial_id] = epoch
 
-    def log_datasets(self, run_id: str, result: dict) -> None:
+    def log_datasets(self, run: Any, result: dict) -> None:
         """The splits the trial used as the run's inputs (MLflow's Dataset column), once."""
         splits = result.get(RESULT_DATASETS)
-        if not splits or self.tracking.client.get_run(run_id).inputs.dataset_inputs:
+        if not splits or run.inputs.dataset_inputs:
             return
-        self.tracking.client.log_inputs(run_id, datasets=dataset_inputs(json.loads(splits)))
+        datasets = dataset_inputs(json.loads(splits))
+        self.tracking.client.log_inputs(run.info.run_id, datasets=datasets)
 
-    def log_device(self, run_id: str, result: dict) -> None:
+    def log_device(self, run: Any, result: dict) -> None:
         """The `device` parameter: the one the trial ran on (its config may say `auto`).
         A trial resumed on another kind of device keeps the first (parameters are final)."""
         device = result.get(RESULT_DEVICE)
-        run = self.tracking.client.get_run(run_id)
         if device is not None and "device" not in run.data.params:
-            self.tracking.client.log_param(run_id, "device", str(device))
+            self.tracking.client.log_param(run.info.run_id, "device", str(device))
 
     @survives_outages
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
