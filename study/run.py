@@ -598,7 +598,7 @@ def saved_or_new(spec: StudySpec, paths: StudyPaths, resume: bool) -> tuple[Stud
 def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:
     from study.tracking import check_tracking_uri
 
-    if spec.study.mode == "compare" and spec.study.experiment is None:
+    if spec.study.mode == "compare":
         from study.compare import run_comparison
 
         return run_comparison(spec, paths, args)
