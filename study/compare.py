@@ -232,26 +232,28 @@ def winners(spec: StudySpec, state: dict[str, Any], tracking_uri: str) -> tuple[
 # --- running ---------------------------------------------------------------------------------
 
 
-def run_comparison(spec: StudySpec, paths, args: argparse.Namespace) -> int:
-    """Check, connect, and run (or continue) the comparison's stages."""
+def run_comparison(spec: StudySpec, paths, args: argparse.Namespace, runner) -> int:
+    """Check, connect, and run (or continue) the comparison's stages. `runner` is `study.run`,
+    handed in (it imports this module, not the other way round): its checks, its cluster and
+    `run_on_ray` run each stage."""
     import ray
 
-    from study.run import concurrency, connect, preflight, saved_or_new
     from study.tracking import check_tracking_uri
 
-    spec, exists = saved_or_new(spec, paths, args.resume)
-    preflight(search_stage(spec), paths)
-    resources = connect(args.address, args.num_cpus, args.num_gpus)
+    spec, exists = runner.saved_or_new(spec, paths, args.resume)
+    runner.preflight(search_stage(spec), paths)
+    resources = runner.connect(args.address, args.num_cpus, args.num_gpus)
     try:
-        max_concurrent = concurrency(spec, resources, args.num_cpus, args.num_gpus)
+        max_concurrent = runner.concurrency(spec, resources, args.num_cpus, args.num_gpus)
         check_tracking_uri(paths.tracking_uri)
-        return run_stages(spec, paths, args, exists, max_concurrent)
+        return run_stages(spec, paths, args, exists, max_concurrent, runner)
     finally:
         ray.shutdown()
 
 
-def run_stages(spec: StudySpec, paths, args, exists: bool, max_concurrent: int | None) -> int:
-    from study.run import spec_source
+def run_stages(
+    spec: StudySpec, paths, args, exists: bool, max_concurrent: int | None, runner
+) -> int:
     from study.tracking import Tracking, git_commit
 
     folder = paths.experiment(spec.name)
@@ -259,13 +261,14 @@ def run_stages(spec: StudySpec, paths, args, exists: bool, max_concurrent: int |
     parent = comparison_run(tracking, spec, commit, args.resume)
     if not exists:
         folder.mkdir(parents=True, exist_ok=True)
-        saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
+        saved = {"source": runner.spec_source(spec), "resolved": spec.to_dict()}
         (folder / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
     state = read_state(folder)
     assert spec.compare is not None
     reference = state["reference"] = spec.compare.reference
 
-    code = run_stage(search_stage(spec), "search", paths, args, max_concurrent, parent, state)
+    stage_args = (paths, args, max_concurrent, parent, state, runner)
+    code = run_stage(search_stage(spec), "search", *stage_args)
     if code not in (0, 1):
         return stop(tracking, parent, code)
     if "candidates" not in state["done"]:
@@ -293,7 +296,7 @@ def run_stages(spec: StudySpec, paths, args, exists: bool, max_concurrent: int |
             False,
             paths.teachers,
         )
-        code = run_stage(confirm, "confirm", paths, args, max_concurrent, parent, state)
+        code = run_stage(confirm, "confirm", *stage_args)
         if code != 0:
             return stop(tracking, parent, code)
     if "winners" not in state["done"]:
@@ -316,24 +319,24 @@ def run_stages(spec: StudySpec, paths, args, exists: bool, max_concurrent: int |
     final = ablation_stage(
         spec, "final", reference, final_variants, spec.compare.seeds, True, paths.teachers
     )
-    code = run_stage(final, "final", paths, args, max_concurrent, parent, state)
+    code = run_stage(final, "final", *stage_args)
     if code != 0:
         return stop(tracking, parent, code)
     finish(tracking, parent, spec, paths, state)
     return 0
 
 
-def run_stage(stage: StudySpec, key: str, paths, args, max_concurrent, parent: str, state) -> int:
+def run_stage(
+    stage: StudySpec, key: str, paths, args, max_concurrent, parent: str, state, runner
+) -> int:
     """One stage: started, continued (`--resume` of its own study), or skipped when done."""
-    from study.run import run_on_ray
-
     if key in state["done"]:
         return 0
     folder = paths.experiment(stage.name)
     started = (folder / schema.SPEC_FILE).is_file()
     print(f"\n{stage.study.experiment}: stage {key} ({stage.name})", flush=True)
     stage_args = argparse.Namespace(**{**vars(args), "resume": started})
-    code = run_on_ray(stage, paths, stage_args, started, max_concurrent, parent)
+    code = runner.run_on_ray(stage, paths, stage_args, started, max_concurrent, parent)
     if code == 0:
         state["done"].append(key)
         write_state(paths.experiment(stage.study.experiment), state)

@@ -601,7 +601,7 @@ def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> i
     if spec.study.mode == "compare":
         from study.compare import run_comparison
 
-        return run_comparison(spec, paths, args)
+        return run_comparison(spec, paths, args, sys.modules[__name__])
     spec, exists = saved_or_new(spec, paths, args.resume)
     # Every refusal comes before anything is written: no results folder, no MLflow store,
     # no Optuna study (a local Ray instance's session files in /tmp aside).
