@@ -32,11 +32,10 @@ from typing import Any
 import optuna
 
 from gacd import schema
-from gacd.config import Config, nest_dotted, set_dotted
+from gacd.config import flatten
 from study.spec import StudySpec, spec_from_dict
 
 STATE_FILE = "comparison.json"
-STAGES = ("search", "confirm", "final")
 
 
 def stage_name(spec: StudySpec, stage: str) -> str:
@@ -83,22 +82,11 @@ def explicit(spec: StudySpec, variants: dict[str, dict[str, Any]]) -> dict[str, 
     itself): an ablation lays its variants over its reference, and one method's searched
     values must not reach another's runs."""
     keys = sorted({key for overrides in variants.values() for key in overrides})
-    values = copy.deepcopy(nest_dotted(spec.base))
-    for key, value in spec.teacher_overrides().items():
-        set_dotted(values, f"teacher.{key}", value)
-    defaults = Config.from_dict(values).to_dict()
-    out = {}
-    for name, overrides in variants.items():
-        out[name] = {
-            key: overrides[key] if key in overrides else dotted(defaults, key) for key in keys
-        }
-    return out
-
-
-def dotted(values: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        values = values[part]
-    return values
+    defaults = flatten(spec.trial_config({}).to_dict())  # base and teacher, no method entry
+    return {
+        name: {key: overrides.get(key, defaults[key]) for key in keys}
+        for name, overrides in variants.items()
+    }
 
 
 def test_metric(metric: str) -> str:
@@ -156,7 +144,7 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
     temporary.replace(path)
 
 
-def candidates(spec: StudySpec, paths, tracking_uri: str) -> tuple[dict, dict]:
+def candidates(spec: StudySpec, paths) -> tuple[dict, dict]:
     """Each method's best `top` full-budget trials of the search stage, and the methods that
     have none, with why."""
     from analysis.runs import load_study
@@ -164,7 +152,7 @@ def candidates(spec: StudySpec, paths, tracking_uri: str) -> tuple[dict, dict]:
     search = search_stage(spec)
     assert spec.compare is not None
     chosen, failed = {}, {}
-    runs = load_study(tracking_uri, spec.name, search.name).runs
+    runs = load_study(paths.tracking_uri, spec.name, search.name).runs
     for entry in spec.compare.methods:
         study = optuna.load_study(
             study_name=search.optuna_study_name(entry), storage=paths.optuna_url
@@ -272,7 +260,7 @@ def run_stages(
     if code not in (0, 1):
         return stop(tracking, parent, code)
     if "candidates" not in state["done"]:
-        state["candidates"], state["failed"] = candidates(spec, paths, paths.tracking_uri)
+        state["candidates"], state["failed"] = candidates(spec, paths)
         state["done"].append("candidates")
         write_state(folder, state)
     for entry, reason in state["failed"].items():
