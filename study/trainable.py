@@ -49,11 +49,33 @@ def set_up_worker(cpus: float, gpus: float) -> None:
 
 
 def restored_state() -> State | None:
+    """The state of the checkpoint Ray restores the trial from. If that one is unreadable (a
+    truncated or corrupted file), the newest older one Ray kept beside it that reads (its
+    later epochs run again: the state holds the RNG, so they reproduce what was logged); if
+    none reads, None: the trial starts over rather than fail on the same file at every retry."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        try:
+            return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        except CheckpointError as error:
+            print(f"warning: {error}; trying the checkpoint before it", flush=True)
+    for older in older_checkpoints(checkpoint):
+        try:
+            return load_checkpoint(older / CHECKPOINT_FILE)
+        except CheckpointError as error:
+            print(f"warning: {error}; trying the checkpoint before it", flush=True)
+    print("warning: no checkpoint of this trial reads: it starts over", flush=True)
+    return None
+
+
+def older_checkpoints(checkpoint: tune.Checkpoint) -> list[Path]:
+    """The checkpoints Ray kept before `checkpoint` in the trial's folder, newest first
+    (`--storage` is a filesystem path, so they are folders on this node's disk)."""
+    latest = Path(checkpoint.path)
+    kept = (folder for folder in latest.parent.glob("checkpoint_*") if folder.is_dir())
+    return sorted((folder for folder in kept if folder.name < latest.name), reverse=True)
 
 
 # A failure that would happen again from the same checkpoint: retrying it only spends
@@ -67,7 +89,9 @@ class RepeatedFailure(RuntimeError):
 
 
 def failure_marker() -> Path:
-    return Path(tune.get_context().get_trial_dir()) / FAILURE_MARKER
+    """Beside the trial's checkpoints in `--storage` (one folder every node of a cluster sees),
+    not in the node's own trial folder: a retry Ray places on another node sees it too."""
+    return Path(tune.get_context().get_storage().trial_fs_path) / FAILURE_MARKER
 
 
 def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:

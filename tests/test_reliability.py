@@ -128,6 +128,9 @@ def test_a_diverging_trial_fails_alone_with_its_reason(
         assert errors.count("Failure #") == 2, errors
         assert "RepeatedFailure: NonFiniteLossError: loss is nan" in errors
         assert "not retried" in errors
+        # remembered in --storage, beside the checkpoints, where a retry on any node looks
+        marker = error_file.with_name("deterministic_failure.txt")
+        assert "NonFiniteLossError" in marker.read_text()
     study = optuna.load_study(study_name="diverge", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     told = {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
     assert {told[trial_id] for trial_id in failed["tags.ray_trial_id"]} == {"FAIL"}
@@ -260,3 +263,48 @@ def test_a_driver_killed_outright_leaves_no_ray_process_behind(tmp_path, robust_
         time.sleep(0.5)
         left = {pid: line for pid, line in left.items() if Path(f"/proc/{pid}").exists()}
     assert not left, f"left behind: {left}"
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_one_before(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """The checkpoint Ray would restore from is truncated, then the trial's worker killed: the
+    retry reads the checkpoint before it instead of failing on the broken one, re-runs the
+    epochs after it, and MLflow holds exactly what the trial reports (each epoch once)."""
+    epochs = 10
+    spec = search("corrupt", robust_teacher_path, epochs, num_samples=1)
+    path = write_study(tmp_path, spec)
+    driver = start_driver(
+        [sys.executable, "-m", "study.run", path, *study_args(tmp_path, ray_cluster)]
+    )
+    read_until(driver, f"epoch 4/{epochs}")
+    experiment = tmp_path / "results" / "corrupt"
+    worker = trial_worker(experiment)
+    os.kill(worker, signal.SIGSTOP)  # no checkpoint is written while the newest is broken
+    time.sleep(3)  # the driver registers the last checkpoint the worker reported
+    kept = sorted(experiment.glob("*/checkpoint_*"), key=lambda folder: folder.name)
+    assert len(kept) >= 2, kept
+    for folder in kept[1:]:  # every one but the oldest: whichever Ray restores is unreadable
+        checkpoint = folder / "checkpoint.pt"
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    os.kill(worker, signal.SIGKILL)
+    output = driver.stdout.read()
+    assert driver.wait(timeout=300) == 0, output[-3000:]
+    assert "not a readable PyTorch file" in output and "trying the checkpoint before it" in output
+    (result,) = ray_results(experiment)
+    assert result.metrics["epoch"] == epochs and result.error is None
+    reported = [json.loads(line) for line in next(experiment.glob("*/result.json")).open()]
+    restarts = [r["epoch"] for r in reported if r["iterations_since_restore"] == 1]
+    oldest_epoch = int(kept[0].name.split("_")[1]) + 1  # checkpoint_000003 holds epoch 4
+    assert restarts == [1, oldest_epoch + 1], (restarts, [k.name for k in kept])
+    # The re-run epochs reproduce what was logged before the fault (the state holds the RNG),
+    # and MLflow has each epoch once, with the values the trial reports last.
+    last = {r["epoch"]: r[schema.VAL_PGD_ACC] for r in reported}
+    first = {r["epoch"]: r[schema.VAL_PGD_ACC] for r in reversed(reported)}
+    assert last == first
+    assert_every_epoch_logged_once(f"sqlite:///{tmp_path / 'mlflow.db'}", "corrupt", epochs, 1)
+    (run_id,) = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "corrupt").run_id
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        run_id, schema.VAL_PGD_ACC
+    )
+    assert {m.step: m.value for m in history} == last
