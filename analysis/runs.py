@@ -29,13 +29,18 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def store_exists(uri: str) -> bool:
+    """Whether a store is there to read: a SQLite URI's database file exists (opening one that
+    does not would create an empty store: MLflow's and Optuna's clients both do); a server's
+    URI is taken as there."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+
 def require_store(uri: str, what: str = "MLflow store") -> None:
-    """Refuse a SQLite URI whose database file does not exist: opening it would create an
-    empty store (MLflow's and Optuna's clients both do) for a command that only reads."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise StudyNotFoundError(f"no {what} at {path} (from {uri}): nothing to read")
+    """Refuse a store that is not there (`store_exists`), for a command that only reads."""
+    if not store_exists(uri):
+        path = uri.removeprefix("sqlite:///")
+        raise StudyNotFoundError(f"no {what} at {path} (from {uri}): nothing to read")
 
 
 def load_runs(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from analysis.runs import store_exists
 from gacd import schema
 from gacd.checkpoint import CheckpointError
 from gacd.config import ConfigError, flatten
@@ -320,11 +321,6 @@ def ensure_teacher(
     return tracking.teacher_run(checkpoint, commit)
 
 
-def optuna_store_exists(url: str) -> bool:
-    """Whether an Optuna storage is there to read (asking a SQLite URL would create it)."""
-    return not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file()
-
-
 def resolve_reference(spec: StudySpec, paths: StudyPaths) -> None:
     """`ablation.from_study`: the best full-budget trial of a finished search becomes the
     reference (under the ablation's own `reference` overrides, which win)."""
@@ -334,7 +330,7 @@ def resolve_reference(spec: StudySpec, paths: StudyPaths) -> None:
     source = spec.ablation.from_study
     if source is None:
         return
-    if not optuna_store_exists(paths.optuna_url) or not study_exists(paths.optuna_url, source):
+    if not store_exists(paths.optuna_url) or not study_exists(paths.optuna_url, source):
         raise StudyError(
             f"ablation.from_study: no study {source!r} in {paths.optuna_url}; run that search "
             "first (with the same --tracking-uri / --optuna-storage)"
