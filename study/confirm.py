@@ -33,9 +33,10 @@ def best_complete_trials(url: str, name: str, top: int) -> list[optuna.trial.Fro
 
 
 def confirm_spec(
-    search: dict[str, Any], trials: list[optuna.trial.FrozenTrial], seeds: list[int], name: str
+    search: dict[str, Any], variants: dict[str, dict[str, Any]], seeds: list[int], name: str
 ) -> dict[str, Any]:
-    """The search's own study, turned into an ablation of its top trials over `seeds`."""
+    """The search's own study (its resolved file), turned into an ablation over `seeds` of
+    `variants` (name: the searched values of one of its trials)."""
     spec = json.loads(json.dumps(search))
     spec["study"] |= {"name": name, "mode": "ablation", "max_concurrent": None}
     spec["study"]["scheduler"]["name"] = "none"
@@ -43,7 +44,7 @@ def confirm_spec(
     spec["ablation"] = {
         "reference": {},
         "from_study": None,
-        "variants": {schema.search_run_name(trial.number): trial.params for trial in trials},
+        "variants": variants,
         "seeds": seeds,
         "test_split": False,
     }
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: study {args.study!r} has no full-budget trial", file=sys.stderr)
             return 2
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        study_file.write_text(yaml.safe_dump(confirm_spec(search, trials, seeds, name)))
+        variants = {schema.search_run_name(trial.number): trial.params for trial in trials}
+        study_file.write_text(yaml.safe_dump(confirm_spec(search, variants, seeds, name)))
     forwarded = [str(study_file), "--storage", str(paths.storage)]
     forwarded += ["--tracking-uri", paths.tracking_uri, "--optuna-storage", paths.optuna_url]
     for option in ("address", "num_cpus", "num_gpus"):

@@ -1,0 +1,378 @@
+"""How well the search searches: `python -m bench.search`.
+
+One study (by default `search_spaces/digits.yaml`: GACD's tau, negative count, reweighting
+strength and PGD budget) searched by three arms, each repeated over several sampler seeds:
+- `tpe_asha`: TPE proposing, ASHA stopping poor trials (the study file's own scheduler);
+- `tpe`: TPE, every trial to the full budget;
+- `random`: random search, every trial to the full budget.
+Every search runs through `python -m study.run` (Ray, Optuna, MLflow), so what is measured is
+the platform's own search. Cost is counted in trial-epochs (the epochs every trial of the search
+ran, stopped ones included), not seconds: the figure does not depend on the machine's load.
+
+A search's best trial is one seed's luck as much as a better configuration, so each arm's
+incumbent (its best full-budget trial so far, by validation) at each budget of trial-epochs is
+re-run on fresh seeds (one ablation study through `study.run`, validation split only, every
+distinct configuration once), and the figure is that fresh-seed mean. Written: a JSON of every
+search's curve and every incumbent's fresh value, a Markdown table, and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import yaml
+
+from analysis.runs import load_study
+from analysis.table import ablation_table
+from gacd import schema
+from study.confirm import confirm_spec
+
+ARMS = ("tpe_asha", "tpe", "random")
+FRESH_STUDY = "bench_search_fresh"
+
+
+@dataclass(frozen=True)
+class Point:
+    """A search after `trial_epochs` epochs of trials: its incumbent and that one's value."""
+
+    trial_epochs: int
+    value: float | None  # the incumbent's validation value in the search (one seed)
+    params: dict[str, Any] | None
+
+
+def curve(trials: list[optuna.trial.FrozenTrial], maximize: bool) -> list[Point]:
+    """Trial-epochs spent and the best full-budget trial so far, after each trial ends (in the
+    order trials ended). A pruned or failed trial costs its epochs and is never an incumbent."""
+    ended = sorted(
+        (t for t in trials if t.state.is_finished() and t.datetime_complete is not None),
+        key=lambda t: (t.datetime_complete, t.number),
+    )
+    points, spent, best = [], 0, None
+    for trial in ended:
+        spent += len(trial.intermediate_values)
+        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
+            better = best is None or (
+                trial.value > best.value if maximize else trial.value < best.value
+            )
+            if better:
+                best = trial
+        points.append(
+            Point(spent, best.value if best else None, dict(best.params) if best else None)
+        )
+    return points
+
+
+def incumbent_at(points: list[Point], budget: int) -> Point | None:
+    """The incumbent once at most `budget` trial-epochs were spent (None: none yet)."""
+    within = [point for point in points if point.trial_epochs <= budget and point.params]
+    return within[-1] if within else None
+
+
+def arm_spec(base: dict, arm: str, seed: int, trials: int, name: str) -> dict:
+    """The study file's search, as one arm with one sampler seed."""
+    spec = json.loads(json.dumps(base))
+    study = spec["study"]
+    study |= {"name": name, "mode": "search", "num_samples": trials}
+    sampler = dict(study.get("sampler") or {})
+    sampler |= {"name": "random" if arm == "random" else "tpe", "seed": seed}
+    if arm == "random":
+        for key in ("multivariate", "n_startup_trials"):
+            sampler.pop(key, None)
+    study["sampler"] = sampler
+    if arm != "tpe_asha":
+        study["scheduler"] = {"name": "none"}
+    elif (study.get("scheduler") or {}).get("name", "none") == "none":
+        raise SystemExit(f"the study's scheduler is none: arm {arm} needs its ASHA settings")
+    return spec
+
+
+class Runner:
+    """`python -m study.run` into one results folder and one MLflow and Optuna store."""
+
+    def __init__(self, out: Path, extra: list[str]) -> None:
+        self.out = out
+        self.tracking_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        self.optuna_uri = f"sqlite:///{(out / 'optuna.db').resolve()}"
+        self.extra = extra
+
+    def run(self, spec: dict) -> float:
+        name = spec["study"]["name"]
+        path = self.out / "studies" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        command = [sys.executable, "-m", "study.run", str(path)]
+        command += ["--storage", str(self.out / "ray_results"), "--tracking-uri", self.tracking_uri]
+        command += ["--optuna-storage", self.optuna_uri, *self.extra]
+        if (self.out / "ray_results" / name / "gacd_study.json").is_file():
+            command.append("--resume")  # an interrupted benchmark continues where it was
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        started = time.perf_counter()
+        print(f"bench.search: {name}", flush=True)
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - started
+        log = self.out / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(done.stdout)
+        if done.returncode != 0:
+            tail = done.stdout.decode(errors="replace")[-2000:]
+            raise SystemExit(f"bench.search: {name} failed (exit {done.returncode}):\n{tail}")
+        return seconds
+
+    def trials(self, name: str) -> tuple[list[optuna.trial.FrozenTrial], bool]:
+        study = optuna.load_study(study_name=name, storage=self.optuna_uri)
+        return study.trials, study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def fresh_values(tracking_uri: str, metric: str) -> dict[str, tuple[float, float, int]]:
+    """Each fresh-seed variant's (mean, std, seeds) of `metric`."""
+    study = load_study(tracking_uri, FRESH_STUDY)
+    stats = ablation_table(study.runs, [metric], order=study.variants).stats
+    rows = stats.xs(metric, level="metric")
+    return {name: (row["mean"], row["std"], int(row["n"])) for name, row in rows.iterrows()}
+
+
+def summarise(result: dict) -> pd.DataFrame:
+    """Per arm and budget: the incumbents' fresh-seed value over sampler seeds."""
+    rows = []
+    for arm in result["arms"]:
+        for budget in result["budgets"]:
+            values = [
+                s["incumbents"][str(budget)]["fresh_mean"]
+                for s in result["searches"]
+                if s["arm"] == arm and s["incumbents"].get(str(budget))
+            ]
+            lucky = [
+                s["incumbents"][str(budget)]["search_value"]
+                for s in result["searches"]
+                if s["arm"] == arm and s["incumbents"].get(str(budget))
+            ]
+            spent = [s["trial_epochs"] for s in result["searches"] if s["arm"] == arm]
+            series = pd.Series(values, dtype=float)
+            rows.append(
+                {
+                    "arm": arm,
+                    "budget (trial-epochs)": budget,
+                    "searches with an incumbent": f"{len(values)}/{len(spent)}",
+                    "fresh-seed value": series.mean() if values else float("nan"),
+                    "± std over sampler seeds": series.std(ddof=1) if len(values) > 1 else 0.0,
+                    "search's own value": pd.Series(lucky, dtype=float).mean()
+                    if lucky
+                    else float("nan"),
+                    "trial-epochs of the whole search": pd.Series(spent, dtype=float).mean(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def third_of_random(searches: list[dict]) -> int | None:
+    """A third of the trial-epochs of the largest random search (None: no random arm)."""
+    spent = [search["trial_epochs"] for search in searches if search["arm"] == "random"]
+    return max(spent) // 3 if spent else None
+
+
+def target(result: dict) -> dict:
+    """TPE + ASHA within a third of random search's trial-epochs against random search with
+    all of its own, each search's incumbent as measured on fresh seeds, over sampler seeds."""
+    third = third_of_random(result["searches"])
+
+    def fresh_at(search: dict, budget: int) -> float | None:
+        point = incumbent_at([Point(**p) for p in search["curve"]], budget)
+        if point is None:
+            return None
+        return result["fresh"][search["labels"][str(point.trial_epochs)]][0]
+
+    tpe_asha = {
+        s["seed"]: fresh_at(s, third) for s in result["searches"] if s["arm"] == "tpe_asha"
+    }
+    random = {
+        s["seed"]: fresh_at(s, s["trial_epochs"])
+        for s in result["searches"]
+        if s["arm"] == "random"
+    }
+    found_a = pd.Series([v for v in tpe_asha.values() if v is not None], dtype=float)
+    found_r = pd.Series([v for v in random.values() if v is not None], dtype=float)
+    return {
+        "third": third,
+        "tpe_asha_at_third": tpe_asha,
+        "random_at_all": random,
+        "tpe_asha_mean": found_a.mean(),
+        "tpe_asha_std": found_a.std(ddof=1),
+        "random_mean": found_r.mean(),
+        "random_std": found_r.std(ddof=1),
+        "holds": bool(len(found_a) and len(found_r) and found_a.mean() >= found_r.mean()),
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarise(result)
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for arm, group in table.groupby("arm", sort=False):
+        axis.errorbar(
+            group["budget (trial-epochs)"],
+            group["fresh-seed value"],
+            yerr=group["± std over sampler seeds"],
+            marker="o",
+            capsize=3,
+            label=f"{arm} (fresh seeds)",
+        )
+        axis.plot(
+            group["budget (trial-epochs)"],
+            group["search's own value"],
+            linestyle=":",
+            alpha=0.6,
+            label=f"{arm} (the search's own, one seed)",
+        )
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("trial-epochs spent")
+    axis.set_ylabel(result["metric"])
+    axis.set_title(f"{result['study']}: incumbent by budget ({len(result['seeds'])} sampler seeds)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__)
+    parser.add_argument("--study", default="search_spaces/digits.yaml", help="a search file")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds")
+    parser.add_argument("--trials", type=int, default=32, help="trials per search (every arm)")
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[48, 128, 384],
+        help="trial-epochs at which each search's incumbent is re-run on fresh seeds",
+    )
+    parser.add_argument("--fresh-seeds", type=int, nargs="+", default=[1000, 1001])
+    parser.add_argument("--epochs", type=int, help="override base.optim.epochs (tests)")
+    parser.add_argument("--teacher", help="a trained teacher's checkpoint, instead of the file's")
+    parser.add_argument("--out", default="runs/bench-search", help="stores and logs")
+    parser.add_argument("--results", default="bench/results/search.json")
+    parser.add_argument("--plot", default="docs/search_efficiency.png")
+    parser.add_argument("--num-cpus", help="passed to study.run")
+    args = parser.parse_args(argv)
+
+    base = yaml.safe_load(Path(args.study).read_text())
+    if base.get("study", {}).get("mode", "search") != "search" or not base.get("search"):
+        parser.error(f"--study {args.study}: expected a search file (study.mode search)")
+    if args.epochs:
+        base["base"].setdefault("optim", {})["epochs"] = args.epochs
+        scheduler = base["study"].get("scheduler") or {}
+        if scheduler.get("grace_period", 1) > args.epochs:
+            scheduler["grace_period"] = 1
+    if args.teacher:
+        base["teacher"] = {"checkpoint": str(Path(args.teacher).resolve())}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out, ["--num-cpus", args.num_cpus] if args.num_cpus else [])
+    started = time.perf_counter()
+
+    searches = []
+    for seed in args.seeds:  # seed-major: a stopped benchmark has every arm for its seeds
+        for arm in args.arms:
+            name = f"bench_search_{arm}_s{seed}"
+            seconds = runner.run(arm_spec(base, arm, seed, args.trials, name))
+            trials, maximize = runner.trials(name)
+            points = curve(trials, maximize)
+            searches.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "name": name,
+                    "seconds": seconds,
+                    "trial_epochs": points[-1].trial_epochs if points else 0,
+                    "trials": len(trials),
+                    "complete": sum(t.state.name == "COMPLETE" for t in trials),
+                    "curve": [vars(point) for point in points],
+                }
+            )
+
+    # Every incumbent at every budget, each distinct configuration once, on fresh seeds.
+    third = third_of_random(searches)
+    variants: dict[str, dict] = {}
+    for search in searches:
+        points = [Point(**p) for p in search["curve"]]
+        search["labels"] = {}
+        marks = {*args.budgets, search["trial_epochs"], *([third] if third else [])}
+        for budget in sorted(marks):
+            point = incumbent_at(points, budget)
+            if point is None:
+                continue
+            label = next((k for k, v in variants.items() if v == point.params), None)
+            if label is None:
+                label = f"config_{len(variants)}"
+                variants[label] = point.params
+            search["labels"][str(point.trial_epochs)] = label
+    if not variants:
+        raise SystemExit("bench.search: no search has a full-budget trial: nothing to confirm")
+    saved = out / "ray_results" / searches[0]["name"] / schema.SPEC_FILE
+    resolved = json.loads(saved.read_text())["resolved"]
+    fresh_seconds = runner.run(confirm_spec(resolved, variants, args.fresh_seeds, FRESH_STUDY))
+    metric = base["study"].get("metric", "val/pgd_acc")
+    fresh = fresh_values(runner.tracking_uri, metric)
+    for search in searches:
+        points = [Point(**p) for p in search["curve"]]
+        search["incumbents"] = {}
+        for budget in args.budgets:
+            point = incumbent_at(points, budget)
+            if point is None:
+                continue
+            label = search["labels"][str(point.trial_epochs)]
+            search["incumbents"][str(budget)] = {
+                "config": label,
+                "trial_epochs": point.trial_epochs,
+                "search_value": point.value,
+                "fresh_mean": fresh[label][0],
+                "fresh_std": fresh[label][1],
+            }
+
+    result = {
+        "study": args.study,
+        "metric": metric,
+        "arms": args.arms,
+        "seeds": args.seeds,
+        "trials": args.trials,
+        "budgets": args.budgets,
+        "fresh_seeds": args.fresh_seeds,
+        "variants": variants,
+        "fresh": fresh,
+        "fresh_seconds": fresh_seconds,
+        "searches": searches,
+        "wall_seconds": time.perf_counter() - started,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    result["target"] = target(result)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(result, indent=2, default=str))
+    if args.plot:
+        plot(result, Path(args.plot))
+    table = summarise(result)
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+    goal = result["target"]
+    if goal["third"]:
+        verdict = "holds" if goal["holds"] else "does not hold"
+        print(
+            f"target: TPE + ASHA within {goal['third']} trial-epochs reaches "
+            f"{goal['tpe_asha_mean']:.3f} ± {goal['tpe_asha_std']:.3f} (fresh seeds), random "
+            f"search with all of its own {goal['random_mean']:.3f} ± {goal['random_std']:.3f}: "
+            f"{verdict}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

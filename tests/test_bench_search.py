@@ -1,0 +1,102 @@
+"""`python -m bench.search`: its bookkeeping (trial-epochs, incumbents) on real Optuna trials,
+and the whole benchmark on a tiny budget through real `study.run` studies."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.runs import load_runs
+from bench import search
+from gacd import schema
+
+State = optuna.trial.TrialState
+DIST = {"tau": optuna.distributions.FloatDistribution(0.01, 1.0)}
+
+
+def trial(state: State, tau: float, epochs: int, value: float | None = None):
+    return optuna.trial.create_trial(
+        state=state,
+        params={"tau": tau},
+        distributions=DIST,
+        value=value if state == State.COMPLETE else None,
+        intermediate_values={epoch: 0.1 * epoch for epoch in range(1, epochs + 1)},
+    )
+
+
+def test_the_curve_counts_every_epoch_and_only_full_budget_trials_lead():
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(State.PRUNED, 0.1, 3))  # stopped early: costs 3, never leads
+    study.add_trial(trial(State.COMPLETE, 0.2, 12, value=0.50))
+    study.add_trial(trial(State.FAIL, 0.3, 1))
+    study.add_trial(trial(State.COMPLETE, 0.4, 12, value=0.40))  # worse: 0.2 stays
+    study.add_trial(trial(State.COMPLETE, 0.5, 12, value=0.60))
+    points = search.curve(study.trials, maximize=True)
+    assert [p.trial_epochs for p in points] == [3, 15, 16, 28, 40]
+    assert [p.params and p.params["tau"] for p in points] == [None, 0.2, 0.2, 0.2, 0.5]
+    assert search.incumbent_at(points, 10) is None
+    assert search.incumbent_at(points, 27).params == {"tau": 0.2}
+    assert search.incumbent_at(points, 40).value == 0.60
+    minimised = search.curve(study.trials, maximize=False)
+    assert minimised[-1].params == {"tau": 0.4}
+
+
+def test_each_arm_is_the_study_file_with_its_sampler_and_scheduler():
+    base = {
+        "study": {
+            "name": "s",
+            "scheduler": {"name": "asha", "grace_period": 3},
+            "sampler": {"name": "tpe", "seed": 0, "multivariate": True, "n_startup_trials": 6},
+        },
+        "search": {"tau": {}},
+    }
+    asha = search.arm_spec(base, "tpe_asha", 4, 32, "a")
+    assert asha["study"]["scheduler"]["name"] == "asha" and asha["study"]["sampler"]["seed"] == 4
+    assert asha["study"]["num_samples"] == 32 and asha["study"]["name"] == "a"
+    tpe = search.arm_spec(base, "tpe", 1, 32, "b")
+    assert tpe["study"]["scheduler"] == {"name": "none"}
+    assert tpe["study"]["sampler"]["multivariate"] is True
+    random = search.arm_spec(base, "random", 2, 32, "c")
+    assert random["study"]["sampler"] == {"name": "random", "seed": 2}
+    assert base["study"]["name"] == "s"  # the file's own spec is untouched
+    with pytest.raises(SystemExit, match="scheduler is none"):
+        search.arm_spec({"study": {"scheduler": {"name": "none"}}}, "tpe_asha", 0, 2, "d")
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_teacher_path):
+    out = tmp_path / "out"
+    argv = ["--arms", "tpe_asha", "random", "--seeds", "0", "--trials", "3", "--epochs", "2"]
+    argv += ["--budgets", "2", "6", "--fresh-seeds", "1000", "1001"]
+    argv += ["--teacher", str(robust_teacher_path), "--out", str(out), "--num-cpus", "2"]
+    argv += ["--results", str(tmp_path / "search.json"), "--plot", str(tmp_path / "plot.png")]
+    assert search.main(argv) == 0
+    result = json.loads((tmp_path / "search.json").read_text())
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    by_arm = {s["arm"]: s for s in result["searches"]}
+    assert by_arm["random"]["trial_epochs"] == 6 and by_arm["random"]["complete"] == 3
+    for s in result["searches"]:
+        # Optuna's epochs (what the curve counts) are the epochs MLflow logged for the search
+        runs = load_runs(uri, s["name"])
+        logged = sum(
+            len(client.get_metric_history(run_id, schema.VAL_PGD_ACC)) for run_id in runs.run_id
+        )
+        assert s["trial_epochs"] == logged and s["trials"] == len(runs) == 3
+        assert s["curve"][-1]["trial_epochs"] == s["trial_epochs"]
+    # every incumbent's fresh value is the mean MLflow holds for its configuration
+    fresh = load_runs(uri, search.FRESH_STUDY)
+    fresh = fresh[fresh[schema.tag_column(schema.TAG_VARIANT)] != "full"]
+    assert len(fresh) == 2 * len(result["variants"])
+    for label, (mean, _, n) in result["fresh"].items():
+        if label == "full":
+            continue
+        rows = fresh[fresh[schema.tag_column(schema.TAG_VARIANT)] == label]
+        assert n == 2 and set(rows["params.seed"]) == {"1000", "1001"}
+        assert mean == pytest.approx(rows[f"metrics.{schema.VAL_PGD_ACC}"].mean())
+    goal = result["target"]
+    assert goal["third"] == 2 and set(goal["random_at_all"]) == {"0"}
