@@ -191,9 +191,7 @@ def target(result: dict) -> dict:
             return None
         return result["fresh"][search["labels"][str(point.trial_epochs)]][0]
 
-    tpe_asha = {
-        s["seed"]: fresh_at(s, third) for s in result["searches"] if s["arm"] == "tpe_asha"
-    }
+    tpe_asha = {s["seed"]: fresh_at(s, third) for s in result["searches"] if s["arm"] == "tpe_asha"}
     random = {
         s["seed"]: fresh_at(s, s["trial_epochs"])
         for s in result["searches"]
@@ -254,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds")
     parser.add_argument("--trials", type=int, default=32, help="trials per search (every arm)")
     parser.add_argument(
-        "--budgets", type=int, nargs="+", default=[48, 128, 384],
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[48, 128, 384],
         help="trial-epochs at which each search's incumbent is re-run on fresh seeds",
     )
     parser.add_argument("--fresh-seeds", type=int, nargs="+", default=[1000, 1001])
