@@ -19,6 +19,7 @@ search's curve and every incumbent's fresh value, a Markdown table, and a plot.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -113,6 +114,10 @@ class Runner:
         command = [sys.executable, "-m", "study.run", str(path)]
         command += ["--storage", str(self.out / "ray_results"), "--tracking-uri", self.tracking_uri]
         command += ["--optuna-storage", self.optuna_uri, *self.extra]
+        log = self.out / "logs" / f"{name}.log"
+        done_marker = log.with_suffix(".done")
+        if done_marker.is_file():  # finished by an earlier run of the benchmark
+            return float(done_marker.read_text())
         if (self.out / "ray_results" / name / "gacd_study.json").is_file():
             command.append("--resume")  # an interrupted benchmark continues where it was
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -120,12 +125,12 @@ class Runner:
         print(f"bench.search: {name}", flush=True)
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - started
-        log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(done.stdout)
         if done.returncode != 0:
             tail = done.stdout.decode(errors="replace")[-2000:]
             raise SystemExit(f"bench.search: {name} failed (exit {done.returncode}):\n{tail}")
+        done_marker.write_text(str(seconds))
         return seconds
 
     def trials(self, name: str) -> tuple[list[optuna.trial.FrozenTrial], bool]:
@@ -133,9 +138,15 @@ class Runner:
         return study.trials, study.direction == optuna.study.StudyDirection.MAXIMIZE
 
 
-def fresh_values(tracking_uri: str, metric: str) -> dict[str, tuple[float, float, int]]:
+def fresh_name(variants: dict[str, dict], seeds: list[int]) -> str:
+    """The fresh-seed study's name, from what it runs: a rerun with other searches is another."""
+    digest = hashlib.sha256(json.dumps([variants, seeds], sort_keys=True).encode()).hexdigest()
+    return f"{FRESH_STUDY}_{digest[:8]}"
+
+
+def fresh_values(tracking_uri: str, name: str, metric: str) -> dict[str, tuple[float, float, int]]:
     """Each fresh-seed variant's (mean, std, seeds) of `metric`."""
-    study = load_study(tracking_uri, FRESH_STUDY)
+    study = load_study(tracking_uri, name)
     stats = ablation_table(study.runs, [metric], order=study.variants).stats
     rows = stats.xs(metric, level="metric")
     return {name: (row["mean"], row["std"], int(row["n"])) for name, row in rows.iterrows()}
@@ -191,7 +202,8 @@ def target(result: dict) -> dict:
             return None
         return result["fresh"][search["labels"][str(point.trial_epochs)]][0]
 
-    tpe_asha = {s["seed"]: fresh_at(s, third) for s in result["searches"] if s["arm"] == "tpe_asha"}
+    arm = "tpe_asha" if third is not None else None  # no random arm: no third to hold to
+    tpe_asha = {s["seed"]: fresh_at(s, third) for s in result["searches"] if s["arm"] == arm}
     random = {
         s["seed"]: fresh_at(s, s["trial_epochs"])
         for s in result["searches"]
@@ -322,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.search: no search has a full-budget trial: nothing to confirm")
     saved = out / "ray_results" / searches[0]["name"] / schema.SPEC_FILE
     resolved = json.loads(saved.read_text())["resolved"]
-    fresh_seconds = runner.run(confirm_spec(resolved, variants, args.fresh_seeds, FRESH_STUDY))
+    fresh_study = fresh_name(variants, args.fresh_seeds)
+    fresh_seconds = runner.run(confirm_spec(resolved, variants, args.fresh_seeds, fresh_study))
     metric = base["study"].get("metric", "val/pgd_acc")
-    fresh = fresh_values(runner.tracking_uri, metric)
+    fresh = fresh_values(runner.tracking_uri, fresh_study, metric)
     for search in searches:
         points = [Point(**p) for p in search["curve"]]
         search["incumbents"] = {}
@@ -350,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": args.budgets,
         "fresh_seeds": args.fresh_seeds,
         "variants": variants,
+        "fresh_study": fresh_study,
         "fresh": fresh,
         "fresh_seconds": fresh_seconds,
         "searches": searches,

@@ -89,7 +89,8 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
         assert s["trial_epochs"] == logged and s["trials"] == len(runs) == 3
         assert s["curve"][-1]["trial_epochs"] == s["trial_epochs"]
     # every incumbent's fresh value is the mean MLflow holds for its configuration
-    fresh = load_runs(uri, search.FRESH_STUDY)
+    assert result["fresh_study"].startswith(search.FRESH_STUDY)
+    fresh = load_runs(uri, result["fresh_study"])
     fresh = fresh[fresh[schema.tag_column(schema.TAG_VARIANT)] != "full"]
     assert len(fresh) == 2 * len(result["variants"])
     for label, (mean, _, n) in result["fresh"].items():
@@ -98,5 +99,10 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
         rows = fresh[fresh[schema.tag_column(schema.TAG_VARIANT)] == label]
         assert n == 2 and set(rows["params.seed"]) == {"1000", "1001"}
         assert mean == pytest.approx(rows[f"metrics.{schema.VAL_PGD_ACC}"].mean())
+    # run again, it finds every study done and reports the same figures without rerunning
+    assert search.main(argv) == 0
+    again = json.loads((tmp_path / "search.json").read_text())
+    assert again["fresh"] == result["fresh"] and again["searches"] == result["searches"]
+    assert len(load_runs(uri, result["fresh_study"])) == len(fresh) + 2  # nothing added
     goal = result["target"]
     assert goal["third"] == 2 and set(goal["random_at_all"]) == {"0"}
