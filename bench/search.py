@@ -231,19 +231,22 @@ def plot(result: dict, path: Path) -> None:
 
     table = summarise(result)
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for arm, group in table.groupby("arm", sort=False):
+    for index, (arm, group) in enumerate(table.groupby("arm", sort=False)):
+        color = f"C{index}"  # one colour per arm, for its fresh values and its search's own
         axis.errorbar(
             group["budget (trial-epochs)"],
             group["fresh-seed value"],
             yerr=group["± std over sampler seeds"],
             marker="o",
             capsize=3,
+            color=color,
             label=f"{arm} (fresh seeds)",
         )
         axis.plot(
             group["budget (trial-epochs)"],
             group["search's own value"],
             linestyle=":",
+            color=color,
             alpha=0.6,
             label=f"{arm} (the search's own, one seed)",
         )
