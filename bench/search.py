@@ -33,10 +33,8 @@ import optuna
 import pandas as pd
 import yaml
 
-from analysis.runs import load_study
-from analysis.table import ablation_table
 from gacd import schema
-from study.confirm import confirm_spec
+from study.confirm import confirm_spec, variant_stats
 
 ARMS = ("tpe_asha", "tpe", "random")
 FRESH_STUDY = "bench_search_fresh"
@@ -111,14 +109,14 @@ class Runner:
         path = self.out / "studies" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        command = [sys.executable, "-m", "study.run", str(path)]
-        command += ["--storage", str(self.out / "ray_results"), "--tracking-uri", self.tracking_uri]
-        command += ["--optuna-storage", self.optuna_uri, *self.extra]
         log = self.out / "logs" / f"{name}.log"
         done_marker = log.with_suffix(".done")
         if done_marker.is_file():  # finished by an earlier run of the benchmark
             return float(done_marker.read_text())
-        if (self.out / "ray_results" / name / "gacd_study.json").is_file():
+        command = [sys.executable, "-m", "study.run", str(path)]
+        command += ["--storage", str(self.out / "ray_results"), "--tracking-uri", self.tracking_uri]
+        command += ["--optuna-storage", self.optuna_uri, *self.extra]
+        if (self.out / "ray_results" / name / schema.SPEC_FILE).is_file():
             command.append("--resume")  # an interrupted benchmark continues where it was
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         started = time.perf_counter()
@@ -146,9 +144,7 @@ def fresh_name(variants: dict[str, dict], seeds: list[int]) -> str:
 
 def fresh_values(tracking_uri: str, name: str, metric: str) -> dict[str, tuple[float, float, int]]:
     """Each fresh-seed variant's (mean, std, seeds) of `metric`."""
-    study = load_study(tracking_uri, name)
-    stats = ablation_table(study.runs, [metric], order=study.variants).stats
-    rows = stats.xs(metric, level="metric")
+    rows = variant_stats(tracking_uri, name, metric)
     return {name: (row["mean"], row["std"], int(row["n"])) for name, row in rows.iterrows()}
 
 
@@ -157,16 +153,13 @@ def summarise(result: dict) -> pd.DataFrame:
     rows = []
     for arm in result["arms"]:
         for budget in result["budgets"]:
-            values = [
-                s["incumbents"][str(budget)]["fresh_mean"]
+            found = [
+                s["incumbents"][str(budget)]
                 for s in result["searches"]
                 if s["arm"] == arm and s["incumbents"].get(str(budget))
             ]
-            lucky = [
-                s["incumbents"][str(budget)]["search_value"]
-                for s in result["searches"]
-                if s["arm"] == arm and s["incumbents"].get(str(budget))
-            ]
+            values = [incumbent["fresh_mean"] for incumbent in found]
+            lucky = [incumbent["search_value"] for incumbent in found]
             spent = [s["trial_epochs"] for s in result["searches"] if s["arm"] == arm]
             series = pd.Series(values, dtype=float)
             rows.append(
@@ -322,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, dict] = {}
     for search in searches:
         points = [Point(**p) for p in search["curve"]]
-        search["labels"] = {}
+        search["labels"], search["incumbents"] = {}, {}
         marks = {*args.budgets, search["trial_epochs"], *([third] if third else [])}
         for budget in sorted(marks):
             point = incumbent_at(points, budget)
@@ -333,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"config_{len(variants)}"
                 variants[label] = point.params
             search["labels"][str(point.trial_epochs)] = label
+            if budget in args.budgets:
+                search["incumbents"][str(budget)] = {
+                    "config": label,
+                    "trial_epochs": point.trial_epochs,
+                    "search_value": point.value,
+                }
     if not variants:
         raise SystemExit("bench.search: no search has a full-budget trial: nothing to confirm")
     saved = out / "ray_results" / searches[0]["name"] / schema.SPEC_FILE
@@ -342,20 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     metric = base["study"].get("metric", "val/pgd_acc")
     fresh = fresh_values(runner.tracking_uri, fresh_study, metric)
     for search in searches:
-        points = [Point(**p) for p in search["curve"]]
-        search["incumbents"] = {}
-        for budget in args.budgets:
-            point = incumbent_at(points, budget)
-            if point is None:
-                continue
-            label = search["labels"][str(point.trial_epochs)]
-            search["incumbents"][str(budget)] = {
-                "config": label,
-                "trial_epochs": point.trial_epochs,
-                "search_value": point.value,
-                "fresh_mean": fresh[label][0],
-                "fresh_std": fresh[label][1],
-            }
+        for incumbent in search["incumbents"].values():
+            mean, std, _ = fresh[incumbent["config"]]
+            incumbent |= {"fresh_mean": mean, "fresh_std": std}
 
     result = {
         "study": args.study,

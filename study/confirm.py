@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import optuna
+import pandas as pd
 import yaml
 
 from analysis.runs import load_study
@@ -51,10 +52,15 @@ def confirm_spec(
     return spec
 
 
-def ranking(tracking_uri: str, name: str, metric: str, maximize: bool) -> str:
+def variant_stats(tracking_uri: str, name: str, metric: str) -> pd.DataFrame:
+    """Each variant's mean, std and seed count (`n`) of `metric` in an ablation study."""
     study = load_study(tracking_uri, name)
     table = ablation_table(study.runs, [metric], order=study.variants).stats
-    means = table.xs(metric, level="metric").sort_values("mean", ascending=not maximize)
+    return table.xs(metric, level="metric")
+
+
+def ranking(tracking_uri: str, name: str, metric: str, maximize: bool) -> str:
+    means = variant_stats(tracking_uri, name, metric).sort_values("mean", ascending=not maximize)
     lines = [f"ranked by mean {metric} over fresh seeds (validation split):"]
     for rank, (variant, row) in enumerate(means.iterrows(), start=1):
         lines.append(f"  {rank}. {variant:12} {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']})")

@@ -39,6 +39,14 @@ def start_driver(command: list[str]) -> subprocess.Popen:
     )
 
 
+def start_one_trial_search(
+    tmp_path: Path, cluster: str, teacher: Path, name: str, epochs: int
+) -> subprocess.Popen:
+    """A one-trial search `name` run by `python -m study.run` in its own process."""
+    path = write_study(tmp_path, search(name, teacher, epochs, num_samples=1))
+    return start_driver([sys.executable, "-m", "study.run", path, *study_args(tmp_path, cluster)])
+
+
 def read_until(driver: subprocess.Popen, text: str) -> str:
     seen = []
     for line in driver.stdout:
@@ -91,11 +99,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(
     tmp_path, ray_cluster, robust_teacher_path
 ):
     epochs = 10
-    spec = search("worker", robust_teacher_path, epochs, num_samples=1)
-    path = write_study(tmp_path, spec)
-    driver = start_driver(
-        [sys.executable, "-m", "study.run", path, *study_args(tmp_path, ray_cluster)]
-    )
+    driver = start_one_trial_search(tmp_path, ray_cluster, robust_teacher_path, "worker", epochs)
     read_until(driver, f"epoch 3/{epochs}")
     os.kill(trial_worker(tmp_path / "results" / "worker"), signal.SIGKILL)
     output = driver.stdout.read()
@@ -272,11 +276,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(
     retry reads the checkpoint before it instead of failing on the broken one, re-runs the
     epochs after it, and MLflow holds exactly what the trial reports (each epoch once)."""
     epochs = 10
-    spec = search("corrupt", robust_teacher_path, epochs, num_samples=1)
-    path = write_study(tmp_path, spec)
-    driver = start_driver(
-        [sys.executable, "-m", "study.run", path, *study_args(tmp_path, ray_cluster)]
-    )
+    driver = start_one_trial_search(tmp_path, ray_cluster, robust_teacher_path, "corrupt", epochs)
     read_until(driver, f"epoch 4/{epochs}")
     experiment = tmp_path / "results" / "corrupt"
     worker = trial_worker(experiment)
@@ -302,9 +302,8 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(
     last = {r["epoch"]: r[schema.VAL_PGD_ACC] for r in reported}
     first = {r["epoch"]: r[schema.VAL_PGD_ACC] for r in reversed(reported)}
     assert last == first
-    assert_every_epoch_logged_once(f"sqlite:///{tmp_path / 'mlflow.db'}", "corrupt", epochs, 1)
-    (run_id,) = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "corrupt").run_id
-    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
-        run_id, schema.VAL_PGD_ACC
-    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert_every_epoch_logged_once(uri, "corrupt", epochs, 1)
+    (run_id,) = load_runs(uri, "corrupt").run_id
+    history = MlflowClient(uri).get_metric_history(run_id, schema.VAL_PGD_ACC)
     assert {m.step: m.value for m in history} == last
