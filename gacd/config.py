@@ -281,6 +281,9 @@ class TransferConfig:
     # as much as the test split's AutoAttack again; budgets that cannot afford both turn this
     # one off and keep clean, FGSM, PGD and CW-inf for the transfer.
     autoattack: bool | None = None
+    # The pipeline attacked on at most this many of the target's first test images (None: as
+    # `eval.max_samples`).
+    max_samples: int | None = None
 
 
 @dataclass
@@ -708,6 +711,13 @@ def validate_transfer(transfer: TransferConfig) -> None:
         transfer.weight_decay,
     )
     require(transfer.batch_size >= 1, "transfer.batch_size", "an integer >= 1", transfer.batch_size)
+    if transfer.max_samples is not None:
+        require(
+            transfer.max_samples >= 1,
+            "transfer.max_samples",
+            "an integer >= 1 (or null: as eval.max_samples)",
+            transfer.max_samples,
+        )
 
 
 def resolve(config: Config) -> None:

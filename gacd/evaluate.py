@@ -60,8 +60,10 @@ def accuracy(
     device: torch.device,
     limit: int | None = None,
     seed: int = 0,
+    keep: list[Tensor] | None = None,
 ) -> float:
-    """Fraction of the split's first `limit` samples classified right after `attack`."""
+    """Fraction of the split's first `limit` samples classified right after `attack`; the
+    attacked inputs of each batch are appended to `keep` when it is given."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device)
@@ -70,6 +72,8 @@ def accuracy(
         with seeded(seed, device):
             for batch in batches(split, batch_size, device, limit=limit):
                 x = batch.x if attack is None else attack(model, batch.x, batch.y)
+                if keep is not None:
+                    keep.append(x.detach())
                 with torch.no_grad():
                     correct += (model(x).argmax(1) == batch.y).sum()
                 total += len(batch.y)
@@ -109,12 +113,22 @@ def robustness_metrics(
     device: torch.device,
     prefix: str = "test",
     seed: int = 0,
+    keep: dict[str, list[Tensor]] | None = None,
 ) -> dict[str, float]:
     """Clean, FGSM, PGD-`pgd_steps`, CW-inf and AutoAttack accuracy: `test/<attack>_acc`
-    (AutoAttack on the first `eval.autoattack_samples` of the samples the others see)."""
+    (AutoAttack on the first `eval.autoattack_samples` of the samples the others see). The
+    attacked inputs of each attack named in `keep` are appended to its list, batch by batch."""
+    keep = keep or {}
     return {
         schema.accuracy(prefix, name): accuracy(
-            model, split, attack, batch_size, device, samples(evaluation, name), seed
+            model,
+            split,
+            attack,
+            batch_size,
+            device,
+            samples(evaluation, name),
+            seed,
+            keep.get(name),
         )
         for name, attack in attack_suite(evaluation, seed).items()
     }

@@ -74,19 +74,33 @@ def collect_representations(
     batch_size: int,
     device: torch.device,
     seed: int = 0,
+    adversarial: list[Tensor] | None = None,
 ) -> Representations:
     """Both models' features on clean inputs and on PGD-`pgd_steps` inputs against the student
-    (at `eval.epsilon`), and their clean logits, for the split's first `eval.max_samples`."""
+    (at `eval.epsilon`), and their clean logits, for the split's first `eval.max_samples`.
+    `adversarial`: those PGD inputs already made, batch by batch (the test suite's own PGD
+    inputs: `robustness_metrics(..., keep={"pgd": []})`, the same batches and random starts),
+    so that they are not made twice."""
     budget = attacks.Budget(evaluation.epsilon, evaluation.step_size, evaluation.pgd_steps)
     parts: dict[str, list[Tensor]] = {field.name: [] for field in fields(Representations)}
     was_training = student.training
     student.eval()
     try:
         with seeded(seed, device):
-            for batch in batches(split, batch_size, device, limit=evaluation.max_samples):
-                x_adv = attacks.pgd(
-                    student, batch.x, budget, attacks.cross_entropy_objective(batch.y)
-                )
+            for index, batch in enumerate(
+                batches(split, batch_size, device, limit=evaluation.max_samples)
+            ):
+                if adversarial is not None:
+                    x_adv = adversarial[index]
+                    if x_adv.shape != batch.x.shape:
+                        raise ValueError(
+                            f"adversarial batch {index} has shape {tuple(x_adv.shape)}, "
+                            f"the split's batch {tuple(batch.x.shape)}"
+                        )
+                else:
+                    x_adv = attacks.pgd(
+                        student, batch.x, budget, attacks.cross_entropy_objective(batch.y)
+                    )
                 with torch.no_grad():
                     features = student.forward_features(batch.x)
                     teacher_features = teacher.features(batch.x)
@@ -114,10 +128,14 @@ def structure_metrics(
     device: torch.device,
     prefix: str = "test",
     seed: int = 0,
+    adversarial: list[Tensor] | None = None,
 ) -> dict[str, float]:
-    """`test/cka_clean`, `test/cka_adversarial` (both models on the student's PGD inputs) and
-    `test/class_corr_diff` of a student against a frozen teacher."""
-    found = collect_representations(student, teacher, split, evaluation, batch_size, device, seed)
+    """`test/cka_clean`, `test/cka_adversarial` (both models on the student's PGD inputs,
+    `adversarial` when already made: `collect_representations`) and `test/class_corr_diff` of
+    a student against a frozen teacher."""
+    found = collect_representations(
+        student, teacher, split, evaluation, batch_size, device, seed, adversarial
+    )
     return {
         schema.structure(prefix, schema.CKA_CLEAN): linear_cka(
             found.teacher_clean, found.student_clean

@@ -163,12 +163,21 @@ def final_metrics(
     """The test split's robust accuracy; with a teacher, the student's structural similarity
     to it (`test/cka_clean`, ...); with `transfer.data`, its transfer (`transfer/pgd_acc`, ...)."""
     batch_size, seed = config.data.eval_batch_size, config.seed
+    # The structure metrics' PGD inputs are the test suite's own (same batches, same starts).
+    kept: dict[str, list[torch.Tensor]] = {"pgd": []}
     values = robustness_metrics(
-        method.student, data.test, config.eval, batch_size, device, seed=seed
+        method.student, data.test, config.eval, batch_size, device, seed=seed, keep=kept
     )
     if method.teacher is not None:
         values |= structure_metrics(
-            method.student, method.teacher, data.test, config.eval, batch_size, device, seed=seed
+            method.student,
+            method.teacher,
+            data.test,
+            config.eval,
+            batch_size,
+            device,
+            seed=seed,
+            adversarial=kept["pgd"],
         )
     if target is not None:
         values |= transfer_metrics(method.student, target, config, device)

@@ -138,6 +138,8 @@ def transfer_metrics(
     evaluation = config.eval
     if config.transfer.autoattack is not None:
         evaluation = dataclasses.replace(evaluation, autoattack=config.transfer.autoattack)
+    if config.transfer.max_samples is not None:
+        evaluation = dataclasses.replace(evaluation, max_samples=config.transfer.max_samples)
     return robustness_metrics(
         pipeline,
         target.test,

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from gacd import schema
+from gacd.data import batches
+from gacd.evaluate import robustness_metrics
 from gacd.structure import class_correlation_difference, linear_cka, structure_metrics
 from gacd.teacher import FrozenTeacher, load_teacher
 from gacd.train import fit
@@ -86,3 +88,40 @@ def test_a_final_run_with_a_teacher_reports_structure_even_for_a_baseline(
     assert 0.0 < last[schema.TEST_CKA_CLEAN] < 1.0
     without_teacher = digits_config(method="natural", final=True, **{"optim.epochs": 1})
     assert schema.TEST_CKA_CLEAN not in fit(without_teacher, data=digits).metrics
+
+
+def test_the_test_suites_pgd_inputs_give_the_structure_metrics_it_would_make(
+    digits, robust_teacher_path
+):
+    """`final_metrics` hands the test suite's PGD inputs to the structure metrics instead of
+    attacking again: the values must be those of the structure metrics' own attack, exactly;
+    inputs of other batches are refused."""
+    config = digits_config(method="natural", **{"eval.max_samples": 160, "optim.epochs": 1})
+    teacher = load_teacher(
+        digits_config(**{"teacher.checkpoint": str(robust_teacher_path)}).teacher, digits.spec
+    )
+    student = fit(config, data=digits).method.student
+    device = torch.device("cpu")
+    own = structure_metrics(student, teacher, digits.test, config.eval, 64, device, seed=3)
+    kept = {"pgd": []}
+    robustness_metrics(student, digits.test, config.eval, 64, device, seed=3, keep=kept)
+    assert [len(x) for x in kept["pgd"]] == [64, 64, 32]
+    shared = structure_metrics(
+        student, teacher, digits.test, config.eval, 64, device, seed=3, adversarial=kept["pgd"]
+    )
+    assert shared == own
+    clean = structure_metrics(
+        student,
+        teacher,
+        digits.test,
+        config.eval,
+        64,
+        device,
+        seed=3,
+        adversarial=[batch.x for batch in batches(digits.test, 64, device, limit=160)],
+    )
+    assert clean[schema.TEST_CKA_ADVERSARIAL] != own[schema.TEST_CKA_ADVERSARIAL]
+    with pytest.raises(ValueError, match="adversarial batch 0 has shape"):
+        structure_metrics(
+            student, teacher, digits.test, config.eval, 32, device, adversarial=kept["pgd"]
+        )

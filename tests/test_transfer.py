@@ -191,3 +191,19 @@ def test_transfer_autoattack_follows_eval_unless_set(transferred, switch, attack
 def test_transfer_autoattack_must_be_a_switch():
     with pytest.raises(ConfigError, match="transfer.autoattack"):
         Config.from_dict({"method": "natural", "transfer.autoattack": "sometimes"})
+
+
+def test_transfer_max_samples_limits_the_pipelines_evaluation_alone(transferred):
+    """`transfer.max_samples: 7` attacks the pipeline on the target's first 7 test images,
+    exactly as `eval.max_samples: 7` would, and leaves the source's evaluation at its own."""
+    common = {"eval.fgsm": False, "eval.cw": False, "transfer.epochs": 2}
+    own = transfer_config(**common, **{"eval.max_samples": 64, "transfer.max_samples": 7})
+    as_eval = transfer_config(**common, **{"eval.max_samples": 7})
+    assert own.eval.max_samples == 64
+    target = load_target(own, load_datasets(own.data, 0).spec)
+    student = transferred.method.student
+    limited = transfer_metrics(student, target, own, CPU)
+    assert limited == transfer_metrics(student, target, as_eval, CPU)
+    assert all(round(value * 7, 6).is_integer() for value in limited.values()), limited
+    with pytest.raises(ConfigError, match="transfer.max_samples"):
+        Config.from_dict({"method": "natural", "transfer.max_samples": 0})
