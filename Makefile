@@ -26,8 +26,8 @@ demo: install
 	$(BIN)/python -m study.run search_spaces/digits_ablation.yaml $(DEMO_ARGS)
 
 # The paper's experiments on Fashion-MNIST (search_spaces/fashion_mnist*.yaml, figures in
-# docs/benchmarks/fashion_mnist.md). BUDGET=cpu (default: 2 CPU cores, measured 95-98 minutes
-# per target) or BUDGET=full (the whole training set, 30 epochs, every test image, a quarter of a
+# docs/benchmarks/fashion_mnist.md). BUDGET=cpu (default: 2 CPU cores; measured: benchmark 76
+# minutes, benchmark-ablation 95 with the cores shared, about 75 alone) or BUDGET=full (the whole training set, 30 epochs, every test image, a quarter of a
 # GPU per trial). An interrupted target continues where it stopped when run again.
 BUDGET ?= cpu
 BENCH := runs/benchmark-$(BUDGET)
