@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
@@ -28,7 +26,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray
 
-from bench.step import CASES, VARIANTS, Case, build, machine, synchronize
+from bench.step import CASES, VARIANTS, Case, build, synchronize, write_results
 from gacd.runtime import resolve_device
 from study.trainable import set_up_worker
 
@@ -169,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"  speed-up {row['speedup_vs_1']:.2f}" if single else ""),
             flush=True,
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
         "device": args.device,
         "case": asdict(case),
         "variant": variant,
@@ -181,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "rows": rows,
     }
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_results(args.out, result)
     return 0
 
 

@@ -344,6 +344,16 @@ def machine() -> dict:
     return info
 
 
+def write_results(out: str | Path, results: dict) -> Path:
+    """A benchmark's JSON: the date, the machine, then `results`; prints where it went."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), **results}
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"-> {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__)
     parser.add_argument(
@@ -385,14 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         rows += case_rows
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "results": rows}, indent=2
-        )
-    )
-    print(f"-> {out}")
+    write_results(args.out, {"results": rows})
     return 0
 
 

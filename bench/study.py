@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.step import machine
+from bench.step import write_results
 from gacd.config import Config
 from gacd.train import fit
 
@@ -116,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     per_trial = [s / d for s, d in zip(study_seconds, direct_seconds, strict=True)]
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
         "trials": args.trials,
         "epochs": args.epochs,
         "direct_trial_s": direct_seconds,
@@ -138,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(start-up included), {result['ratio_per_trial_startup_excluded']:.3f} "
         "(start-up excluded: per epoch after the first)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_results(args.out, result)
     return 0
 
 

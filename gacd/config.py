@@ -35,6 +35,10 @@ class ConfigError(ValueError):
             message += f", got {got!r}"
         super().__init__(message)
 
+    def __reduce__(self):  # pickled whole (a Ray worker's error reaches the driver so)
+        missing = self.got is dataclasses.MISSING
+        return type(self), (self.key, self.expected) + (() if missing else (self.got,))
+
     def under(self, prefix: str) -> ConfigError:
         """The same error for a config nested under `prefix` (`base.tau`, `search.tau`)."""
         return ConfigError(f"{prefix}.{self.key}", self.expected, self.got)
@@ -44,8 +48,11 @@ class ConfigFileError(ConfigError):
     """A config file that is missing or not valid YAML; the message names the file."""
 
     def __init__(self, path: str, problem: str) -> None:
-        self.key = path
+        self.key, self.problem = path, problem
         ValueError.__init__(self, f"{path}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.key, self.problem)
 
 
 # A study or config file is a few kilobytes; these bounds keep a hostile one (a "billion

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gacd import parallel
 from gacd.memory_bank import MemoryBank
 
 
@@ -131,6 +132,11 @@ class MemoryBankContrast(nn.Module):
         self.normaliser_fixed = False
 
     def forward(self, teacher: Tensor, student: Tensor, index: Tensor) -> Tensor:
+        # Data-parallel workers contrast the global batch (`gacd.parallel.gather`): the same
+        # negatives, bank updates and normaliser as one process, then keep their own rows.
+        group = parallel.current()
+        teacher, student = parallel.gather(teacher, group), parallel.gather(student, group)
+        index = parallel.gather(index, group)
         rows = self.bank.sample(index, self.count)
         # Teacher anchors against stored student embeddings, and the other way round.
         negatives = (
@@ -158,7 +164,7 @@ class MemoryBankContrast(nn.Module):
                 self.bank.num_samples,
             )
         self.bank.update(index, teacher, student)
-        return loss
+        return parallel.own_rows(loss, group)
 
     @torch.no_grad()
     def _fix_normaliser(
@@ -184,4 +190,9 @@ class InBatchContrast(nn.Module):
         self.temperature = temperature
 
     def forward(self, teacher: Tensor, student: Tensor, index: Tensor) -> Tensor:
-        return info_nce_loss(teacher, student, self.temperature)
+        # Data-parallel workers: the global batch's negatives (`gacd.parallel.gather`).
+        group = parallel.current()
+        loss = info_nce_loss(
+            parallel.gather(teacher, group), parallel.gather(student, group), self.temperature
+        )
+        return parallel.own_rows(loss, group)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gacd import attacks, schema
+from gacd import attacks, parallel, schema
 from gacd.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
 from gacd.cli import add_override_argument, print_scores
 from gacd.config import Config, EvalConfig, flatten
@@ -63,23 +63,28 @@ def accuracy(
     keep: list[Tensor] | None = None,
 ) -> float:
     """Fraction of the split's first `limit` samples classified right after `attack`; the
-    attacked inputs of each batch are appended to `keep` when it is given."""
+    attacked inputs of each batch are appended to `keep` when it is given. Among data-parallel
+    workers (`gacd.parallel`) each attacks its share of the samples, and all get the total."""
+    group = parallel.current()
+    if group.parallel:
+        part = parallel.rows(min(len(split), limit or len(split)), group)
+        split, limit = ImageSplit(split.images[part], split.labels[part]), None
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=device)
-    total = 0
+    counts = torch.zeros(2, device=device)  # right, seen
     try:
-        with seeded(seed, device):
+        with seeded(seed + group.rank, device):
             for batch in batches(split, batch_size, device, limit=limit):
                 x = batch.x if attack is None else attack(model, batch.x, batch.y)
                 if keep is not None:
                     keep.append(x.detach())
                 with torch.no_grad():
-                    correct += (model(x).argmax(1) == batch.y).sum()
-                total += len(batch.y)
+                    counts[0] += (model(x).argmax(1) == batch.y).sum()
+                counts[1] += len(batch.y)
     finally:
         model.train(was_training)
-    return correct.item() / max(total, 1)
+    right, seen = parallel.total(counts, group).tolist()
+    return right / max(seen, 1)
 
 
 def validation_metrics(

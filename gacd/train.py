@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gacd import schema
+from gacd import parallel, schema
 from gacd.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from gacd.cli import add_override_argument, load_config_file, parse_overrides
 from gacd.config import Config, ConfigError, OptimConfig
@@ -83,6 +83,9 @@ def fit(
     # Loaded up front so that a missing target fails before training, not after it.
     target = load_target(config, data.spec) if config.final else None
     method = build_method(config, data, device)
+    # Among data-parallel workers (`gacd.parallel`): gradients averaged, evaluation sharded.
+    group = parallel.current()
+    trained = parallel.data_parallel(method, device, group)
     optimizer = torch.optim.SGD(
         method.parameters(),
         lr=config.optim.lr,
@@ -101,7 +104,10 @@ def fit(
     for epoch in range(start_epoch, config.optim.epochs):
         started = time.perf_counter()
         epoch_metrics = {schema.EPOCH: epoch + 1, schema.LR: optimizer.param_groups[0]["lr"]}
-        epoch_metrics |= train_epoch(method, optimizer, data, config, epoch, device)
+        epoch_metrics |= train_epoch(
+            method, optimizer, data, config, epoch, device, trained=trained
+        )
+        parallel.same_buffers(method, group)  # one model on every worker, rank 0's
         scheduler.step()
         epoch_metrics |= validation_metrics(
             method.student,
@@ -163,8 +169,9 @@ def final_metrics(
     """The test split's robust accuracy; with a teacher, the student's structural similarity
     to it (`test/cka_clean`, ...); with `transfer.data`, its transfer (`transfer/pgd_acc`, ...)."""
     batch_size, seed = config.data.eval_batch_size, config.seed
-    # The structure metrics' PGD inputs are the test suite's own (same batches, same starts).
-    kept: dict[str, list[torch.Tensor]] = {"pgd": []}
+    # The structure metrics' PGD inputs are the test suite's own (same batches, same starts);
+    # data-parallel workers attack only their share, so there they make their own.
+    kept: dict[str, list[torch.Tensor]] = {} if parallel.current().parallel else {"pgd": []}
     values = robustness_metrics(
         method.student, data.test, config.eval, batch_size, device, seed=seed, keep=kept
     )
@@ -177,7 +184,7 @@ def final_metrics(
             batch_size,
             device,
             seed=seed,
-            adversarial=kept["pgd"],
+            adversarial=kept.get("pgd"),
         )
     if target is not None:
         values |= transfer_metrics(method.student, target, config, device)
@@ -217,9 +224,15 @@ def train_epoch(
     epoch: int,
     device: torch.device,
     max_steps: int | None = None,
+    trained: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """One pass over the training split (or its first `max_steps` batches); returns the mean
-    of each loss term. Nothing in it waits for the device but a NaN check every few steps."""
+    of each loss term. Nothing in it waits for the device but a NaN check every few steps.
+    `trained`: `method` wrapped for data parallelism (`gacd.parallel`): every worker draws the
+    same global batch and steps on its rows, and the terms are averaged over workers."""
+    group = parallel.current()
+    trained = method if trained is None else trained
+    parallel.worker_batch_size(config.data.batch_size, group)
     method.train()
     # Data order and crops depend only on (seed, epoch), so a resumed run sees the same ones.
     shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -233,7 +246,8 @@ def train_epoch(
     ):
         if config.data.augment:
             batch.x = augment(batch.x, data.spec, crops)
-        recent.append(training_step(method, optimizer, batch, config.precision))
+        batch = parallel.shard(batch, group)
+        recent.append(training_step(trained, optimizer, batch, config.precision))
         for name, value in recent[-1].items():
             sums[name] = sums.get(name, 0.0) + value
         steps += 1
@@ -243,11 +257,14 @@ def train_epoch(
             check_finite(recent, epoch, step + 1 - len(recent))
             recent.clear()
     check_finite(recent, epoch, steps - len(recent))
-    return {schema.train_loss(name): (total / steps).item() for name, total in sums.items()}
+    return {
+        schema.train_loss(name): (parallel.total(total, group) / group.size / steps).item()
+        for name, total in sums.items()
+    }
 
 
 def training_step(
-    method: Method, optimizer: torch.optim.Optimizer, batch: Batch, precision: str
+    method: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, precision: str
 ) -> dict[str, torch.Tensor]:
     """One update: attack, loss (under bfloat16 autocast for `precision: bf16`), backward,
     optimizer step. Returns the loss terms, detached and still on the device."""
@@ -269,11 +286,13 @@ def check_finite(recent: list[dict[str, torch.Tensor]], epoch: int, first_step: 
     (one host-device synchronisation for all of them)."""
     if not recent:
         return
-    finite = torch.isfinite(torch.stack([terms["loss"] for terms in recent])).tolist()
+    # Among data-parallel workers a step is finite only if it is on every one: all stop.
+    losses = torch.stack([terms["loss"] for terms in recent])
+    finite = parallel.all_true(torch.isfinite(losses), parallel.current()).tolist()
     if all(finite):
         return
     index = finite.index(False)
-    terms = {name: value.item() for name, value in recent[index].items()}
+    terms = {name: value.item() for name, value in recent[index].items()}  # this worker's
     raise NonFiniteLossError(
         f"loss is {terms['loss']} at epoch {epoch + 1}, step {first_step + index + 1} "
         f"(terms: {terms}); lower optim.lr or check the loss weights"
@@ -325,6 +344,7 @@ def training_state(
         "history": history,
         "best": best,
         "data_spec": dataclasses.asdict(spec) if spec is not None else None,
+        "workers": parallel.current().size,  # data-parallel workers that trained it
     }
 
 

@@ -280,27 +280,16 @@ def concurrency(spec: StudySpec, resources: dict[str, float], num_cpus, num_gpus
     return min(limits) if limits else None
 
 
-def teacher_cpus(spec: StudySpec, max_concurrent: int | None) -> float:
-    """CPUs for the teacher's task: those the concurrent trials will share once it is done
-    (nothing else runs meanwhile), at most one node's (a task runs on one node), at least a
-    trial's."""
-    import ray
-
-    per_trial = spec.resources.cpus_per_trial
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-    largest = max(node_cpus, default=per_trial)
-    wanted = per_trial * max_concurrent if max_concurrent else largest
-    return max(per_trial, float(math.floor(min(wanted, largest))))
-
-
 def ensure_teacher(
-    spec: StudySpec, tracking, commit: str, max_concurrent: int | None = None
+    spec: StudySpec,
+    tracking,
+    commit: str,
+    max_concurrent: int | None = None,
+    num_gpus: float | None = None,
 ) -> str | None:
-    """Train the study's teacher once, as a Ray task with the CPUs its trials will use and a
-    trial's GPUs; log it once."""
-    import ray
-
-    from study.trainable import teacher_is_trained, train_teacher
+    """Train the study's teacher once, data-parallel over the GPUs (or the trials' CPUs) the
+    study may use (`study.teacher`); log it once."""
+    from study.teacher import teacher_is_trained, teacher_workers, train_teacher
 
     config = spec.teacher_training_config()
     if config is None:
@@ -310,14 +299,13 @@ def ensure_teacher(
     if teacher_is_trained(checkpoint):
         print(f"teacher: cached {checkpoint}", flush=True)
     else:
+        workers = teacher_workers(spec, config, max_concurrent, num_gpus)
         print(
-            f"teacher: training {config.method} {config.student.arch} -> {checkpoint}", flush=True
+            f"teacher: training {config.method} {config.student.arch} on "
+            f"{workers.describe()} -> {checkpoint}",
+            flush=True,
         )
-        cpus, gpus = teacher_cpus(spec, max_concurrent), spec.resources.gpus_per_trial
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=spec.study.max_failures)(
-            train_teacher
-        )
-        ray.get(task.remote(config.to_dict(), str(checkpoint), cpus, gpus))
+        train_teacher(config, checkpoint, workers, spec.study.max_failures)
     return tracking.teacher_run(checkpoint, commit)
 
 
@@ -633,7 +621,13 @@ def run_on_ray(
 
     experiment_path = paths.experiment(spec.name)
     tracking, commit = Tracking(paths.tracking_uri), git_commit()
-    teacher_run = ensure_teacher(spec, tracking, commit, max_concurrent)
+    from study.teacher import TeacherTrainingError
+
+    try:
+        teacher_run = ensure_teacher(spec, tracking, commit, max_concurrent, args.num_gpus)
+    except TeacherTrainingError as error:
+        print(f"error: {spec.name}: {error}", file=sys.stderr)
+        return 1
     experiment_id, parent_run = tracking.study_run(spec, commit, args.resume, parent)
     if teacher_run is not None:
         tracking.client.set_tag(parent_run, schema.TAG_TEACHER_RUN, teacher_run)

@@ -109,6 +109,18 @@ class StudySection:
 class ResourcesSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    # The teacher's data-parallel workers (Ray Train) at most: null, every GPU the study may
+    # use (one CPU each on a CPU cluster, for the CPUs its trials will share).
+    teacher_workers: int | None = None
+    # Data-parallel workers of one trial (processes of the trial, `gacd.parallel`): null, one
+    # per GPU when `gpus_per_trial` is 2 or more, else 1. On CPUs, the trial's CPUs are shared.
+    workers_per_trial: int | None = None
+
+    @property
+    def trial_workers(self) -> int:
+        if self.workers_per_trial is not None:
+            return self.workers_per_trial
+        return int(self.gpus_per_trial) if self.gpus_per_trial >= 2 else 1
 
 
 @dataclass
@@ -464,6 +476,26 @@ def validate_sections(spec: StudySpec) -> None:
         "a number >= 0: a share of one GPU (0.25 packs four trials on a card) or whole GPUs",
         gpus,
     )
+    for name, unset in (
+        ("teacher_workers", "every GPU, or every CPU of the trials"),
+        ("workers_per_trial", "one per GPU of the trial"),
+    ):
+        count = getattr(resources, name)
+        require(
+            count is None
+            or (isinstance(count, int) and not isinstance(count, bool) and count >= 1),
+            f"resources.{name}",
+            f"an integer >= 1 (or null: {unset})",
+            count,
+        )
+    workers = resources.workers_per_trial
+    if workers is not None and gpus > 0:
+        require(
+            float(gpus).is_integer() and workers <= gpus,
+            "resources.workers_per_trial",
+            f"at most one worker per whole GPU of the trial ({gpus:g})",
+            workers,
+        )
     validate_mode(spec)
     validate_metric(spec)
 

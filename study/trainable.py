@@ -1,22 +1,26 @@
-"""What runs inside a Ray worker: one trial (`train_trial`) and the teacher (`train_teacher`).
+"""What runs inside a Ray worker: one trial (`train_trial`); the teacher: `study.teacher`.
 
-Both are `gacd.train.fit` with a report callback; neither touches MLflow (the driver logs).
+It is `gacd.train.fit` with a report callback; it does not touch MLflow (the driver logs).
 A trial checkpoints every epoch through `tune.report` and continues from
 `tune.get_checkpoint()` after a retry or a resumed study, so epochs continue, not restart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ray import tune
 
-from gacd import schema
 from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gacd.config import Config, ConfigError
 from gacd.data import DatasetNotFoundError, describe_splits, load_datasets
@@ -112,7 +116,18 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
 
 def run_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     config = spec.trial_config(ray_config)
-    set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
+    workers = spec.resources.trial_workers
+    set_up_worker(spec.resources.cpus_per_trial / workers, spec.resources.gpus_per_trial / workers)
+    resume = restored_state()
+    if workers > 1:
+        with local_workers(ray_config, spec, resume):
+            fit_and_report(config, resume)
+    else:
+        fit_and_report(config, resume)
+
+
+def fit_and_report(config: Config, resume: State | None) -> None:
+    """`fit` with one `tune.report` (metrics and checkpoint) per epoch."""
     device = str(resolve_device(config.device))
     data = load_datasets(config.data, config.seed, with_test=config.final)
     splits = json.dumps(describe_splits(config.data, data))
@@ -134,38 +149,83 @@ def run_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
 
-    fit(config, report=report, resume=restored_state(), data=data)
+    fit(config, report=report, resume=resume, data=data)
 
 
-def train_teacher(config_values: dict[str, Any], checkpoint: str, cpus: float, gpus: float) -> str:
-    """Train a teacher into `checkpoint` (a Ray task); continues a partial one if present."""
-    config = Config.from_dict(config_values)
-    set_up_worker(cpus, gpus)
-    path = Path(checkpoint)
-    resume = load_checkpoint(path) if path.is_file() else None
+# --- a trial over several workers: its own processes, `gacd.parallel` over torch.distributed ---
+#
+# The trial's process is rank 0 (it reports to Tune and checkpoints, so Tune's retries,
+# restores and MLflow logging stay as for any trial); it starts ranks 1.. on its node, each
+# with its share of the trial's CPUs and one of its GPUs. A worker that dies breaks the
+# group's next collective: the trial fails and Tune retries it from its last checkpoint.
 
-    def report(epoch_metrics: dict[str, float], state: State) -> None:
-        save_checkpoint(state, path)
-        # Ray forwards a task's output to the driver: the teacher is not hours of silence.
-        print(teacher_line(epoch_metrics, config.optim.epochs), flush=True)
-
-    fit(config, report=report, resume=resume)
-    return str(path)
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-def teacher_line(epoch_metrics: dict[str, float], epochs: int) -> str:
-    """`teacher: epoch 3/8  val/clean_acc=0.712 val/pgd_acc=0.584  (61.2 s)`."""
-    shown = " ".join(
-        f"{key}={epoch_metrics[key]:.3f}"
-        for key in (schema.VAL_CLEAN_ACC, schema.VAL_PGD_ACC)
-        if key in epoch_metrics
+@contextlib.contextmanager
+def local_workers(
+    ray_config: dict[str, Any], spec: StudySpec, resume: State | None
+) -> Iterator[None]:
+    """Ranks 1..W-1 of the trial started and the process group joined as rank 0 for the
+    block; afterwards the group is left and every worker must have ended well."""
+    import torch.multiprocessing as mp
+
+    workers, cuda = spec.resources.trial_workers, spec.resources.gpus_per_trial > 0
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with tempfile.TemporaryDirectory() as folder:
+        resume_file = None
+        if resume is not None:
+            resume_file = str(save_checkpoint(resume, Path(folder) / CHECKPOINT_FILE))
+        context = mp.get_context("spawn")
+        processes = [
+            context.Process(
+                target=local_worker,
+                args=(rank, address, ray_config, spec, resume_file),
+                daemon=True,
+            )
+            for rank in range(1, workers)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            join_group(0, workers, address, cuda)
+            yield
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for process in processes:
+                process.join(timeout=60)
+                if process.is_alive():
+                    process.kill()
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"data-parallel workers of the trial ended with exit codes {failed}")
+
+
+def local_worker(
+    rank: int, address: str, ray_config: dict[str, Any], spec: StudySpec, resume: str | None
+) -> None:
+    """Rank `rank` of a trial: the same `fit` as rank 0, without reports."""
+    config = spec.trial_config(ray_config)
+    workers = spec.resources.trial_workers
+    set_up_worker(spec.resources.cpus_per_trial / workers, spec.resources.gpus_per_trial / workers)
+    join_group(rank, workers, address, spec.resources.gpus_per_trial > 0)
+    try:
+        fit(config, resume=load_checkpoint(resume) if resume else None)
+    finally:
+        dist.destroy_process_group()
+
+
+def join_group(rank: int, workers: int, address: str, cuda: bool) -> None:
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_device(rank)  # the trial's GPUs, as Ray made them visible
+    backend = "nccl" if cuda and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(
+        backend, init_method=address, rank=rank, world_size=workers, timeout=GROUP_TIMEOUT
     )
-    seconds = epoch_metrics.get(schema.EPOCH_SECONDS, 0.0)
-    return f"teacher: epoch {int(epoch_metrics[schema.EPOCH])}/{epochs}  {shown}  ({seconds:.1f} s)"
 
 
-def teacher_is_trained(checkpoint: Path) -> bool:
-    if not checkpoint.is_file():
-        return False
-    state = load_checkpoint(checkpoint)
-    return state["epoch"] == state["config"]["optim"]["epochs"]
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -92,3 +92,40 @@ def test_study_bench_compares_a_real_study_with_the_same_trials_run_directly(tmp
     assert result["study_wall_s"] > result["study_trial_s"][0] > 0
     assert result["ratio_whole_study"] > 1
     assert result["ratio_per_trial_startup_excluded"] > 0.9
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_part_in_its_dry_run(tmp_path):
+    """`bash bench/gpu.sh --dry-run`: every part of the GPU script (the gpu tests, bench.step,
+    bench.packing, a two-trial study) runs on the CPU and ends well, its results under $OUT,
+    and the targets are reported, not judged. A GPU-less run without --dry-run is refused."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", "bench/gpu.sh", "--dry-run"],
+        cwd=root,
+        env={**os.environ, "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["part"] for p in summary["parts"]] == ["gpu_tests", "step", "packing", "study"]
+    assert all(p["rc"] == 0 for p in summary["parts"]), summary["parts"]
+    assert summary["targets"] and all(
+        t["verdict"] == "not judged (dry run)" for t in summary["targets"]
+    )
+    assert {"summary.md", "step.json", "packing.json", "study.log"} <= {
+        p.name for p in out.iterdir()
+    }
+    if not torch.cuda.is_available():
+        refused = subprocess.run(
+            ["bash", "bench/gpu.sh"], cwd=root, env={**os.environ, "OUT": str(tmp_path / "no")},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode == 2 and "no CUDA device" in refused.stdout

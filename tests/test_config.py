@@ -141,3 +141,20 @@ def test_gacd_train_refuses_an_ignored_switch_with_exit_status_2(tmp_path, capsy
     error = capsys.readouterr().err
     assert "'attack.objective'" in error and "one of auto, ce" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_config_errors_survive_pickling_as_a_ray_worker_sends_them():
+    """Ray pickles a worker's exception to the driver: a ConfigError that could not be rebuilt
+    arrived as `TypeError: ConfigError.__init__() missing ... 'expected'`."""
+    import pickle
+
+    from gacd.config import ConfigFileError
+
+    for error in (
+        ConfigError("data.batch_size", "a multiple of 2", 63),
+        ConfigError("tau", "a number > 0"),
+        ConfigFileError("study.yaml", "no such file"),
+    ):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error), (again, error)
+        assert again.key == error.key

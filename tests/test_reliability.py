@@ -90,9 +90,14 @@ def test_a_driver_killed_outright_resumes_with_nothing_lost(
 
 def trial_worker(experiment: Path) -> int:
     """The pid of the process running the study's trial, from the results Ray wrote."""
-    (result_file,) = experiment.glob("*/result.json")
-    last = result_file.read_text().strip().splitlines()[-1]
-    return json.loads(last)["pid"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # Ray may not have flushed the file's first line yet
+        for result_file in experiment.glob("*/result.json"):
+            lines = result_file.read_text().strip().splitlines()
+            if lines:
+                return json.loads(lines[-1])["pid"]
+        time.sleep(0.2)
+    raise AssertionError(f"no result.json with a result under {experiment}")
 
 
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint(
@@ -102,13 +107,22 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(
     driver = start_one_trial_search(tmp_path, ray_cluster, robust_teacher_path, "worker", epochs)
     read_until(driver, f"epoch 3/{epochs}")
     os.kill(trial_worker(tmp_path / "results" / "worker"), signal.SIGKILL)
-    output = driver.stdout.read()
-    assert driver.wait(timeout=300) == 0, output[-3000:]
+    assert_continued_from_a_checkpoint(driver, tmp_path, "worker", epochs)
+
+
+def assert_continued_from_a_checkpoint(
+    driver: subprocess.Popen, tmp_path: Path, name: str, epochs: int, seen: str = ""
+):
+    """The one-trial study `name` ended well after a fault, its trial continued from a
+    checkpoint (not restarted), every epoch logged once; returns Ray's result of it."""
+    output = seen + driver.stdout.read()
+    assert driver.wait(timeout=600) == 0, output[-3000:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert_every_epoch_logged_once(uri, "worker", epochs, trials=1)
-    (result,) = ray_results(tmp_path / "results" / "worker")
+    assert_every_epoch_logged_once(uri, name, epochs, trials=1)
+    (result,) = ray_results(tmp_path / "results" / name)
     assert result.metrics["training_iteration"] == epochs
     assert result.metrics["iterations_since_restore"] < epochs  # continued, not restarted
+    return result
 
 
 def test_a_diverging_trial_fails_alone_with_its_reason(

@@ -537,7 +537,8 @@ def test_the_teacher_s_task_takes_the_cpus_its_trials_will_share(ray_cluster):
     (at most one node's, at least a trial's), not one trial's share with the rest idle."""
     import ray
 
-    from study.run import connect, teacher_cpus
+    from study.run import connect
+    from study.teacher import teacher_cpus
 
     spec = spec_from_dict(
         {

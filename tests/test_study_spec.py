@@ -139,6 +139,16 @@ def test_a_search_never_sees_the_test_split_and_pins_the_evaluation_budget():
         ({"teacher": {"train": {"method": "gacd"}}}, "'teacher.train.teacher.checkpoint'"),
         ({"teacher": {"train": {"method": "pgd_at", "attack": {"steps": 0}}}}, "'teacher.train"),
         ({"teacher": {}}, "'teacher': expected either checkpoint"),
+        (
+            {"resources": {"teacher_workers": 0}},
+            "'resources.teacher_workers': expected an integer >= 1",
+        ),
+        ({"resources": {"teacher_workers": "all"}}, "'resources.teacher_workers'"),
+        (
+            {"resources": {"gpus_per_trial": 2, "workers_per_trial": 3}},
+            "'resources.workers_per_trial': expected at most one worker per whole GPU",
+        ),
+        ({"resources": {"workers_per_trial": True}}, "'resources.workers_per_trial'"),
         ({"ablation": {"seeds": [0]}}, "'ablation': expected no ablation section"),
         ({"budgets": {"full": 3}}, "'budgets': expected a mapping of budget names"),
         (

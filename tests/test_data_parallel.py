@@ -1,0 +1,281 @@
+"""The study's teacher trained data-parallel with Ray Train (`study.teacher`, `gacd.parallel`):
+2 CPU workers on the gloo backend of a real local Ray instance, a killed worker, and the rule
+that a 2-worker run is the 1-worker run of the same config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from gacd import parallel, schema
+from gacd.checkpoint import load_checkpoint
+from gacd.config import Config, ConfigError
+from study.spec import spec_from_dict
+from tests.test_study_run import ROOT, digits_base, study_args, write_study
+
+TEACHER = {
+    "method": "pgd_at",
+    "student": {"arch": "small_cnn", "width": 8},
+    "optim": {"epochs": 6, "lr": 0.05},
+    "attack": {"epsilon": 0.1, "steps": 2},
+}
+
+
+def teacher_study(name: str, **resources) -> dict:
+    """An ablation of one run whose teacher is trained first (6 epochs on digits)."""
+    return {
+        "study": {"name": name, "mode": "ablation", "metric": "test/pgd_acc", "max_concurrent": 2},
+        "resources": {"cpus_per_trial": 1, **resources},
+        "teacher": {"train": TEACHER},
+        "base": digits_base(epochs=1),
+        "ablation": {"seeds": [0]},
+    }
+
+
+def test_the_global_batch_must_divide_among_the_workers():
+    group = parallel.Group(rank=1, size=3)
+    with pytest.raises(ConfigError) as caught:
+        parallel.worker_batch_size(64, group)
+    assert caught.value.key == "data.batch_size" and "3 data-parallel workers" in str(caught.value)
+    assert parallel.worker_batch_size(96, group) == 32
+    assert [parallel.rows(100, parallel.Group(rank, 3)) for rank in range(3)] == [
+        slice(0, 33),
+        slice(33, 66),
+        slice(66, 100),
+    ]
+
+
+def test_the_teacher_gets_a_worker_per_cpu_its_trials_share(ray_cluster):
+    """On the 2-CPU head node: 2 single-CPU workers; capped at 1, one worker of 2 CPUs; a
+    global batch 2 does not divide drops to 1 worker."""
+    import ray
+
+    from study.run import connect
+    from study.teacher import Workers, teacher_workers
+
+    def workers(max_concurrent: int | None, batch_size: int = 64, **resources) -> Workers:
+        spec = spec_from_dict(teacher_study("w", **resources), teacher_cache=Path("t"))
+        config = spec.teacher_training_config()
+        config.data.batch_size = batch_size
+        return teacher_workers(spec, config, max_concurrent)
+
+    try:
+        connect(ray_cluster, None, None)
+        assert workers(2) == Workers(2, 1.0, 0.0)
+        assert workers(None) == Workers(2, 1.0, 0.0)
+        assert workers(1) == Workers(1, 1.0, 0.0)
+        assert workers(2, teacher_workers=1) == Workers(1, 2.0, 0.0)
+        assert workers(2, batch_size=63) == Workers(1, 2.0, 0.0)
+    finally:
+        ray.shutdown()
+
+
+def ray_train_workers() -> list[int]:
+    """PIDs of Ray Train's worker processes on this machine."""
+    listing = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True
+    ).stdout
+    return [
+        int(line.split()[0])
+        for line in listing.splitlines()
+        if "RayTrainWorker" in line.split(None, 1)[-1]
+    ]
+
+
+def kill_a_worker_after(checkpoint: Path, epoch: int, killed: list[int]) -> threading.Thread:
+    """SIGKILL one of the teacher's Ray Train workers once `checkpoint` holds `epoch`."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                reached = checkpoint.is_file() and load_checkpoint(checkpoint)["epoch"] >= epoch
+            except Exception:  # noqa: BLE001 - a file being replaced
+                reached = False
+            if reached and (pids := ray_train_workers()):
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_a_two_worker_teacher_survives_a_killed_worker_and_is_logged(tmp_path, ray_cluster):
+    """`study.run` trains the teacher over 2 gloo workers; one is SIGKILLed after epoch 2:
+    Ray Train restarts the group from the last checkpoint, the teacher ends with every epoch
+    once (the same values as an uninterrupted 2-worker run), and MLflow holds its run."""
+    path = write_study(tmp_path, teacher_study("ddp"))
+    teachers = tmp_path / "results" / "teachers"
+    killed: list[int] = []
+    command = [sys.executable, "-m", "study.run", path, *study_args(tmp_path, ray_cluster)]
+    driver = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    # the cache folder is named by the config's hash: watch whichever appears
+    while driver.poll() is None and not list(teachers.glob("*/")):
+        time.sleep(0.2)
+    (folder,) = teachers.glob("*/")
+    watcher = kill_a_worker_after(folder / "checkpoint.pt", 2, killed)
+    output, _ = driver.communicate(timeout=600)
+    watcher.join(timeout=5)
+    assert driver.returncode == 0, output[-3000:]
+    assert killed, "no Ray Train worker was killed"
+    assert "on 2 data-parallel workers (1 CPU each)" in output
+    state = load_checkpoint(folder / "checkpoint.pt")
+    assert state["epoch"] == 6 and state["workers"] == 2
+    assert [entry[schema.EPOCH] for entry in state["history"]] == [1, 2, 3, 4, 5, 6]
+    assert list((folder / "ray_train").glob("checkpoint_*")), "Ray Train's checkpoints"
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    teachers_experiment = client.get_experiment_by_name("gacd-teachers")
+    (run,) = client.search_runs([teachers_experiment.experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, schema.VAL_PGD_ACC)]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert (
+        run.data.metrics[schema.accuracy("test", "pgd")]
+        == state["history"][-1][schema.accuracy("test", "pgd")]
+    )
+
+    # an uninterrupted 2-worker run of the same config: the same epochs, value for value
+    import ray
+
+    from study.run import connect
+    from study.teacher import Workers, train_teacher
+
+    config = Config.from_dict(state["config"])
+    try:
+        connect(ray_cluster, None, None)
+        train_teacher(config, tmp_path / "again" / "checkpoint.pt", Workers(2, 1.0, 0.0), 0)
+    finally:
+        ray.shutdown()
+    again = load_checkpoint(tmp_path / "again" / "checkpoint.pt")
+    drop = (schema.EPOCH_SECONDS,)
+    for resumed, straight in zip(state["history"], again["history"], strict=True):
+        assert {k: v for k, v in resumed.items() if k not in drop} == {
+            k: v for k, v in straight.items() if k not in drop
+        }
+    for name, value in state["student"].items():
+        assert torch.equal(value, again["student"][name]), name
+
+
+@pytest.mark.slow
+def test_one_and_two_worker_teachers_of_one_config_reach_comparable_accuracy(tmp_path, ray_cluster):
+    """The rule: `data.batch_size` is the global batch, so 2 workers train the same config
+    as 1 (only batch-norm statistics, and the sharded evaluation's random starts, are per
+    worker): the same accuracy within noise. Noise here is an 8-epoch width-8 teacher on 360
+    test digits: measured 0.706 / 0.669 clean and 0.386 / 0.325 PGD for 1 / 2 workers; the
+    exact form of the rule (no batch norm: the same weights) is `tests/test_parallel.py`."""
+    import ray
+
+    from study.run import connect
+    from study.teacher import Workers, train_teacher
+
+    spec = spec_from_dict(teacher_study("rule"), teacher_cache=tmp_path / "teachers")
+    config = spec.teacher_training_config()
+    config.optim.epochs = 8
+    results = {}
+    try:
+        connect(ray_cluster, None, None)
+        for count in (1, 2):
+            path = tmp_path / f"{count}" / "checkpoint.pt"
+            train_teacher(config, path, Workers(count, 2.0 / count, 0.0), 0)
+            state = load_checkpoint(path)
+            assert state["workers"] == count
+            results[count] = state["history"][-1]
+    finally:
+        ray.shutdown()
+    for attack in ("clean", "pgd"):
+        key = schema.accuracy("test", attack)
+        assert abs(results[1][key] - results[2][key]) <= 0.08, (key, results)
+    assert results[2][schema.accuracy("test", "clean")] > 0.6, results  # it learned (chance: 0.1)
+
+
+def trial_ranks() -> list[int]:
+    """Processes started with multiprocessing's spawn by a Ray Tune trial's process
+    (`ray::ImplicitFunc`): a data-parallel trial's ranks 1.. (Ray writes the trial's pid to
+    result.json only when it syncs, too late to use; `ps -ww`, or COLUMNS cuts the args)."""
+    listing = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+    )
+    rows = [line.split(None, 2) for line in listing.stdout.splitlines()]
+    trials = {int(pid) for pid, _, args in rows if args.startswith("ray::ImplicitFunc")}
+    return [int(pid) for pid, ppid, args in rows if int(ppid) in trials and "spawn_main" in args]
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_trains_data_parallel_and_is_retried_when_a_worker_dies(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """`workers_per_trial: 2` (what `gpus_per_trial: 2` gives on GPUs): the trial's process is
+    rank 0 of 2 gloo workers. Its second worker is SIGKILLed after epoch 2: the trial fails at
+    the next collective and Tune retries it from its checkpoint; every epoch is logged once."""
+    from tests.test_reliability import assert_continued_from_a_checkpoint
+
+    epochs = 20  # 0.5 s each: time to find and kill the rank after epoch 2
+    study = {
+        "study": {"name": "ddp_trial", "mode": "ablation", "metric": "test/pgd_acc"},
+        "resources": {"cpus_per_trial": 2, "workers_per_trial": 2},
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": {**digits_base(epochs=epochs), "negatives": {"source": "in_batch"}},
+        "ablation": {"seeds": [0]},
+    }
+    path = write_study(tmp_path, study)
+    command = [sys.executable, "-m", "study.run", path, *study_args(tmp_path, ray_cluster)]
+    driver = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    # Once a checkpoint of the trial is in storage (Tune persists it on report; the
+    # driver's piped output comes in blocks, too late to watch), kill its rank 1.
+    trial_folder = tmp_path / "results" / "ddp_trial"
+    deadline, ranks = time.monotonic() + 300, []
+    while driver.poll() is None and time.monotonic() < deadline:
+        if list(trial_folder.glob("*/checkpoint_*")) and (ranks := trial_ranks()):
+            break
+        time.sleep(0.1)
+    assert len(ranks) == 1, (ranks, driver.poll())
+    (rank_1,) = ranks
+    os.kill(rank_1, signal.SIGKILL)
+    result = assert_continued_from_a_checkpoint(driver, tmp_path, "ddp_trial", epochs)
+    with result.checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / "checkpoint.pt")
+    assert state["workers"] == 2 and state["epoch"] == epochs
+    assert result.metrics[schema.accuracy("test", "clean")] > 0.5
+
+
+def test_a_teacher_that_fails_on_every_worker_names_the_workers_error(tmp_path, ray_cluster):
+    """A global batch 2 workers cannot share: every retry fails alike, and the one line says
+    which rank failed with what, not Ray's 'Training failed due to worker errors'."""
+    import ray
+
+    from study.run import connect
+    from study.teacher import TeacherTrainingError, Workers, train_teacher
+
+    spec = spec_from_dict(teacher_study("bad"), teacher_cache=tmp_path / "teachers")
+    config = spec.teacher_training_config()
+    config.data.batch_size = 63
+    checkpoint = tmp_path / "t" / "checkpoint.pt"
+    try:
+        connect(ray_cluster, None, None)
+        with pytest.raises(TeacherTrainingError) as caught:
+            train_teacher(config, checkpoint, Workers(2, 1.0, 0.0), max_failures=0)
+    finally:
+        ray.shutdown()
+    message = str(caught.value)
+    assert "\n" not in message and "after 0 retries (study.max_failures)" in message, message
+    assert "rank " in message and "data.batch_size" in message, message
+    assert "multiple of the 2 data-parallel workers" in message, message
+    assert not checkpoint.exists()
