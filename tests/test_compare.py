@@ -297,10 +297,14 @@ def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
     cpu = read_study_file(path, teacher_cache=tmp_path)
     full = read_study_file(path, teacher_cache=tmp_path, budget="full")
     assert (cpu.study.num_samples, full.study.num_samples) == (4, 8)
-    for entry in cpu.compare.methods:
-        assert cpu.trial_config({ENTRY_KEY: entry}).optim.epochs == 8
-        assert full.trial_config({ENTRY_KEY: entry}).optim.epochs == 30
     baselines = read_study_file(
         ROOT / "search_spaces/fashion_mnist_baselines.yaml", teacher_cache=tmp_path
     )
+    # every method gets the defaults table's student epochs at each budget: 7 on CPU, 30 in full
+    variant = next(iter(baselines.variants()))
+    cpu_epochs = baselines.trial_config({"variant": variant, "seed": 0}).optim.epochs
+    assert cpu_epochs == 7
+    for entry in cpu.compare.methods:
+        assert cpu.trial_config({ENTRY_KEY: entry}).optim.epochs == cpu_epochs
+        assert full.trial_config({ENTRY_KEY: entry}).optim.epochs == 30
     assert cpu.teacher.checkpoint == baselines.teacher.checkpoint  # one teacher for both tables
