@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Local Ray instances bind to 127.0.0.1 only (Linux): no port opens to the network.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint clean benchmark benchmark-ablation fashion-mnist-data
+.PHONY: install demo test lint clean benchmark benchmark-ablation benchmark-compare fashion-mnist-data
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,13 @@ benchmark-ablation: install fashion-mnist-data
 		$(call resume,fashion_mnist_ablation)
 	$(BIN)/python -m study.run search_spaces/fashion_mnist_negatives_confirm.yaml $(BENCH_ARGS) \
 		$(call resume,fashion_mnist_negatives_confirm)
+
+# Every method tuned with the same budget, then compared over fresh seeds (the same teacher,
+# data and attack budget as `make benchmark`: its table and this one read side by side).
+benchmark-compare: install fashion-mnist-data
+	mkdir -p $(BENCH)
+	$(BIN)/python -m study.run search_spaces/fashion_mnist_compare.yaml $(BENCH_ARGS) \
+		$(call resume,fashion_mnist_compare)
 
 # Fashion-MNIST's idx files: in data/ already, or Debian's package (installed here when this
 # runs as root with apt-get), or a message saying what to run.

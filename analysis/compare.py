@@ -74,23 +74,31 @@ def final_table(tracking_uri: str, experiment: str, checkpoint: str, fmt: str) -
 
 
 def comparison_markdown(
-    tracking_uri: str, experiment: str, state: dict[str, Any], checkpoint: str = "last"
+    tracking_uri: str,
+    experiment: str,
+    state: dict[str, Any],
+    checkpoint: str = "last",
+    also: tuple[str, ...] = (),
 ) -> str:
+    """The comparison as one page: the final table at `checkpoint` (then at each of `also`),
+    the budget each method got, once, and the methods whose search failed."""
     lines = [f"# {experiment}: every method tuned alike, compared on fresh seeds", ""]
     reference = state.get("reference", "gacd")
-    try:
-        table = final_table(tracking_uri, experiment, checkpoint, "md")
-        lines += [
-            f"## Test split, each method's winner ({checkpoint_caption(checkpoint)})",
-            "",
-            "Mean ± std over the final seeds; "
-            + significance_note(reference, "text").replace("\\*", "*"),
-            "",
-            table,
-            "",
-        ]
-    except (StudyNotFoundError, LookupError) as error:
-        lines += [f"No final table: {error}.", ""]
+    for shown in (checkpoint, *also):
+        try:
+            table = final_table(tracking_uri, experiment, shown, "md")
+            lines += [
+                f"## Test split, each method's winner ({checkpoint_caption(shown)})",
+                "",
+                "Mean ± std over the final seeds; "
+                + significance_note(reference, "text").replace("\\*", "*"),
+                "",
+                table,
+                "",
+            ]
+        except (StudyNotFoundError, LookupError) as error:
+            lines += [f"No final table: {error}.", ""]
+            break
     budget = budget_table(tracking_uri, experiment, state)
     if not budget.empty:
         lines += [
@@ -119,8 +127,7 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
     page = comparison_markdown(tracking_uri, experiment, state, "last")
     (out / f"{TABLE_FILE}.md").write_text(page)
     report = out / REPORT_FILE
-    best = comparison_markdown(tracking_uri, experiment, state, "best")
-    report.write_text(page + "\n" + best.split("\n", 2)[2])
+    report.write_text(comparison_markdown(tracking_uri, experiment, state, "last", ("best",)))
     write_html(report, out / "report.html", experiment)
     for fmt, extension in (("csv", "csv"), ("latex", "tex")):
         try:

@@ -288,6 +288,9 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     report = (tmp_path / "results" / "duel" / "report" / "report.md").read_text()
     assert "| gacd " in report and "| trades " in report
     assert "natural**: search failed" in report
+    # both checkpoints' tables, then the budget and the failure once
+    assert report.count("## Test split") == 2 and report.count("## The budget") == 1
+    assert report.count("natural**: search failed") == 1
     budget = (tmp_path / "results" / "duel" / "report" / "budget.csv").read_text()
     assert budget.count("\n") == 4  # a header and every method, the failed one included
 
