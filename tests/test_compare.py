@@ -300,6 +300,7 @@ def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
     cpu = read_study_file(path, teacher_cache=tmp_path)
     full = read_study_file(path, teacher_cache=tmp_path, budget="full")
     assert (cpu.study.num_samples, full.study.num_samples) == (4, 8)
+    assert (cpu.compare.confirm_seeds, full.compare.confirm_seeds) == ([1000], [1000, 1001])
     baselines = read_study_file(
         ROOT / "search_spaces/fashion_mnist_baselines.yaml", teacher_cache=tmp_path
     )
