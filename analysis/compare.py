@@ -79,9 +79,11 @@ def comparison_markdown(
     state: dict[str, Any],
     checkpoint: str = "last",
     also: tuple[str, ...] = (),
+    budget: pd.DataFrame | None = None,
 ) -> str:
     """The comparison as one page: the final table at `checkpoint` (then at each of `also`),
-    the budget each method got, once, and the methods whose search failed."""
+    the budget each method got (`budget`, read from MLflow when not given), once, and the
+    methods whose search failed."""
     lines = [f"# {experiment}: every method tuned alike, compared on fresh seeds", ""]
     reference = state.get("reference", "gacd")
     for shown in (checkpoint, *also):
@@ -99,7 +101,8 @@ def comparison_markdown(
         except (StudyNotFoundError, LookupError) as error:
             lines += [f"No final table: {error}.", ""]
             break
-    budget = budget_table(tracking_uri, experiment, state)
+    if budget is None:
+        budget = budget_table(tracking_uri, experiment, state)
     if not budget.empty:
         lines += [
             "## The budget each method got, and its winner",
@@ -124,10 +127,13 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
 
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    page = comparison_markdown(tracking_uri, experiment, state, "last")
+    budget = budget_table(tracking_uri, experiment, state)  # one MLflow read for every page
+    page = comparison_markdown(tracking_uri, experiment, state, "last", budget=budget)
     (out / f"{TABLE_FILE}.md").write_text(page)
     report = out / REPORT_FILE
-    report.write_text(comparison_markdown(tracking_uri, experiment, state, "last", ("best",)))
+    report.write_text(
+        comparison_markdown(tracking_uri, experiment, state, "last", ("best",), budget=budget)
+    )
     write_html(report, out / "report.html", experiment)
     for fmt, extension in (("csv", "csv"), ("latex", "tex")):
         try:
@@ -135,7 +141,6 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
         except (StudyNotFoundError, LookupError):
             continue
         (out / f"{TABLE_FILE}.{extension}").write_text(text)
-    budget = budget_table(tracking_uri, experiment, state)
     if not budget.empty:
         budget.to_csv(out / "budget.csv")
     return report
