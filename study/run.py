@@ -125,7 +125,8 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
         f"{study.metric} ({study.direction})"
         + (f", budget {study.budget}" if study.budget else ""),
         f"resources  {resources.cpus_per_trial:g} CPU, {resources.gpus_per_trial:g} GPU per "
-        f"trial; at most {study.max_concurrent or 'as many as fit'} at once; "
+        f"trial{data_parallel_words(resources.trial_workers)}; "
+        f"at most {study.max_concurrent or 'as many as fit'} at once; "
         f"{study.max_failures} retries",
         f"cluster    {address or 'a local Ray instance on 127.0.0.1'}",
         f"scheduler  {spec.scheduler}"
@@ -248,6 +249,10 @@ def use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def data_parallel_words(workers: int) -> str:
+    return f" (data-parallel: a Ray Train run of {workers} workers)" if workers > 1 else ""
+
+
 def local_resource_problems(spec: StudySpec) -> list[str]:
     """For a study on a local Ray instance: a trial that asks more than this machine has
     (`--dry-run` says so; the run itself refuses it in `concurrency`)."""
@@ -265,14 +270,17 @@ def local_resource_problems(spec: StudySpec) -> list[str]:
 
 def concurrency(spec: StudySpec, resources: dict[str, float], num_cpus, num_gpus) -> int | None:
     """Refuse trials the cluster cannot hold; cap concurrency at `--num-gpus`/`--num-cpus`."""
-    per_trial = spec.resources
+    per_trial, limits = spec.resources, []
     for kind, needed in (("GPU", per_trial.gpus_per_trial), ("CPU", per_trial.cpus_per_trial)):
         if needed > resources.get(kind, 0.0):
             raise StudyError(
                 f"resources.{kind.lower()}s_per_trial is {needed:g} but the cluster has "
                 f"{resources.get(kind, 0.0):g} {kind}s"
             )
-    limits = [spec.study.max_concurrent] if spec.study.max_concurrent else []
+        if per_trial.trial_workers > 1 and needed > 0:  # Tune reserves nothing for its trials
+            limits.append(math.floor(resources[kind] / needed))
+    if spec.study.max_concurrent:
+        limits.append(spec.study.max_concurrent)
     if num_gpus is not None and per_trial.gpus_per_trial > 0:
         limits.append(max(1, math.floor(num_gpus / per_trial.gpus_per_trial)))
     if num_cpus is not None:
@@ -464,16 +472,21 @@ def result_files() -> list:
     return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
+# What the process of a data-parallel trial holds: it drives its Ray Train workers, which hold
+# the trial's CPUs and GPUs (Ray asks a trial for some resource; CPUs would starve the workers).
+DRIVER_MEMORY = 256 * 2**20
+
+
 def trainable(spec: StudySpec):
     """The trial function with the study bound to it and a trial's resources."""
     from ray import tune
 
     from study.trainable import train_trial
 
-    return tune.with_resources(
-        tune.with_parameters(train_trial, spec=spec),
-        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
-    )
+    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    if spec.resources.trial_workers > 1:  # its Ray Train workers hold them (study.trainable)
+        resources = {"memory": DRIVER_MEMORY}
+    return tune.with_resources(tune.with_parameters(train_trial, spec=spec), resources)
 
 
 def fail_orphans(spec: StudySpec, paths: StudyPaths, experiment_path: Path | None) -> None:

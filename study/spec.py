@@ -112,8 +112,9 @@ class ResourcesSpec:
     # The teacher's data-parallel workers (Ray Train) at most: null, every GPU the study may
     # use (one CPU each on a CPU cluster, for the CPUs its trials will share).
     teacher_workers: int | None = None
-    # Data-parallel workers of one trial (processes of the trial, `gacd.parallel`): null, one
-    # per GPU when `gpus_per_trial` is 2 or more, else 1. On CPUs, the trial's CPUs are shared.
+    # Data-parallel workers of one trial (a Ray Train run the trial drives, `gacd.parallel`):
+    # null, one per GPU when `gpus_per_trial` is 2 or more, else 1. On CPUs, the trial's CPUs
+    # are shared.
     workers_per_trial: int | None = None
 
     @property

@@ -22,13 +22,19 @@ from typing import Any
 import torch
 
 from gacd import schema
-from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gacd.checkpoint import load_checkpoint, save_checkpoint
 from gacd.config import Config
 from gacd.train import State, fit
 from study.spec import StudySpec
-from study.trainable import CHECKPOINT_FILE, set_up_worker
+from study.trainable import (
+    CHECKPOINT_FILE,
+    RAY_TRAIN_FOLDER,
+    later,
+    ray_train_state,
+    readable,
+    set_up_worker,
+)
 
-RAY_TRAIN_FOLDER = "ray_train"  # Ray Train's run, beside the cached checkpoint
 # Batch norm normalises each worker's rows: no more workers than leave it this many.
 MIN_ROWS_PER_WORKER = 16
 
@@ -175,25 +181,7 @@ def resume_state(path: Path) -> State | None:
     """Where the teacher continues: the later of Ray Train's latest checkpoint (a restarted
     worker group) and the cache file (a study run again after its driver died); an unreadable
     one is passed over."""
-    import ray.train
-
-    candidates: list[State] = []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            candidates += readable(Path(folder) / CHECKPOINT_FILE)
-    candidates += readable(path)
-    return max(candidates, key=lambda state: state["epoch"], default=None)
-
-
-def readable(path: Path) -> list[State]:
-    if not path.is_file():
-        return []
-    try:
-        return [load_checkpoint(path)]
-    except CheckpointError as error:
-        print(f"warning: {error}; not continued from", flush=True)
-        return []
+    return later(ray_train_state(), readable(path))
 
 
 def teacher_line(epoch_metrics: dict[str, float], epochs: int) -> str:

@@ -2,24 +2,23 @@
 
 It is `gacd.train.fit` with a report callback; it does not touch MLflow (the driver logs).
 A trial checkpoints every epoch through `tune.report` and continues from
-`tune.get_checkpoint()` after a retry or a resumed study, so epochs continue, not restart.
+`tune.get_checkpoint()` after a retry or a resumed study, so epochs continue, not restart. A
+trial of several workers drives a Ray Train run of them and reports what its rank 0 reports.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import logging
-import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from ray import tune
+from ray.train import UserCallback
 
 from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gacd.config import Config, ConfigError
@@ -116,18 +115,25 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
 
 def run_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
     config = spec.trial_config(ray_config)
-    workers = spec.resources.trial_workers
-    set_up_worker(spec.resources.cpus_per_trial / workers, spec.resources.gpus_per_trial / workers)
     resume = restored_state()
-    if workers > 1:
-        with local_workers(ray_config, spec, resume):
-            fit_and_report(config, resume)
-    else:
-        fit_and_report(config, resume)
+    if spec.resources.trial_workers > 1:
+        run_data_parallel(ray_config, spec, resume)
+        return
+    set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
+    fit_and_report(config, resume, send_to_tune)
 
 
-def fit_and_report(config: Config, resume: State | None) -> None:
-    """`fit` with one `tune.report` (metrics and checkpoint) per epoch."""
+# What `fit_and_report` hands each epoch's metrics and checkpoint folder to.
+Send = Callable[[dict[str, Any], str], None]
+
+
+def send_to_tune(metrics: dict[str, Any], folder: str) -> None:
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def fit_and_report(config: Config, resume: State | None, send: Send) -> None:
+    """`fit` with one report (metrics and checkpoint) per epoch: to Tune, or to Ray Train on
+    rank 0 of a data-parallel trial."""
     device = str(resolve_device(config.device))
     data = load_datasets(config.data, config.seed, with_test=config.final)
     splits = json.dumps(describe_splits(config.data, data))
@@ -139,93 +145,161 @@ def fit_and_report(config: Config, resume: State | None) -> None:
             # A final run's last checkpoint also holds its best epoch's student on its own.
             if state["epoch"] == config.optim.epochs and (best := best_checkpoint(state)):
                 save_checkpoint(best, Path(folder) / BEST_CHECKPOINT_FILE)
-            tune.report(
-                {
-                    **epoch_metrics,
-                    EPOCHS_TOTAL: config.optim.epochs,
-                    RESULT_DEVICE: device,
-                    RESULT_DATASETS: splits,
-                },
-                checkpoint=tune.Checkpoint.from_directory(folder),
-            )
+            metrics = {
+                **epoch_metrics,
+                EPOCHS_TOTAL: config.optim.epochs,
+                RESULT_DEVICE: device,
+                RESULT_DATASETS: splits,
+            }
+            send(metrics, folder)
 
     fit(config, report=report, resume=resume, data=data)
 
 
-# --- a trial over several workers: its own processes, `gacd.parallel` over torch.distributed ---
+# --- a trial over several workers: Ray Train's `TorchTrainer`, as the teacher ---
 #
-# The trial's process is rank 0 (it reports to Tune and checkpoints, so Tune's retries,
-# restores and MLflow logging stay as for any trial); it starts ranks 1.. on its node, each
-# with its share of the trial's CPUs and one of its GPUs. A worker that dies breaks the
-# group's next collective: the trial fails and Tune retries it from its last checkpoint.
+# The trial's process drives a `TorchTrainer` of `resources.trial_workers` workers that share
+# the trial's CPUs and GPUs between them (Ray Train places them, on any node); the trial itself
+# holds no resources (`study.run.trainable`), so the cluster's CPUs and GPUs go to the workers
+# and `study.run.concurrency` caps how many trials run at once. Rank 0 reports each epoch's
+# metrics and checkpoint to Ray Train; a callback hands both to the trial, which reports them to
+# Tune as any trial does (schedulers, retries, `--resume` and MLflow see no difference) and
+# acknowledges, so Ray Train's next checkpoint never replaces one Tune has not copied yet. A
+# worker that dies fails the run at once (Ray Train retries nothing itself): Tune retries the
+# trial from its last checkpoint, within one budget, `study.max_failures`.
 
-GROUP_TIMEOUT = datetime.timedelta(minutes=10)
-
-
-@contextlib.contextmanager
-def local_workers(
-    ray_config: dict[str, Any], spec: StudySpec, resume: State | None
-) -> Iterator[None]:
-    """Ranks 1..W-1 of the trial started and the process group joined as rank 0 for the
-    block; afterwards the group is left and every worker must have ended well."""
-    import torch.multiprocessing as mp
-
-    workers, cuda = spec.resources.trial_workers, spec.resources.gpus_per_trial > 0
-    address = f"tcp://127.0.0.1:{free_port()}"
-    with tempfile.TemporaryDirectory() as folder:
-        resume_file = None
-        if resume is not None:
-            resume_file = str(save_checkpoint(resume, Path(folder) / CHECKPOINT_FILE))
-        context = mp.get_context("spawn")
-        processes = [
-            context.Process(
-                target=local_worker,
-                args=(rank, address, ray_config, spec, resume_file),
-                daemon=True,
-            )
-            for rank in range(1, workers)
-        ]
-        for process in processes:
-            process.start()
-        try:
-            join_group(0, workers, address, cuda)
-            yield
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            for process in processes:
-                process.join(timeout=60)
-                if process.is_alive():
-                    process.kill()
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"data-parallel workers of the trial ended with exit codes {failed}")
+RAY_TRAIN_FOLDER = "ray_train"  # Ray Train's run: in the trial's folder; the teacher's cache's
 
 
-def local_worker(
-    rank: int, address: str, ray_config: dict[str, Any], spec: StudySpec, resume: str | None
-) -> None:
-    """Rank `rank` of a trial: the same `fit` as rank 0, without reports."""
-    config = spec.trial_config(ray_config)
+class ForwardToTrial(UserCallback):
+    """Ray Train's controller hands rank 0's metrics and checkpoint to the trial's process
+    and waits until the trial has reported them to Tune."""
+
+    def __init__(self, results: Any, acknowledged: Any) -> None:
+        self.results, self.acknowledged = results, acknowledged
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        if checkpoint is None:
+            return
+        self.results.put((next(m for m in metrics if m), checkpoint.path))
+        self.acknowledged.get()
+
+
+def run_data_parallel(ray_config: dict[str, Any], spec: StudySpec, resume: State | None) -> None:
+    """The trial's epochs trained by a `TorchTrainer` over `resources.trial_workers` workers,
+    each reported to Tune here, in the trial's process."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
     workers = spec.resources.trial_workers
-    set_up_worker(spec.resources.cpus_per_trial / workers, spec.resources.gpus_per_trial / workers)
-    join_group(rank, workers, address, spec.resources.gpus_per_trial > 0)
-    try:
-        fit(config, resume=load_checkpoint(resume) if resume else None)
-    finally:
-        dist.destroy_process_group()
-
-
-def join_group(rank: int, workers: int, address: str, cuda: bool) -> None:
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_device(rank)  # the trial's GPUs, as Ray made them visible
-    backend = "nccl" if cuda and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(
-        backend, init_method=address, rank=rank, world_size=workers, timeout=GROUP_TIMEOUT
+    cpus = spec.resources.cpus_per_trial / workers
+    gpus = spec.resources.gpus_per_trial / workers
+    use_gpu = gpus > 0
+    results = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    acknowledged = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        data_parallel_worker,
+        train_loop_config={
+            "ray_config": ray_config,
+            "spec": spec,
+            "resume": [ray.put(resume)],  # in a list: Ray hands the reference, not the value
+            "cpus": cpus,
+            "gpus": gpus,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus} | ({"GPU": gpus} if use_gpu else {}),
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=RAY_TRAIN_FOLDER,
+            storage_path=tune.get_context().get_storage().trial_fs_path,
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[ForwardToTrial(results, acknowledged)],
+        ),
     )
+    failure: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - raised again below, in the trial
+            failure.append(error)
+        finally:
+            results.put(None)
+
+    thread = threading.Thread(target=train, name="ray-train-driver", daemon=True)
+    thread.start()
+    while (item := results.get()) is not None:
+        metrics, folder = item
+        send_to_tune(metrics, folder)  # Tune copies the folder into the trial's checkpoint
+        acknowledged.put(True)
+    thread.join()
+    if failure:
+        raise workers_error(failure[0])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def workers_error(error: BaseException) -> BaseException:
+    """The first failed rank's own error when it is one `DETERMINISTIC_FAILURES` names (so the
+    trial is not retried in vain), else Ray Train's."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for _, cause in sorted(failures.items()):
+        while cause is not None:
+            if isinstance(cause, DETERMINISTIC_FAILURES):
+                return cause
+            cause = getattr(cause, "cause", None) or cause.__cause__
+    return error
+
+
+def data_parallel_worker(loop: dict[str, Any]) -> None:
+    """Ray Train's loop on each worker of a trial: the trial's `fit`; rank 0 reports."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    spec: StudySpec = loop["spec"]
+    set_up_worker(loop["cpus"], loop["gpus"])
+    if loop["gpus"] and torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.torch.get_device())
+    config = spec.trial_config(loop["ray_config"])
+    resume = later(ray.get(loop["resume"][0]), ray_train_state())
+
+    def send(metrics: dict[str, Any], folder: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    if ray.train.get_context().get_world_rank() == 0:
+        fit_and_report(config, resume, send)
+    else:  # every worker reports each epoch; rank 0's metrics and checkpoint are the trial's
+        fit(config, report=lambda metrics, state: ray.train.report({}), resume=resume)
+
+
+def ray_train_state() -> State | None:
+    """Ray Train's latest checkpoint of this run (a run started again under its name restores
+    it: a trial retried by Tune, a teacher's restarted worker group), if it reads."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return readable(Path(folder) / CHECKPOINT_FILE)
+
+
+def readable(path: Path) -> State | None:
+    """The state in `path`; None when there is none or it does not read (it says so)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as error:
+        print(f"warning: {error}; not continued from", flush=True)
+        return None
+
+
+def later(*states: State | None) -> State | None:
+    """The state with the most epochs done."""
+    return max((s for s in states if s is not None), key=lambda s: s["epoch"], default=None)

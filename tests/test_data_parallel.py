@@ -204,28 +204,16 @@ def test_one_and_two_worker_teachers_of_one_config_reach_comparable_accuracy(tmp
     assert results[2][schema.accuracy("test", "clean")] > 0.6, results  # it learned (chance: 0.1)
 
 
-def trial_ranks() -> list[int]:
-    """Processes started with multiprocessing's spawn by a Ray Tune trial's process
-    (`ray::ImplicitFunc`): a data-parallel trial's ranks 1.. (Ray writes the trial's pid to
-    result.json only when it syncs, too late to use; `ps -ww`, or COLUMNS cuts the args)."""
-    listing = subprocess.run(
-        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
-    )
-    rows = [line.split(None, 2) for line in listing.stdout.splitlines()]
-    trials = {int(pid) for pid, _, args in rows if args.startswith("ray::ImplicitFunc")}
-    return [int(pid) for pid, ppid, args in rows if int(ppid) in trials and "spawn_main" in args]
-
-
 @pytest.mark.slow
 def test_a_two_worker_trial_trains_data_parallel_and_is_retried_when_a_worker_dies(
     tmp_path, ray_cluster, robust_teacher_path
 ):
-    """`workers_per_trial: 2` (what `gpus_per_trial: 2` gives on GPUs): the trial's process is
-    rank 0 of 2 gloo workers. Its second worker is SIGKILLed after epoch 2: the trial fails at
-    the next collective and Tune retries it from its checkpoint; every epoch is logged once."""
+    """`workers_per_trial: 2` (what `gpus_per_trial: 2` gives on GPUs): the trial drives a Ray
+    Train run of 2 gloo workers, as the teacher does. One worker is SIGKILLed after epoch 2: the
+    run fails, Tune retries the trial from its checkpoint, and every epoch is logged once."""
     from tests.test_reliability import assert_continued_from_a_checkpoint
 
-    epochs = 20  # 0.5 s each: time to find and kill the rank after epoch 2
+    epochs = 20  # 0.5 s each: time to find and kill a worker after epoch 2
     study = {
         "study": {"name": "ddp_trial", "mode": "ablation", "metric": "test/pgd_acc"},
         "resources": {"cpus_per_trial": 2, "workers_per_trial": 2},
@@ -239,21 +227,22 @@ def test_a_two_worker_trial_trains_data_parallel_and_is_retried_when_a_worker_di
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     # Once a checkpoint of the trial is in storage (Tune persists it on report; the
-    # driver's piped output comes in blocks, too late to watch), kill its rank 1.
+    # driver's piped output comes in blocks, too late to watch), kill one of its workers.
     trial_folder = tmp_path / "results" / "ddp_trial"
-    deadline, ranks = time.monotonic() + 300, []
+    deadline, workers = time.monotonic() + 300, []
     while driver.poll() is None and time.monotonic() < deadline:
-        if list(trial_folder.glob("*/checkpoint_*")) and (ranks := trial_ranks()):
+        if list(trial_folder.glob("*/checkpoint_*")) and len(workers := ray_train_workers()) == 2:
             break
         time.sleep(0.1)
-    assert len(ranks) == 1, (ranks, driver.poll())
-    (rank_1,) = ranks
-    os.kill(rank_1, signal.SIGKILL)
+    assert len(workers) == 2, (workers, driver.poll())
+    os.kill(workers[-1], signal.SIGKILL)
     result = assert_continued_from_a_checkpoint(driver, tmp_path, "ddp_trial", epochs)
     with result.checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / "checkpoint.pt")
     assert state["workers"] == 2 and state["epoch"] == epochs
     assert result.metrics[schema.accuracy("test", "clean")] > 0.5
+    # the Ray Train run it drove, in its folder of --storage
+    assert (trial_folder / result.path.split("/")[-1] / "ray_train").is_dir()
 
 
 def test_a_teacher_that_fails_on_every_worker_names_the_workers_error(tmp_path, ray_cluster):
@@ -279,3 +268,50 @@ def test_a_teacher_that_fails_on_every_worker_names_the_workers_error(tmp_path, 
     assert "rank " in message and "data.batch_size" in message, message
     assert "multiple of the 2 data-parallel workers" in message, message
     assert not checkpoint.exists()
+
+
+def test_data_parallel_trials_are_counted_against_the_cluster_since_tune_holds_nothing_for_them():
+    """A data-parallel trial's process holds no CPU or GPU (its Ray Train workers do), so
+    Tune alone would start every trial at once: `concurrency` caps them at what the cluster
+    holds. A one-process trial is left to Tune's own accounting."""
+    from study.run import DRIVER_MEMORY, concurrency, trainable
+
+    def spec(**resources):
+        study = {"study": {"name": "cap", "mode": "ablation", "metric": "test/pgd_acc"}}
+        base, ablation = {**digits_base(epochs=1), "method": "natural"}, {"seeds": [0]}
+        return spec_from_dict({**study, "resources": resources, "base": base, "ablation": ablation})
+
+    cluster = {"CPU": 16.0, "GPU": 8.0}
+    assert concurrency(spec(cpus_per_trial=4, gpus_per_trial=2), cluster, None, None) == 4
+    assert concurrency(spec(cpus_per_trial=2, workers_per_trial=2), cluster, None, None) == 8
+    assert concurrency(spec(cpus_per_trial=2, gpus_per_trial=2), cluster, None, 4) == 2
+    assert concurrency(spec(cpus_per_trial=2, gpus_per_trial=1), cluster, None, None) is None
+    data_parallel = trainable(spec(cpus_per_trial=4, gpus_per_trial=2))
+    (bundle,) = data_parallel._resources.bundles  # noqa: SLF001 - what Tune will reserve
+    assert bundle == {"memory": DRIVER_MEMORY}
+    (bundle,) = trainable(spec(cpus_per_trial=2, gpus_per_trial=0.5))._resources.bundles  # noqa: SLF001
+    assert bundle == {"CPU": 2, "GPU": 0.5}
+
+
+@pytest.mark.slow
+def test_a_diverging_data_parallel_trial_fails_once_with_its_workers_reason(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """A loss that diverges on the Ray Train workers fails the trial with that error (not Ray
+    Train's wrapper), so the deterministic-failure rule holds: Tune's retry ends at once."""
+    from study.run import main
+
+    study = {
+        "study": {"name": "ddp_nan", "mode": "ablation", "metric": "test/pgd_acc"},
+        "resources": {"cpus_per_trial": 2, "workers_per_trial": 2},
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": {**digits_base(epochs=2), "optim": {"epochs": 2, "lr": 1.0e8}},
+        "ablation": {"seeds": [0]},
+    }
+    study["study"]["max_failures"] = 1
+    assert main([write_study(tmp_path, study), *study_args(tmp_path, ray_cluster)]) == 1
+    (error_file,) = (tmp_path / "results" / "ddp_nan").glob("*/error.txt")
+    errors = error_file.read_text()
+    assert errors.count("Failure #") == 2, errors
+    assert "gacd.train.NonFiniteLossError: loss is nan at epoch 1" in errors
+    assert "RepeatedFailure: NonFiniteLossError: loss is nan" in errors
