@@ -26,6 +26,7 @@ from gacd.config import ConfigError, flatten
 from gacd.data import DatasetNotFoundError
 from study.spec import (
     ENTRY_KEY,
+    RESULT_WORKER_GROUP,
     SEED_KEY,
     VARIANT_KEY,
     StudyError,
@@ -458,10 +459,38 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, callbacks: list, max_concurr
             storage_path=str(paths.storage),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
-            callbacks=[*callbacks, *result_files()],
+            callbacks=[*callbacks, *result_files(), free_worker_groups()],
             verbose=0,
         ),
     )
+
+
+def free_worker_groups():
+    """A Tune callback that removes an ended data-parallel trial's Ray Train placement group
+    when it outlived the trial (Tune ends a stopped trial's process at once; the group belongs
+    to this job, which alone frees it then), so that the next trial gets its CPUs and GPUs."""
+    import ray
+    from ray.tune import Callback
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    class FreeWorkerGroups(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+            self.free(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+            self.free(trial)
+
+        @staticmethod
+        def free(trial) -> None:
+            group = (trial.last_result or {}).get(RESULT_WORKER_GROUP)
+            if not group:
+                return
+            state = ray.util.placement_group_table().get(group, {}).get("state")
+            if state in (None, "REMOVED"):
+                return
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+
+    return FreeWorkerGroups()
 
 
 def result_files() -> list:

@@ -60,6 +60,8 @@ EPOCHS_TOTAL = "epochs_total"
 RESULT_DEVICE = "device"
 # The splits a trial used (JSON: `gacd.data.describe_splits`), for MLflow's run inputs.
 RESULT_DATASETS = "datasets"
+# A data-parallel trial's Ray Train workers' placement group (hex id), for the driver to free.
+RESULT_WORKER_GROUP = "worker_placement_group"
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -25,7 +25,13 @@ from gacd.config import Config, ConfigError
 from gacd.data import DatasetNotFoundError, describe_splits, load_datasets
 from gacd.runtime import resolve_device
 from gacd.train import BEST_CHECKPOINT_FILE, NonFiniteLossError, State, best_checkpoint, fit
-from study.spec import EPOCHS_TOTAL, RESULT_DATASETS, RESULT_DEVICE, StudySpec
+from study.spec import (
+    EPOCHS_TOTAL,
+    RESULT_DATASETS,
+    RESULT_DEVICE,
+    RESULT_WORKER_GROUP,
+    StudySpec,
+)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
@@ -268,8 +274,14 @@ def data_parallel_worker(loop: dict[str, Any]) -> None:
     config = spec.trial_config(loop["ray_config"])
     resume = later(ray.get(loop["resume"][0]), ray_train_state())
 
+    # Tune ends a stopped trial's process at once, and Ray Train's own cleaner of an orphaned
+    # run's placement group needs the dashboard: the study's driver frees it (`study.run`).
+    group = ray.util.get_current_placement_group()
+    named = {RESULT_WORKER_GROUP: group.id.hex()} if group is not None else {}
+
     def send(metrics: dict[str, Any], folder: str) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics | named, checkpoint=checkpoint)
 
     if ray.train.get_context().get_world_rank() == 0:
         fit_and_report(config, resume, send)

@@ -315,3 +315,34 @@ def test_a_diverging_data_parallel_trial_fails_once_with_its_workers_reason(
     assert errors.count("Failure #") == 2, errors
     assert "gacd.train.NonFiniteLossError: loss is nan at epoch 1" in errors
     assert "RepeatedFailure: NonFiniteLossError: loss is nan" in errors
+
+
+@pytest.mark.slow
+def test_data_parallel_trials_that_tune_stops_free_their_workers_for_the_next(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """ASHA stops a trial at its last epoch (and poor ones earlier): Tune ends the trial's
+    process at once, leaving its Ray Train workers' placement group to this job. Only one
+    2-worker trial fits the 2-CPU cluster at a time, so without the driver freeing that group
+    the second trial would wait for CPUs forever; here all three end, in minutes."""
+    study = {
+        "study": {
+            "name": "ddp_asha",
+            "mode": "search",
+            "metric": "val/pgd_acc",
+            "num_samples": 3,
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "sampler": {"name": "random", "seed": 0},
+        },
+        "resources": {"cpus_per_trial": 2, "workers_per_trial": 2},
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": {**digits_base(epochs=3), "negatives": {"source": "in_batch"}},
+        "search": {"optim.lr": {"distribution": "loguniform", "low": 0.001, "high": 0.1}},
+    }
+    command = [
+        sys.executable, "-m", "study.run", write_study(tmp_path, study),
+        *study_args(tmp_path, ray_cluster),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "3/3 trials done (" in done.stdout and "0 failed), 0 running" in done.stdout
