@@ -480,6 +480,9 @@ def free_worker_groups():
         def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
             self.free(trial)
 
+        def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+            self.free(trial)  # before its retry asks for the same CPUs and GPUs
+
         @staticmethod
         def free(trial) -> None:
             group = (trial.last_result or {}).get(RESULT_WORKER_GROUP)
