@@ -11,15 +11,12 @@ Train's checkpoint every epoch; a worker that dies restarts the group from the l
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from gacd import schema
 from gacd.checkpoint import load_checkpoint, save_checkpoint
@@ -28,11 +25,11 @@ from gacd.train import State, fit
 from study.spec import StudySpec
 from study.trainable import (
     CHECKPOINT_FILE,
-    RAY_TRAIN_FOLDER,
     later,
     ray_train_state,
     readable,
-    set_up_worker,
+    set_up_train_worker,
+    torch_trainer,
 )
 
 # Batch norm normalises each worker's rows: no more workers than leave it this many.
@@ -97,29 +94,15 @@ def teacher_workers(
 def train_teacher(config: Config, checkpoint: Path, workers: Workers, max_failures: int) -> None:
     """Train `config` into `checkpoint` with a `TorchTrainer` of `workers` (continues a
     partial checkpoint there); raises `TeacherTrainingError` when its retries are spent."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    use_gpu = workers.gpus > 0
-    resources = {"CPU": workers.cpus} | ({"GPU": workers.gpus} if use_gpu else {})
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_teacher_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "checkpoint": str(checkpoint),
-            "cpus": workers.cpus,
-            "gpus": workers.gpus,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers.count, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=RAY_TRAIN_FOLDER,
-            storage_path=str(checkpoint.parent),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+        {"config": config.to_dict(), "checkpoint": str(checkpoint)},
+        workers.count,
+        workers.cpus,
+        workers.gpus,
+        storage=str(checkpoint.parent),
+        max_failures=max_failures,
+        keep=2,
     )
     try:
         trainer.fit()
@@ -153,13 +136,9 @@ def last_line(error: BaseException) -> str:
 def train_teacher_worker(loop: dict[str, Any]) -> None:
     """Ray Train's loop on each of the teacher's workers."""
     import ray.train
-    import ray.train.torch
 
     config = Config.from_dict(loop["config"])
-    set_up_worker(loop["cpus"], loop["gpus"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    if loop["gpus"] and torch.cuda.is_available():
-        torch.cuda.set_device(ray.train.torch.get_device())
+    set_up_train_worker(loop)
     rank = ray.train.get_context().get_world_rank()
     path = Path(loop["checkpoint"])
 

@@ -120,13 +120,12 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
 
 
 def run_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
-    config = spec.trial_config(ray_config)
     resume = restored_state()
     if spec.resources.trial_workers > 1:
         run_data_parallel(ray_config, spec, resume)
         return
     set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
-    fit_and_report(config, resume, send_to_tune)
+    fit_and_report(spec.trial_config(ray_config), resume, send_to_tune)
 
 
 # What `fit_and_report` hands each epoch's metrics and checkpoint folder to.
@@ -195,38 +194,27 @@ def run_data_parallel(ray_config: dict[str, Any], spec: StudySpec, resume: State
     """The trial's epochs trained by a `TorchTrainer` over `resources.trial_workers` workers,
     each reported to Tune here, in the trial's process."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
     workers = spec.resources.trial_workers
     cpus = spec.resources.cpus_per_trial / workers
     gpus = spec.resources.gpus_per_trial / workers
-    use_gpu = gpus > 0
     results = Queue(maxsize=1, actor_options={"num_cpus": 0})
     acknowledged = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         data_parallel_worker,
-        train_loop_config={
+        {
             "ray_config": ray_config,
             "spec": spec,
             "resume": [ray.put(resume)],  # in a list: Ray hands the reference, not the value
-            "cpus": cpus,
-            "gpus": gpus,
         },
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus} | ({"GPU": gpus} if use_gpu else {}),
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=RAY_TRAIN_FOLDER,
-            storage_path=tune.get_context().get_storage().trial_fs_path,
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[ForwardToTrial(results, acknowledged)],
-        ),
+        workers,
+        cpus,
+        gpus,
+        storage=tune.get_context().get_storage().trial_fs_path,
+        max_failures=0,
+        keep=1,
+        callbacks=[ForwardToTrial(results, acknowledged)],
     )
     failure: list[BaseException] = []
 
@@ -249,6 +237,52 @@ def run_data_parallel(ray_config: dict[str, Any], spec: StudySpec, resume: State
         raise workers_error(failure[0])
 
 
+def torch_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    workers: int,
+    cpus: float,
+    gpus: float,
+    storage: str,
+    max_failures: int,
+    keep: int,
+    callbacks: list | None = None,
+):
+    """A `TorchTrainer` of `workers` workers of `cpus` CPUs and `gpus` GPUs each (`nccl` on
+    GPUs, `gloo` on CPUs), its run `RAY_TRAIN_FOLDER` in `storage`; `loop` gets `loop_config`
+    with the worker's `cpus` and `gpus` (for `set_up_train_worker`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = gpus > 0
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config | {"cpus": cpus, "gpus": gpus},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus} | ({"GPU": gpus} if use_gpu else {}),
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=RAY_TRAIN_FOLDER,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def set_up_train_worker(loop: dict[str, Any]) -> None:
+    """`set_up_worker` on a Ray Train worker, on the GPU Ray Train gave it (if any)."""
+    import ray.train.torch
+
+    set_up_worker(loop["cpus"], loop["gpus"])
+    if loop["gpus"] and torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.torch.get_device())
+
+
 def workers_error(error: BaseException) -> BaseException:
     """The first failed rank's own error when it is one `DETERMINISTIC_FAILURES` names (so the
     trial is not retried in vain), else Ray Train's."""
@@ -265,12 +299,9 @@ def data_parallel_worker(loop: dict[str, Any]) -> None:
     """Ray Train's loop on each worker of a trial: the trial's `fit`; rank 0 reports."""
     import ray
     import ray.train
-    import ray.train.torch
 
     spec: StudySpec = loop["spec"]
-    set_up_worker(loop["cpus"], loop["gpus"])
-    if loop["gpus"] and torch.cuda.is_available():
-        torch.cuda.set_device(ray.train.torch.get_device())
+    set_up_train_worker(loop)
     config = spec.trial_config(loop["ray_config"])
     resume = later(ray.get(loop["resume"][0]), ray_train_state())
 
