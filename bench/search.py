@@ -14,6 +14,12 @@ incumbent (its best full-budget trial so far, by validation) at each budget of t
 re-run on fresh seeds (one ablation study through `study.run`, validation split only, every
 distinct configuration once), and the figure is that fresh-seed mean. Written: a JSON of every
 search's curve and every incumbent's fresh value, a Markdown table, and a plot.
+
+`--select-top K --select-seeds S..` adds the selection the comparison study makes
+(`compare.top`, `compare.confirm_seeds`): at each budget, the search's K best full-budget trials
+are re-run on the selection seeds and the best mean is the incumbent, its cost (K x seeds x
+epochs) counted on top of the search's. The selection seeds are not the fresh seeds: what is
+measured on the fresh seeds is not the noise the choice was made on.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from study.confirm import confirm_spec, variant_stats
 
 ARMS = ("tpe_asha", "tpe", "random")
 FRESH_STUDY = "bench_search_fresh"
+SELECT_STUDY = "bench_search_select"
 
 
 @dataclass(frozen=True)
@@ -47,26 +54,28 @@ class Point:
     trial_epochs: int
     value: float | None  # the incumbent's validation value in the search (one seed)
     params: dict[str, Any] | None
+    # the `top` best full-budget trials so far, best first: [{"params": .., "value": ..}]
+    leaders: tuple[dict[str, Any], ...] = ()
 
 
-def curve(trials: list[optuna.trial.FrozenTrial], maximize: bool) -> list[Point]:
-    """Trial-epochs spent and the best full-budget trial so far, after each trial ends (in the
-    order trials ended). A pruned or failed trial costs its epochs and is never an incumbent."""
+def curve(trials: list[optuna.trial.FrozenTrial], maximize: bool, top: int = 1) -> list[Point]:
+    """Trial-epochs spent and the best full-budget trials so far (the first is the incumbent),
+    after each trial ends (in the order trials ended). A pruned or failed trial costs its
+    epochs and never leads; of equal values the earlier trial ranks first."""
     ended = sorted(
         (t for t in trials if t.state.is_finished() and t.datetime_complete is not None),
         key=lambda t: (t.datetime_complete, t.number),
     )
-    points, spent, best = [], 0, None
+    points, spent, complete = [], 0, []
     for trial in ended:
         spent += len(trial.intermediate_values)
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
-            better = best is None or (
-                trial.value > best.value if maximize else trial.value < best.value
-            )
-            if better:
-                best = trial
+            complete.append(trial)
+        ranked = sorted(complete, key=lambda t: -t.value if maximize else t.value)[: max(top, 1)]
+        best = ranked[0] if ranked else None
+        leaders = tuple({"params": dict(t.params), "value": t.value} for t in ranked)
         points.append(
-            Point(spent, best.value if best else None, dict(best.params) if best else None)
+            Point(spent, best.value if best else None, dict(best.params) if best else None, leaders)
         )
     return points
 
@@ -136,10 +145,10 @@ class Runner:
         return study.trials, study.direction == optuna.study.StudyDirection.MAXIMIZE
 
 
-def fresh_name(variants: dict[str, dict], seeds: list[int]) -> str:
-    """The fresh-seed study's name, from what it runs: a rerun with other searches is another."""
+def fresh_name(variants: dict[str, dict], seeds: list[int], prefix: str = FRESH_STUDY) -> str:
+    """A re-run study's name, from what it runs: a rerun with other searches is another."""
     digest = hashlib.sha256(json.dumps([variants, seeds], sort_keys=True).encode()).hexdigest()
-    return f"{FRESH_STUDY}_{digest[:8]}"
+    return f"{prefix}_{digest[:8]}"
 
 
 def fresh_values(tracking_uri: str, name: str, metric: str) -> dict[str, tuple[float, float, int]]:
@@ -148,52 +157,70 @@ def fresh_values(tracking_uri: str, name: str, metric: str) -> dict[str, tuple[f
     return {name: (row["mean"], row["std"], int(row["n"])) for name, row in rows.iterrows()}
 
 
+SEARCH_BEST = "the search's best"
+
+
+def selections(result: dict) -> list[tuple[str, str]]:
+    """How incumbents were chosen: (the searches' key, its name in the table)."""
+    kinds = [("incumbents", SEARCH_BEST)]
+    if result.get("select_top"):
+        top, seeds = result["select_top"], len(result["select_seeds"])
+        kinds.append(("selected", f"best of top {top} on {seeds} seeds"))
+    return kinds
+
+
 def summarise(result: dict) -> pd.DataFrame:
-    """Per arm and budget: the incumbents' fresh-seed value over sampler seeds."""
+    """Per arm, way of choosing and budget: the incumbents' fresh-seed value over sampler
+    seeds."""
     rows = []
     for arm in result["arms"]:
-        for budget in result["budgets"]:
-            found = [
-                s["incumbents"][str(budget)]
-                for s in result["searches"]
-                if s["arm"] == arm and s["incumbents"].get(str(budget))
-            ]
-            values = [incumbent["fresh_mean"] for incumbent in found]
-            lucky = [incumbent["search_value"] for incumbent in found]
-            spent = [s["trial_epochs"] for s in result["searches"] if s["arm"] == arm]
-            series = pd.Series(values, dtype=float)
-            rows.append(
-                {
-                    "arm": arm,
-                    "budget (trial-epochs)": budget,
-                    "searches with an incumbent": f"{len(values)}/{len(spent)}",
-                    "fresh-seed value": series.mean() if values else float("nan"),
-                    "± std over sampler seeds": series.std(ddof=1) if len(values) > 1 else 0.0,
-                    "search's own value": pd.Series(lucky, dtype=float).mean()
-                    if lucky
-                    else float("nan"),
-                    "trial-epochs of the whole search": pd.Series(spent, dtype=float).mean(),
-                }
-            )
+        for key, chosen_by in selections(result):
+            for budget in result["budgets"]:
+                found = [
+                    s[key][str(budget)]
+                    for s in result["searches"]
+                    if s["arm"] == arm and s[key].get(str(budget))
+                ]
+                values = pd.Series([i["fresh_mean"] for i in found], dtype=float)
+                lucky = pd.Series([i["search_value"] for i in found], dtype=float)
+                cost = pd.Series([i["cost"] for i in found], dtype=float)
+                spent = [s["trial_epochs"] for s in result["searches"] if s["arm"] == arm]
+                rows.append(
+                    {
+                        "arm": arm,
+                        "incumbent": chosen_by,
+                        "budget (trial-epochs)": budget,
+                        "spent, selection included": cost.mean() if len(cost) else float("nan"),
+                        "searches with an incumbent": f"{len(values)}/{len(spent)}",
+                        "fresh-seed value": values.mean() if len(values) else float("nan"),
+                        "± std over sampler seeds": values.std(ddof=1) if len(values) > 1 else 0.0,
+                        "search's own value": lucky.mean() if len(lucky) else float("nan"),
+                        "trial-epochs of the whole search": pd.Series(spent, dtype=float).mean(),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def third_of_random(searches: list[dict]) -> int | None:
-    """A third of the trial-epochs of the largest random search (None: no random arm)."""
+def third_of_random(searches: list[dict], selection_cost: int = 0) -> int | None:
+    """The search budget at which a search and its selection cost a third of what the largest
+    random search and its selection cost (None: no random arm, or no budget left)."""
     spent = [search["trial_epochs"] for search in searches if search["arm"] == "random"]
-    return max(spent) // 3 if spent else None
+    if not spent:
+        return None
+    third = (max(spent) + selection_cost) // 3 - selection_cost
+    return third if third > 0 else None
 
 
-def target(result: dict) -> dict:
+def target(result: dict, key: str = "incumbents") -> dict:
     """TPE + ASHA within a third of random search's trial-epochs against random search with
-    all of its own, each search's incumbent as measured on fresh seeds, over sampler seeds."""
-    third = third_of_random(result["searches"])
+    all of its own, each search's incumbent (chosen the `key` way, its selection's cost counted)
+    as measured on fresh seeds, over sampler seeds."""
+    cost = result.get("selection_cost", 0) if key == "selected" else 0
+    third = third_of_random(result["searches"], cost)
 
-    def fresh_at(search: dict, budget: int) -> float | None:
-        point = incumbent_at([Point(**p) for p in search["curve"]], budget)
-        if point is None:
-            return None
-        return result["fresh"][search["labels"][str(point.trial_epochs)]][0]
+    def fresh_at(search: dict, budget: int | None) -> float | None:
+        incumbent = search[key].get(str(budget))
+        return incumbent["fresh_mean"] if incumbent else None
 
     arm = "tpe_asha" if third is not None else None  # no random arm: no third to hold to
     tpe_asha = {s["seed"]: fresh_at(s, third) for s in result["searches"] if s["arm"] == arm}
@@ -206,6 +233,7 @@ def target(result: dict) -> dict:
     found_r = pd.Series([v for v in random.values() if v is not None], dtype=float)
     return {
         "third": third,
+        "selection_cost": cost,
         "tpe_asha_at_third": tpe_asha,
         "random_at_all": random,
         "tpe_asha_mean": found_a.mean(),
@@ -224,17 +252,22 @@ def plot(result: dict, path: Path) -> None:
 
     table = summarise(result)
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for index, (arm, group) in enumerate(table.groupby("arm", sort=False)):
-        color = f"C{index}"  # one colour per arm, for its fresh values and its search's own
-        axis.errorbar(
-            group["budget (trial-epochs)"],
-            group["fresh-seed value"],
-            yerr=group["± std over sampler seeds"],
-            marker="o",
-            capsize=3,
-            color=color,
-            label=f"{arm} (fresh seeds)",
-        )
+    for index, arm in enumerate(result["arms"]):
+        color = f"C{index}"  # one colour per arm: its fresh values and its search's own
+        for key, chosen_by in selections(result):
+            group = table[(table["arm"] == arm) & (table["incumbent"] == chosen_by)]
+            selected = key == "selected"
+            axis.errorbar(
+                group["spent, selection included"],
+                group["fresh-seed value"],
+                yerr=group["± std over sampler seeds"],
+                marker="s" if selected else "o",
+                linestyle="--" if selected else "-",
+                capsize=3,
+                color=color,
+                label=f"{arm}, {chosen_by} (fresh seeds)",
+            )
+        group = table[(table["arm"] == arm) & (table["incumbent"] == SEARCH_BEST)]
         axis.plot(
             group["budget (trial-epochs)"],
             group["search's own value"],
@@ -244,10 +277,10 @@ def plot(result: dict, path: Path) -> None:
             label=f"{arm} (the search's own, one seed)",
         )
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("trial-epochs spent")
+    axis.set_xlabel("trial-epochs spent (selection included)")
     axis.set_ylabel(result["metric"])
     axis.set_title(f"{result['study']}: incumbent by budget ({len(result['seeds'])} sampler seeds)")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -267,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         help="trial-epochs at which each search's incumbent is re-run on fresh seeds",
     )
     parser.add_argument("--fresh-seeds", type=int, nargs="+", default=[1000, 1001])
+    parser.add_argument(
+        "--select-top",
+        type=int,
+        default=0,
+        help="also choose each incumbent among the search's K best trials re-run on "
+        "--select-seeds, as the comparison study's confirm stage does (0: not)",
+    )
+    parser.add_argument("--select-seeds", type=int, nargs="+", default=[2000, 2001])
     parser.add_argument("--epochs", type=int, help="override base.optim.epochs (tests)")
     parser.add_argument("--teacher", help="a trained teacher's checkpoint, instead of the file's")
     parser.add_argument("--out", default="runs/bench-search", help="stores and logs")
@@ -296,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"bench_search_{arm}_s{seed}"
             seconds = runner.run(arm_spec(base, arm, seed, args.trials, name))
             trials, maximize = runner.trials(name)
-            points = curve(trials, maximize)
+            points = curve(trials, maximize, top=max(args.select_top, 1))
             searches.append(
                 {
                     "arm": arm,
@@ -310,40 +351,88 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
 
-    # Every incumbent at every budget, each distinct configuration once, on fresh seeds.
+    saved = out / "ray_results" / searches[0]["name"] / schema.SPEC_FILE
+    resolved = json.loads(saved.read_text())["resolved"]
+    metric = base["study"].get("metric", "val/pgd_acc")
+    epochs = int(resolved["base"]["optim"]["epochs"])
+    variants: dict[str, dict] = {}  # every configuration any stage re-runs, labelled once
+
+    def label_of(params: dict) -> str:
+        label = next((k for k, v in variants.items() if v == params), None)
+        if label is None:
+            label = f"config_{len(variants)}"
+            variants[label] = params
+        return label
+
+    # Each search's incumbent at every budget (and at a third of random search's, and at its end).
     third = third_of_random(searches)
-    variants: dict[str, dict] = {}
     for search in searches:
         points = [Point(**p) for p in search["curve"]]
-        search["labels"], search["incumbents"] = {}, {}
-        marks = {*args.budgets, search["trial_epochs"], *([third] if third else [])}
-        for budget in sorted(marks):
+        search["incumbents"], search["selected"] = {}, {}
+        for budget in sorted({*args.budgets, search["trial_epochs"], *([third] if third else [])}):
             point = incumbent_at(points, budget)
-            if point is None:
-                continue
-            label = next((k for k, v in variants.items() if v == point.params), None)
-            if label is None:
-                label = f"config_{len(variants)}"
-                variants[label] = point.params
-            search["labels"][str(point.trial_epochs)] = label
-            if budget in args.budgets:
+            if point is not None:
                 search["incumbents"][str(budget)] = {
-                    "config": label,
+                    "config": label_of(point.params),
                     "trial_epochs": point.trial_epochs,
                     "search_value": point.value,
+                    "cost": budget,
+                }
+
+    # With --select-top: each search's leaders re-run on the selection seeds, the best mean chosen.
+    selection_cost = args.select_top * len(args.select_seeds) * epochs
+    selection: dict[str, tuple[float, float, int]] = {}
+    selection_study = None
+    if args.select_top:
+        chosen_third = third_of_random(searches, selection_cost)
+        for search in searches:
+            points = [Point(**p) for p in search["curve"]]
+            marks = {*args.budgets, search["trial_epochs"], chosen_third or args.budgets[0]}
+            for budget in sorted(marks):
+                point = incumbent_at(points, budget)
+                if point is not None:
+                    search["selected"][str(budget)] = {
+                        "candidates": [label_of(leader["params"]) for leader in point.leaders],
+                        "values": [leader["value"] for leader in point.leaders],
+                        "trial_epochs": point.trial_epochs,
+                        "cost": budget + len(point.leaders) * len(args.select_seeds) * epochs,
+                    }
+        candidates = {
+            label: variants[label]
+            for search in searches
+            for choice in search["selected"].values()
+            for label in choice["candidates"]
+        }
+        selection_study = fresh_name(candidates, args.select_seeds, SELECT_STUDY)
+        runner.run(confirm_spec(resolved, candidates, args.select_seeds, selection_study))
+        selection = fresh_values(runner.tracking_uri, selection_study, metric)
+        for search in searches:
+            for choice in search["selected"].values():
+                means = [selection[label][0] for label in choice["candidates"]]
+                best = (max if maximize else min)(range(len(means)), key=means.__getitem__)
+                choice |= {
+                    "config": choice["candidates"][best],
+                    "search_value": choice["values"][best],
+                    "selection_mean": means[best],
                 }
     if not variants:
         raise SystemExit("bench.search: no search has a full-budget trial: nothing to confirm")
-    saved = out / "ray_results" / searches[0]["name"] / schema.SPEC_FILE
-    resolved = json.loads(saved.read_text())["resolved"]
-    fresh_study = fresh_name(variants, args.fresh_seeds)
-    fresh_seconds = runner.run(confirm_spec(resolved, variants, args.fresh_seeds, fresh_study))
-    metric = base["study"].get("metric", "val/pgd_acc")
+
+    # Every incumbent, however chosen, on the fresh seeds: each distinct configuration once.
+    final = {
+        choice["config"]: variants[choice["config"]]
+        for search in searches
+        for key in ("incumbents", "selected")
+        for choice in search[key].values()
+    }
+    fresh_study = fresh_name(final, args.fresh_seeds)
+    fresh_seconds = runner.run(confirm_spec(resolved, final, args.fresh_seeds, fresh_study))
     fresh = fresh_values(runner.tracking_uri, fresh_study, metric)
     for search in searches:
-        for incumbent in search["incumbents"].values():
-            mean, std, _ = fresh[incumbent["config"]]
-            incumbent |= {"fresh_mean": mean, "fresh_std": std}
+        for key in ("incumbents", "selected"):
+            for choice in search[key].values():
+                mean, std, _ = fresh[choice["config"]]
+                choice |= {"fresh_mean": mean, "fresh_std": std}
 
     result = {
         "study": args.study,
@@ -353,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         "trials": args.trials,
         "budgets": args.budgets,
         "fresh_seeds": args.fresh_seeds,
+        "select_top": args.select_top,
+        "select_seeds": args.select_seeds if args.select_top else [],
+        "selection_cost": selection_cost,
+        "selection_study": selection_study,
+        "selection": selection,
         "variants": variants,
         "fresh_study": fresh_study,
         "fresh": fresh,
@@ -362,21 +456,25 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     result["target"] = target(result)
+    if args.select_top:
+        result["target_selected"] = target(result, "selected")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2, default=str))
     if args.plot:
         plot(result, Path(args.plot))
     table = summarise(result)
     print(table.to_markdown(index=False, floatfmt=".3f"))
-    goal = result["target"]
-    if goal["third"]:
-        verdict = "holds" if goal["holds"] else "does not hold"
-        print(
-            f"target: TPE + ASHA within {goal['third']} trial-epochs reaches "
-            f"{goal['tpe_asha_mean']:.3f} ± {goal['tpe_asha_std']:.3f} (fresh seeds), random "
-            f"search with all of its own {goal['random_mean']:.3f} ± {goal['random_std']:.3f}: "
-            f"{verdict}"
-        )
+    for key, chosen_by in selections(result):
+        goal = result["target" if key == "incumbents" else "target_selected"]
+        if goal["third"]:
+            verdict = "holds" if goal["holds"] else "does not hold"
+            paid = f" + {goal['selection_cost']} to select" if goal["selection_cost"] else ""
+            print(
+                f"target ({chosen_by}): TPE + ASHA within {goal['third']}{paid} trial-epochs "
+                f"reaches {goal['tpe_asha_mean']:.3f} ± {goal['tpe_asha_std']:.3f} (fresh seeds), "
+                f"random search with all of its own {goal['random_mean']:.3f} ± "
+                f"{goal['random_std']:.3f}: {verdict}"
+            )
     return 0
 
 

@@ -42,6 +42,25 @@ def test_the_curve_counts_every_epoch_and_only_full_budget_trials_lead():
     assert search.incumbent_at(points, 40).value == 0.60
     minimised = search.curve(study.trials, maximize=False)
     assert minimised[-1].params == {"tau": 0.4}
+    # the leaders a selection re-runs: the best full-budget trials so far, best first
+    ranked = search.curve(study.trials, maximize=True, top=2)
+    assert [[leader["params"]["tau"] for leader in p.leaders] for p in ranked] == [
+        [],
+        [0.2],
+        [0.2],
+        [0.2, 0.4],
+        [0.5, 0.2],
+    ]
+    assert ranked[-1].leaders[0]["value"] == ranked[-1].value == 0.60
+
+
+def test_a_third_of_random_search_counts_the_selection_on_both_sides():
+    searches = [{"arm": "random", "trial_epochs": 384}, {"arm": "random", "trial_epochs": 360}]
+    assert search.third_of_random(searches) == 128
+    # 72 trial-epochs of selection on top of each: (384 + 72) / 3 = 152, 80 of them searching
+    assert search.third_of_random(searches, selection_cost=72) == 80
+    assert search.third_of_random(searches, selection_cost=400) is None  # nothing left to search
+    assert search.third_of_random([{"arm": "tpe", "trial_epochs": 384}]) is None
 
 
 def test_each_arm_is_the_study_file_with_its_sampler_and_scheduler():
@@ -71,6 +90,7 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     out = tmp_path / "out"
     argv = ["--arms", "tpe_asha", "random", "--seeds", "0", "--trials", "3", "--epochs", "2"]
     argv += ["--budgets", "2", "6", "--fresh-seeds", "1000", "1001"]
+    argv += ["--select-top", "2", "--select-seeds", "2000"]
     argv += ["--teacher", str(robust_teacher_path), "--out", str(out), "--num-cpus", "2"]
     argv += ["--results", str(tmp_path / "search.json"), "--plot", str(tmp_path / "plot.png")]
     assert search.main(argv) == 0
@@ -90,15 +110,38 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
         assert s["curve"][-1]["trial_epochs"] == s["trial_epochs"]
     # every incumbent's fresh value is the mean MLflow holds for its configuration
     assert result["fresh_study"].startswith(search.FRESH_STUDY)
+    variant = schema.tag_column(schema.TAG_VARIANT)
+    value = f"metrics.{schema.VAL_PGD_ACC}"
     fresh = load_runs(uri, result["fresh_study"])
-    fresh = fresh[fresh[schema.tag_column(schema.TAG_VARIANT)] != "full"]
-    assert len(fresh) == 2 * len(result["variants"])
+    fresh = fresh[fresh[variant] != "full"]
+    chosen = {
+        choice["config"]
+        for s in result["searches"]
+        for key in ("incumbents", "selected")
+        for choice in s[key].values()
+    }
+    assert set(fresh[variant]) == chosen and len(fresh) == 2 * len(chosen)
+    # each selected incumbent is its search's leader with the best mean on the selection seed,
+    # as MLflow recorded it; its cost is the search's budget plus one 2-epoch run per leader
+    selection = load_runs(uri, result["selection_study"])
+    assert set(selection["params.seed"]) == {"2000"}
+    means = selection.groupby(variant)[value].mean()
+    for s in result["searches"]:
+        assert s["selected"].keys() == s["incumbents"].keys()  # the third (2) is a budget
+        for budget, choice in s["selected"].items():
+            incumbent = s["incumbents"][budget]
+            assert choice["candidates"][0] == incumbent["config"]  # the search's best leads
+            assert 1 <= len(choice["candidates"]) <= 2
+            assert choice["config"] == means[choice["candidates"]].idxmax()
+            assert choice["selection_mean"] == pytest.approx(means[choice["config"]])
+            assert choice["cost"] == int(budget) + 2 * len(choice["candidates"])
+    assert result["target_selected"]["third"] is None  # (6 + 4) / 3 - 4: no budget to search
     for label, (mean, _, n) in result["fresh"].items():
         if label == "full":
             continue
         rows = fresh[fresh[schema.tag_column(schema.TAG_VARIANT)] == label]
         assert n == 2 and set(rows["params.seed"]) == {"1000", "1001"}
-        assert mean == pytest.approx(rows[f"metrics.{schema.VAL_PGD_ACC}"].mean())
+        assert mean == pytest.approx(rows[value].mean())
     # run again, it finds every study done and reports the same figures without rerunning
     assert search.main(argv) == 0
     again = json.loads((tmp_path / "search.json").read_text())
