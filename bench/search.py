@@ -251,7 +251,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = summarise(result)
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    figure, axis = plt.subplots(figsize=(9.6, 4.4))
     for index, arm in enumerate(result["arms"]):
         color = f"C{index}"  # one colour per arm: its fresh values and its search's own
         for key, chosen_by in selections(result):
@@ -280,7 +280,7 @@ def plot(result: dict, path: Path) -> None:
     axis.set_xlabel("trial-epochs spent (selection included)")
     axis.set_ylabel(result["metric"])
     axis.set_title(f"{result['study']}: incumbent by budget ({len(result['seeds'])} sampler seeds)")
-    axis.legend(fontsize=6)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__)
     parser.add_argument("--study", default="search_spaces/digits.yaml", help="a search file")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sampler seeds"
+    )
     parser.add_argument("--trials", type=int, default=32, help="trials per search (every arm)")
     parser.add_argument(
         "--budgets",
@@ -303,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--select-top",
         type=int,
-        default=0,
+        default=3,
         help="also choose each incumbent among the search's K best trials re-run on "
-        "--select-seeds, as the comparison study's confirm stage does (0: not)",
+        "--select-seeds, as the comparison study's confirm stage does (0: not; default 3)",
     )
     parser.add_argument("--select-seeds", type=int, nargs="+", default=[2000, 2001])
     parser.add_argument("--epochs", type=int, help="override base.optim.epochs (tests)")
