@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                     "cost": budget,
                 }
 
+    if not variants:
+        raise SystemExit("bench.search: no search has a full-budget trial: nothing to confirm")
+
     # With --select-top: each search's leaders re-run on the selection seeds, the best mean chosen.
     selection_cost = args.select_top * len(args.select_seeds) * epochs
     selection: dict[str, tuple[float, float, int]] = {}
@@ -410,16 +413,16 @@ def main(argv: list[str] | None = None) -> int:
         selection = fresh_values(runner.tracking_uri, selection_study, metric)
         for search in searches:
             for choice in search["selected"].values():
-                means = [selection[label][0] for label in choice["candidates"]]
-                best = (max if maximize else min)(range(len(means)), key=means.__getitem__)
+                # a candidate none of whose runs finished cannot be chosen; if none finished,
+                # the search's own best stands
+                means = [selection.get(label, (None,))[0] for label in choice["candidates"]]
+                ran = [i for i, mean in enumerate(means) if mean is not None and mean == mean]
+                best = (max if maximize else min)(ran, key=means.__getitem__) if ran else 0
                 choice |= {
                     "config": choice["candidates"][best],
                     "search_value": choice["values"][best],
                     "selection_mean": means[best],
                 }
-    if not variants:
-        raise SystemExit("bench.search: no search has a full-budget trial: nothing to confirm")
-
     # Every incumbent, however chosen, on the fresh seeds: each distinct configuration once.
     final = {
         choice["config"]: variants[choice["config"]]
