@@ -201,6 +201,16 @@ def summarise(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def chosen(means: list[float | None], maximize: bool) -> int:
+    """The index of the best of the candidates' selection means (the first of equals). One none
+    of whose runs finished (None or NaN) cannot be chosen; if none finished, the first (the
+    search's own best) stands."""
+    ran = [i for i, mean in enumerate(means) if mean is not None and mean == mean]
+    if not ran:
+        return 0
+    return (max if maximize else min)(ran, key=means.__getitem__)
+
+
 def third_of_random(searches: list[dict], selection_cost: int = 0) -> int | None:
     """The search budget at which a search and its selection cost a third of what the largest
     random search and its selection cost (None: no random arm, or no budget left)."""
@@ -413,11 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         selection = fresh_values(runner.tracking_uri, selection_study, metric)
         for search in searches:
             for choice in search["selected"].values():
-                # a candidate none of whose runs finished cannot be chosen; if none finished,
-                # the search's own best stands
                 means = [selection.get(label, (None,))[0] for label in choice["candidates"]]
-                ran = [i for i, mean in enumerate(means) if mean is not None and mean == mean]
-                best = (max if maximize else min)(ran, key=means.__getitem__) if ran else 0
+                best = chosen(means, maximize)
                 choice |= {
                     "config": choice["candidates"][best],
                     "search_value": choice["values"][best],

@@ -54,6 +54,14 @@ def test_the_curve_counts_every_epoch_and_only_full_budget_trials_lead():
     assert ranked[-1].leaders[0]["value"] == ranked[-1].value == 0.60
 
 
+def test_the_selection_chooses_the_best_mean_among_candidates_that_ran():
+    assert search.chosen([0.40, 0.45, 0.42], maximize=True) == 1
+    assert search.chosen([0.40, 0.45, 0.42], maximize=False) == 0
+    assert search.chosen([0.40, None, float("nan")], maximize=False) == 0  # failed: not chosen
+    assert search.chosen([None, 0.30, 0.30], maximize=True) == 1  # of equals, the first
+    assert search.chosen([None, float("nan")], maximize=True) == 0  # none ran: the search's best
+
+
 def test_a_third_of_random_search_counts_the_selection_on_both_sides():
     searches = [{"arm": "random", "trial_epochs": 384}, {"arm": "random", "trial_epochs": 360}]
     assert search.third_of_random(searches) == 128
