@@ -145,7 +145,7 @@ class Runner:
         return study.trials, study.direction == optuna.study.StudyDirection.MAXIMIZE
 
 
-def fresh_name(variants: dict[str, dict], seeds: list[int], prefix: str = FRESH_STUDY) -> str:
+def rerun_name(variants: dict[str, dict], seeds: list[int], prefix: str = FRESH_STUDY) -> str:
     """A re-run study's name, from what it runs: a rerun with other searches is another."""
     digest = hashlib.sha256(json.dumps([variants, seeds], sort_keys=True).encode()).hexdigest()
     return f"{prefix}_{digest[:8]}"
@@ -376,13 +376,17 @@ def main(argv: list[str] | None = None) -> int:
             variants[label] = params
         return label
 
+    def marks(search: dict, third: int | None) -> list[int]:
+        """The budgets a search's incumbent is taken at: the asked ones, its end, the third."""
+        return sorted({*args.budgets, search["trial_epochs"], *([third] if third else [])})
+
     # Each search's incumbent at every budget (and at a third of random search's, and at its end).
+    points = {search["name"]: [Point(**p) for p in search["curve"]] for search in searches}
     third = third_of_random(searches)
     for search in searches:
-        points = [Point(**p) for p in search["curve"]]
         search["incumbents"], search["selected"] = {}, {}
-        for budget in sorted({*args.budgets, search["trial_epochs"], *([third] if third else [])}):
-            point = incumbent_at(points, budget)
+        for budget in marks(search, third):
+            point = incumbent_at(points[search["name"]], budget)
             if point is not None:
                 search["incumbents"][str(budget)] = {
                     "config": label_of(point.params),
@@ -401,10 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.select_top:
         chosen_third = third_of_random(searches, selection_cost)
         for search in searches:
-            points = [Point(**p) for p in search["curve"]]
-            marks = {*args.budgets, search["trial_epochs"], chosen_third or args.budgets[0]}
-            for budget in sorted(marks):
-                point = incumbent_at(points, budget)
+            for budget in marks(search, chosen_third):
+                point = incumbent_at(points[search["name"]], budget)
                 if point is not None:
                     search["selected"][str(budget)] = {
                         "candidates": [label_of(leader["params"]) for leader in point.leaders],
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             for choice in search["selected"].values()
             for label in choice["candidates"]
         }
-        selection_study = fresh_name(candidates, args.select_seeds, SELECT_STUDY)
+        selection_study = rerun_name(candidates, args.select_seeds, SELECT_STUDY)
         runner.run(confirm_spec(resolved, candidates, args.select_seeds, selection_study))
         selection = fresh_values(runner.tracking_uri, selection_study, metric)
         for search in searches:
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("incumbents", "selected")
         for choice in search[key].values()
     }
-    fresh_study = fresh_name(final, args.fresh_seeds)
+    fresh_study = rerun_name(final, args.fresh_seeds)
     fresh_seconds = runner.run(confirm_spec(resolved, final, args.fresh_seeds, fresh_study))
     fresh = fresh_values(runner.tracking_uri, fresh_study, metric)
     for search in searches:
