@@ -59,6 +59,8 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
             if won.get("mean") is not None:
                 spread = f" ± {won['std']:.3f}" if won["std"] == won["std"] else ", one seed"
                 chosen += f" ({won['mean']:.3f}{spread})"
+            if won.get("stopped"):
+                chosen += ", stopped early in the search"
             row["winner (confirm mean ± std)"] = chosen
             row["winner's values"] = json.dumps(won["params"], sort_keys=True)
         else:

@@ -8,9 +8,10 @@ the comparison's MLflow experiment and nested under its run:
    trials each (`CompareSearch`: one seeded Optuna study per method, `NAME-search.<entry>`),
    each method's trials stopped early only against its own (`PerEntryScheduler`), one epoch
    budget, one validation split.
-2. `NAME-confirm`: each method's `compare.top` best full-budget trials re-run on
-   `compare.confirm_seeds` (validation split only); the one with the best mean is the
-   method's winner, not one seed's luck. Skipped when `top` is 1.
+2. `NAME-confirm`: each method's `compare.top` best trials (its full-budget ones first, then
+   those ASHA stopped latest) re-run at the full budget on `compare.confirm_seeds`
+   (validation split only); the one with the best mean is the method's winner, not one
+   seed's luck. Skipped when `top` is 1.
 3. `NAME-final`: each winner on `compare.seeds`, evaluated on the test split; the table
    compares every method with `compare.reference` (paired over seeds) and says what budget
    each got.
@@ -145,8 +146,8 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def candidates(spec: StudySpec, paths) -> tuple[dict, dict]:
-    """Each method's best `top` full-budget trials of the search stage, and the methods that
-    have none, with why."""
+    """Each method's `top` best trials of the search stage (`ranked`), and the methods that have
+    no full-budget trial, with why."""
     from analysis.runs import load_study
 
     search = search_stage(spec)
@@ -157,20 +158,43 @@ def candidates(spec: StudySpec, paths) -> tuple[dict, dict]:
         study = optuna.load_study(
             study_name=search.optuna_study_name(entry), storage=paths.optuna_url
         )
-        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        best = sorted(complete, key=lambda t: t.value, reverse=spec.study.direction == "max")
+        best = ranked(study.get_trials(), spec.compare.top, spec.study.direction == "max")
         if best:
             chosen[entry] = [
                 {
                     "name": f"{entry}.{schema.search_run_name(t.number)}",
                     "value": t.value,
+                    "epochs": max(t.intermediate_values, default=None),
+                    "stopped": t.state == optuna.trial.TrialState.PRUNED,
                     "params": t.params,
                 }
-                for t in best[: spec.compare.top]
+                for t in best
             ]
             continue
         failed[entry] = search_failure(study, runs, entry)
     return chosen, failed
+
+
+def ranked(trials, top: int, maximize: bool) -> list:
+    """A method's `top` candidates: its full-budget trials, best first; where fewer than `top`
+    ran their budget (ASHA at a few trials a method lets one or two through), then its
+    early-stopped ones, those that ran longest first (they passed the most of ASHA's rungs) and
+    at the same length the best at their last epoch: each candidate is re-run at the full
+    budget on the confirm seeds, so a stopped one competes on the same terms there. None when
+    no trial ran its full budget (the search failed)."""
+    sign = -1.0 if maximize else 1.0
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    stopped = [
+        t
+        for t in trials
+        if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values
+        and t.value is not None and t.value == t.value
+    ]
+    if not complete:
+        return []
+    complete.sort(key=lambda t: sign * t.value)
+    stopped.sort(key=lambda t: (-max(t.intermediate_values), sign * t.value))
+    return (complete + stopped)[:top]
 
 
 def search_failure(study: optuna.Study, runs, entry: str) -> str:
@@ -197,7 +221,7 @@ def winners(spec: StudySpec, state: dict[str, Any], tracking_uri: str) -> tuple[
     chosen, failed = {}, {}
     if spec.compare.top == 1 or "confirm" not in state["done"]:
         for entry, found in state["candidates"].items():
-            chosen[entry] = {"name": found[0]["name"], "params": found[0]["params"], "mean": None}
+            chosen[entry] = {**searched(found[0]), "mean": None}
         return chosen, failed
     study = load_study(tracking_uri, spec.name, stage_name(spec, "confirm"))
     stats = ablation_table(study.runs, [spec.study.metric], study.reference, study.variants).stats
@@ -213,8 +237,14 @@ def winners(spec: StudySpec, state: dict[str, Any], tracking_uri: str) -> tuple[
             continue
         maximize = spec.study.direction == "max"
         mean, std, best = sorted(scored, key=lambda s: s[0], reverse=maximize)[0]
-        chosen[entry] = {"name": best["name"], "params": best["params"], "mean": mean, "std": std}
+        chosen[entry] = {**searched(best), "mean": mean, "std": std}
     return chosen, failed
+
+
+def searched(candidate: dict[str, Any]) -> dict[str, Any]:
+    """What a winner keeps of its candidate: its search trial, values, and whether ASHA had
+    stopped it there (a state written before that was recorded has no `stopped`)."""
+    return {key: candidate[key] for key in ("name", "params", "stopped") if key in candidate}
 
 
 # --- running ---------------------------------------------------------------------------------

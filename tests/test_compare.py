@@ -20,7 +20,7 @@ from ray.tune.search import Searcher
 from analysis.runs import load_runs
 from gacd import schema
 from gacd.config import ConfigError, ConfigFileError
-from study.compare import STATE_FILE, explicit, search_stage
+from study.compare import STATE_FILE, explicit, ranked, search_stage
 from study.run import main, trial_count
 from study.search import PerEntryScheduler, compare_searcher, optuna_storage, scheduler
 from study.spec import ENTRY_KEY, read_study_file, spec_from_dict
@@ -204,6 +204,35 @@ def test_a_method_s_trials_are_stopped_early_only_against_its_own():
     assert decision == TrialScheduler.STOP
 
 
+def test_too_few_full_budget_trials_are_filled_with_those_asha_stopped_latest():
+    study = optuna.create_study(direction="maximize")
+
+    def trial(values, state):
+        running = study.ask()
+        for epoch, value in enumerate(values, start=1):
+            running.report(value, epoch)
+        if state == optuna.trial.TrialState.COMPLETE:
+            study.tell(running, values[-1])
+        else:
+            study.tell(running, state=state)
+
+    pruned, complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    trial([0.2, 0.3, 0.4, 0.5], complete)  # 0: the only one that ran its budget
+    trial([0.7, 0.9], pruned)  # 1: best value, but stopped at the first rung
+    trial([0.3, 0.4, 0.45], pruned)  # 2: passed two rungs
+    trial([0.3, 0.5, 0.6], pruned)  # 3: passed two rungs, better there
+    trial([0.1], optuna.trial.TrialState.FAIL)  # 4: failed
+    trials = study.get_trials()
+    assert [t.number for t in ranked(trials, 3, maximize=True)] == [0, 3, 2]
+    assert [t.number for t in ranked(trials, 5, maximize=True)] == [0, 3, 2, 1]
+    assert [t.number for t in ranked(trials, 1, maximize=True)] == [0]
+    assert [t.number for t in ranked(trials, 3, maximize=False)] == [0, 2, 3]
+    trial([0.1, 0.2, 0.3, 0.35], complete)  # 5: a second full-budget trial, worse than 0
+    assert [t.number for t in ranked(study.get_trials(), 3, maximize=True)] == [0, 5, 3]
+    # no trial ran its full budget: the search failed, however far the stopped ones went
+    assert ranked([t for t in trials if t.state != complete], 2, maximize=True) == []
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 
@@ -271,6 +300,11 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     # the confirm stage re-ran each candidate on the fresh seed, once each after the resume
     confirm = by_stage["duel-confirm"]
     names = {c["name"] for found in state["candidates"].values() for c in found}
+    # top 2 of 2 trials each, though ASHA stopped one of them
+    assert {entry: len(found) for entry, found in state["candidates"].items()} == {
+        "gacd": 2,
+        "trades": 2,
+    }
     assert set(confirm["tags.variant"]) == names and len(confirm) == len(names)
     assert set(confirm["tags.seed"]) == {"1000"} and set(confirm.status) == {"FINISHED"}
     for run_id in confirm.run_id:
