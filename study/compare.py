@@ -187,8 +187,10 @@ def ranked(trials, top: int, maximize: bool) -> list:
     stopped = [
         t
         for t in trials
-        if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values
-        and t.value is not None and t.value == t.value
+        if t.state == optuna.trial.TrialState.PRUNED
+        and t.intermediate_values
+        and t.value is not None
+        and t.value == t.value
     ]
     if not complete:
         return []
