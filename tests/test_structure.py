@@ -2,13 +2,19 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from gacd import schema
 from gacd.data import batches
 from gacd.evaluate import robustness_metrics
-from gacd.structure import class_correlation_difference, linear_cka, structure_metrics
+from gacd.structure import (
+    class_correlation,
+    class_correlation_difference,
+    linear_cka,
+    structure_metrics,
+)
 from gacd.teacher import FrozenTeacher, load_teacher
 from gacd.train import fit
 from tests.conftest import digits_config
@@ -49,6 +55,48 @@ def test_class_correlation_difference_is_zero_for_identical_logits_only():
         0.0, abs=1e-12
     )
     assert class_correlation_difference(logits, torch.randn(300, 10)).item() > 0.05
+
+
+def kornblith_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al.'s reference code (google-research, representation_similarity/cka.py):
+    `cka(gram_linear(x), gram_linear(y))`, the biased estimator, re-typed."""
+
+    def gram_linear(values):
+        return values.dot(values.T)
+
+    def center_gram(gram):
+        gram = gram.copy()
+        means = np.mean(gram, 0, dtype=np.float64)
+        means -= np.mean(means) / 2
+        gram -= means[:, None]
+        gram -= means[None, :]
+        return gram
+
+    gram_x, gram_y = center_gram(gram_linear(x)), center_gram(gram_linear(y))
+    scaled_hsic = gram_x.ravel().dot(gram_y.ravel())
+    return scaled_hsic / (np.linalg.norm(gram_x) * np.linalg.norm(gram_y))
+
+
+@pytest.mark.parametrize("dims", [(16, 10), (8, 32)])
+def test_cka_is_kornbliths_reference_linear_cka(dims):
+    first = random_features(samples=300, dim=dims[0], seed=5)
+    second = torch.tanh(first[:, : min(dims)] @ torch.randn(min(dims), dims[1])) + 0.3 * (
+        random_features(samples=300, dim=dims[1], seed=6)
+    )
+    reference = kornblith_linear_cka(first.double().numpy(), second.double().numpy())
+    assert 0.05 < reference < 0.95
+    assert linear_cka(first, second).item() == pytest.approx(reference, rel=1e-9)
+
+
+def test_class_correlation_is_numpys_pearson_correlation():
+    logits = torch.randn(200, 10) @ torch.randn(10, 10) + torch.randn(10)
+    other = logits + torch.randn(200, 10)
+    ours = class_correlation(logits)
+    assert torch.allclose(ours, torch.from_numpy(np.corrcoef(logits.double().numpy().T)))
+    reference = np.abs(
+        np.corrcoef(logits.double().numpy().T) - np.corrcoef(other.double().numpy().T)
+    ).mean()
+    assert class_correlation_difference(logits, other).item() == pytest.approx(reference)
 
 
 def test_a_copy_of_the_teacher_shares_its_whole_structure(digits, robust_teacher_path):
