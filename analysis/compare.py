@@ -55,19 +55,25 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
             row[f"{stage} trial-hours"] = float(seconds[mine].sum()) / 3600.0
         won = state.get("winners", {}).get(method)
         if won is not None:
-            chosen = won["name"]
-            if won.get("mean") is not None:
-                spread = f" ± {won['std']:.3f}" if won["std"] == won["std"] else ", one seed"
-                chosen += f" ({won['mean']:.3f}{spread})"
-            if won.get("stopped"):
-                chosen += ", stopped early in the search"
-            row["winner (confirm mean ± std)"] = chosen
+            row["winner (confirm mean ± std)"] = winner_text(won)
             row["winner's values"] = json.dumps(won["params"], sort_keys=True)
         else:
             row["winner (confirm mean ± std)"] = state.get("failed", {}).get(method, "-")
             row["winner's values"] = ""
         rows.append(row)
     return pd.DataFrame(rows).set_index("method")
+
+
+def winner_text(won: dict[str, Any]) -> str:
+    """A winner as the budget table shows it: its search trial, its mean (± std) on the
+    confirm seeds, and whether ASHA had stopped it early in the search."""
+    text = won["name"]
+    if won.get("mean") is not None:
+        spread = f" ± {won['std']:.3f}" if won["std"] == won["std"] else ", one seed"
+        text += f" ({won['mean']:.3f}{spread})"
+    if won.get("stopped"):
+        text += ", stopped early in the search"
+    return text
 
 
 def final_table(tracking_uri: str, experiment: str, checkpoint: str, fmt: str) -> str:

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from analysis.compare import winner_text
 from analysis.runs import load_runs
 from gacd import schema
 from gacd.config import ConfigError, ConfigFileError
@@ -231,6 +232,10 @@ def test_too_few_full_budget_trials_are_filled_with_those_asha_stopped_latest():
     assert [t.number for t in ranked(study.get_trials(), 3, maximize=True)] == [0, 5, 3]
     # no trial ran its full budget: the search failed, however far the stopped ones went
     assert ranked([t for t in trials if t.state != complete], 2, maximize=True) == []
+    stopped = {"name": "gacd.trial-003", "params": {}, "mean": 0.5, "std": 0.01, "stopped": True}
+    assert winner_text(stopped) == "gacd.trial-003 (0.500 ± 0.010), stopped early in the search"
+    alone = {"name": "gacd.trial-000", "params": {}, "mean": 0.5, "std": float("nan")}
+    assert winner_text(alone) == "gacd.trial-000 (0.500, one seed)"
 
 
 # --- end to end ------------------------------------------------------------------------------
@@ -300,7 +305,7 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     # the confirm stage re-ran each candidate on the fresh seed, once each after the resume
     confirm = by_stage["duel-confirm"]
     names = {c["name"] for found in state["candidates"].values() for c in found}
-    # top 2 of 2 trials each, though ASHA stopped one of them
+    # top 2 of 2 trials each, whether or not ASHA stopped one of them
     assert {entry: len(found) for entry, found in state["candidates"].items()} == {
         "gacd": 2,
         "trades": 2,
