@@ -232,6 +232,9 @@ def test_too_few_full_budget_trials_are_filled_with_those_asha_stopped_latest():
     assert [t.number for t in ranked(study.get_trials(), 3, maximize=True)] == [0, 5, 3]
     # no trial ran its full budget: the search failed, however far the stopped ones went
     assert ranked([t for t in trials if t.state != complete], 2, maximize=True) == []
+
+
+def test_the_budget_table_says_a_winner_was_stopped_early_or_confirmed_on_one_seed():
     stopped = {"name": "gacd.trial-003", "params": {}, "mean": 0.5, "std": 0.01, "stopped": True}
     assert winner_text(stopped) == "gacd.trial-003 (0.500 ± 0.010), stopped early in the search"
     alone = {"name": "gacd.trial-000", "params": {}, "mean": 0.5, "std": float("nan")}

@@ -80,7 +80,8 @@ def kornblith_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 @pytest.mark.parametrize("dims", [(16, 10), (8, 32)])
 def test_cka_is_kornbliths_reference_linear_cka(dims):
     first = random_features(samples=300, dim=dims[0], seed=5)
-    second = torch.tanh(first[:, : min(dims)] @ torch.randn(min(dims), dims[1])) + 0.3 * (
+    mixing = torch.randn(min(dims), dims[1], generator=torch.Generator().manual_seed(7))
+    second = torch.tanh(first[:, : min(dims)] @ mixing) + 0.3 * (
         random_features(samples=300, dim=dims[1], seed=6)
     )
     reference = kornblith_linear_cka(first.double().numpy(), second.double().numpy())
@@ -89,8 +90,11 @@ def test_cka_is_kornbliths_reference_linear_cka(dims):
 
 
 def test_class_correlation_is_numpys_pearson_correlation():
-    logits = torch.randn(200, 10) @ torch.randn(10, 10) + torch.randn(10)
-    other = logits + torch.randn(200, 10)
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(200, 10, generator=generator) @ torch.randn(
+        10, 10, generator=generator
+    ) + torch.randn(10, generator=generator)
+    other = logits + torch.randn(200, 10, generator=generator)
     ours = class_correlation(logits)
     assert torch.allclose(ours, torch.from_numpy(np.corrcoef(logits.double().numpy().T)))
     reference = np.abs(
