@@ -11,13 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from analysis.runs import StudyNotFoundError, default_tracking_uri, load_runs, load_study
+from analysis.runs import (
+    Study,
+    StudyNotFoundError,
+    default_tracking_uri,
+    load_runs,
+    load_study,
+)
 from analysis.table import RENDERERS, checkpoint_caption, render_study, significance_note
 from gacd import schema
 
@@ -28,7 +35,9 @@ STAGES = ("search", "confirm", "final")
 
 
 def stage_of(name: str, experiment: str) -> str:
-    return name.removeprefix(experiment + "-")
+    """A stage's name from its study's (`NAME-confirm-2`, a round seeds added on `--resume`
+    ran, is `confirm`)."""
+    return re.sub(r"-\d+$", "", name.removeprefix(experiment + "-"))
 
 
 def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> pd.DataFrame:
@@ -76,9 +85,79 @@ def winner_text(won: dict[str, Any]) -> str:
     return text
 
 
-def final_table(tracking_uri: str, experiment: str, checkpoint: str, fmt: str) -> str:
-    study = load_study(tracking_uri, experiment, f"{experiment}-final")
+def final_study(tracking_uri: str, experiment: str, state: dict[str, Any]) -> Study:
+    """The final stage as one study: from every final round, the runs of each method's current
+    winner (a round that ran a winner the confirm seeds added on `--resume` replaced counts
+    in the budget, not in the table)."""
+    winners = state.get("winners", {})
+    rounds = state.get("final_rounds") or [{"stage": "final", "winners": winners}]
+    variant = schema.tag_column(schema.TAG_VARIANT)
+    studies, parts = [], []
+    for round_ in rounds:
+        try:
+            study = load_study(tracking_uri, experiment, f"{experiment}-{round_['stage']}")
+        except StudyNotFoundError:
+            continue  # a round not started yet
+        current = [
+            entry
+            for entry, won in round_["winners"].items()
+            if winners.get(entry, {}).get("name") == won["name"]
+        ]
+        studies.append(study)
+        if not study.runs.empty:
+            parts.append(study.runs[study.runs[variant].isin(current)])
+    if not studies:
+        raise StudyNotFoundError(f"comparison {experiment!r} has no final stage yet")
+    reference = state.get("reference", studies[0].reference)
+    first = studies[0]
+    return Study(
+        tracking_uri,
+        f"{experiment}-final",
+        "ablation",
+        first.metric,
+        first.direction,
+        first.parent_run_id,
+        pd.concat(parts, ignore_index=True) if parts else first.runs.iloc[0:0],
+        [reference, *(entry for entry in winners if entry != reference)],
+        reference,
+    )
+
+
+def final_table(
+    tracking_uri: str, experiment: str, state: dict[str, Any], checkpoint: str, fmt: str
+) -> str:
+    study = final_study(tracking_uri, experiment, state)
     return render_study(study, None, study.reference, fmt, 10, checkpoint, headers="labels")
+
+
+def rounds_text(state: dict[str, Any]) -> list[str]:
+    """What seeds added on `--resume` ran, and the winners they changed (nothing when none
+    were added)."""
+    growth = state.get("growth") or []
+    if not growth:
+        return []
+    lines = ["## Seeds added on resume", ""]
+    for number, grew in enumerate(growth, start=1):
+        added = "; ".join(
+            f"{'confirm' if key == 'confirm_seeds' else 'final'} seeds {seeds}"
+            for key, seeds in grew.items()
+            if key in ("confirm_seeds", "seeds")
+        )
+        changed = grew.get("winners_changed")
+        if changed:
+            added += "; winners changed: " + ", ".join(
+                f"{entry} {old} -> {new}" for entry, (old, new) in changed.items()
+            )
+        elif "confirm_seeds" in grew and changed is not None:
+            added += "; no winner changed"
+        lines.append(f"{number}. {added}")
+    stages = [r["stage"] for r in state.get("confirm_rounds", [])]
+    stages += [
+        f"{r['stage']} ({', '.join(r['winners'])} on {r['seeds']})"
+        for r in state.get("final_rounds", [])
+    ]
+    lines += ["", "Rounds: " + "; ".join(stages) + ".", ""]
+    return lines
 
 
 def comparison_markdown(
@@ -96,7 +175,7 @@ def comparison_markdown(
     reference = state.get("reference", "gacd")
     for shown in (checkpoint, *also):
         try:
-            table = final_table(tracking_uri, experiment, shown, "md")
+            table = final_table(tracking_uri, experiment, state, shown, "md")
             lines += [
                 f"## Test split, each method's winner ({checkpoint_caption(shown)})",
                 "",
@@ -123,6 +202,7 @@ def comparison_markdown(
             budget.to_markdown(floatfmt=".3f"),
             "",
         ]
+    lines += rounds_text(state)
     for method, reason in state.get("failed", {}).items():
         lines.append(f"- **{method}**: {reason}")
     return "\n".join(lines) + "\n"
@@ -145,7 +225,7 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
     write_html(report, out / "report.html", experiment)
     for fmt, extension in (("csv", "csv"), ("latex", "tex")):
         try:
-            text = final_table(tracking_uri, experiment, "both", fmt)
+            text = final_table(tracking_uri, experiment, state, "both", fmt)
         except (StudyNotFoundError, LookupError):
             continue
         (out / f"{TABLE_FILE}.{extension}").write_text(text)
@@ -207,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.format == "md":
             print(comparison_markdown(uri, args.experiment, state, args.checkpoint))
         else:
-            print(final_table(uri, args.experiment, args.checkpoint, args.format))
+            print(final_table(uri, args.experiment, state, args.checkpoint, args.format))
     except StudyNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 
 from gacd import schema
 from gacd.config import flatten
@@ -105,8 +106,11 @@ def ablation_stage(
     seeds: list[int],
     test_split: bool,
     teachers: Path,
+    only: list[str] | None = None,
 ) -> StudySpec:
-    """The comparison turned into one of its ablation stages (confirm or final)."""
+    """The comparison turned into one of its ablation stages (confirm or final, or a round of
+    either that seeds added on `--resume` start): `variants` made explicit over every key any
+    of them sets, then `only` those named (default: all) run, `reference` among them."""
     raw = json.loads(json.dumps(spec.to_dict(), default=str))
     metric = test_metric(spec.study.metric) if test_split else spec.study.metric
     raw["study"] |= {
@@ -118,6 +122,8 @@ def ablation_stage(
     raw["study"]["scheduler"]["name"] = "none"
     raw["compare"], raw["search"] = None, {}
     full = explicit(spec, variants)
+    if only is not None:
+        full = {name: values for name, values in full.items() if name in only}
     raw["ablation"] = {
         "reference": full[reference],
         "reference_name": reference,
@@ -215,18 +221,21 @@ def search_failure(study: optuna.Study, runs, entry: str) -> str:
 
 
 def winners(spec: StudySpec, state: dict[str, Any], tracking_uri: str) -> tuple[dict, dict]:
-    """Each method's candidate with the best mean on the confirm seeds (its only candidate when
-    `top` is 1), and the methods whose every confirm run failed."""
+    """Each method's candidate with the best mean over the confirm seeds of every confirm round
+    (its first candidate when `top` is 1), and the methods whose every confirm run failed."""
     from analysis.runs import load_study
     from analysis.table import ablation_table
 
     chosen, failed = {}, {}
-    if spec.compare.top == 1 or "confirm" not in state["done"]:
+    rounds = state.get("confirm_rounds") or [{"stage": "confirm"}]
+    if spec.compare.top == 1 or any(r["stage"] not in state["done"] for r in rounds):
         for entry, found in state["candidates"].items():
             chosen[entry] = {**searched(found[0]), "mean": None}
         return chosen, failed
-    study = load_study(tracking_uri, spec.name, stage_name(spec, "confirm"))
-    stats = ablation_table(study.runs, [spec.study.metric], study.reference, study.variants).stats
+    studies = [load_study(tracking_uri, spec.name, stage_name(spec, r["stage"])) for r in rounds]
+    runs = pd.concat([study.runs for study in studies], ignore_index=True)
+    first = studies[0]
+    stats = ablation_table(runs, [spec.study.metric], first.reference, first.variants).stats
     means = stats.xs(spec.study.metric, level="metric") if not stats.empty else None
     for entry, found in state["candidates"].items():
         scored = [
@@ -279,11 +288,16 @@ def run_stages(
     folder = paths.experiment(spec.name)
     tracking, commit = Tracking(paths.tracking_uri), git_commit()
     parent = comparison_run(tracking, spec, commit, args.resume)
+    state = read_state(folder)
+    saved_file = folder / schema.SPEC_FILE
+    started_with = json.loads(saved_file.read_text())["resolved"]["compare"] if exists else None
+    first_rounds(state, started_with or spec.to_dict()["compare"])
+    if started_with is not None and grown(spec, started_with):
+        record_growth(spec, state, started_with, folder, runner)
     if not exists:
         folder.mkdir(parents=True, exist_ok=True)
         saved = {"source": runner.spec_source(spec), "resolved": spec.to_dict()}
-        (folder / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
-    state = read_state(folder)
+        saved_file.write_text(json.dumps(saved, indent=2, default=str))
     assert spec.compare is not None
     reference = state["reference"] = spec.compare.reference
 
@@ -307,22 +321,32 @@ def run_stages(
             for entry, cs in found.items()
             for c in cs
         }
-        confirm = ablation_stage(
-            spec,
-            "confirm",
-            found[reference][0]["name"],
-            variants,
-            spec.compare.confirm_seeds,
-            False,
-            paths.teachers,
-        )
-        code = run_stage(confirm, "confirm", *stage_args)
-        if code != 0:
-            return stop(tracking, parent, code)
+        for round_ in confirm_rounds(spec, state):
+            write_state(folder, state)
+            confirm = ablation_stage(
+                spec,
+                round_["stage"],
+                found[reference][0]["name"],
+                variants,
+                round_["seeds"],
+                False,
+                paths.teachers,
+            )
+            code = run_stage(confirm, round_["stage"], *stage_args)
+            if code != 0:
+                return stop(tracking, parent, code)
     if "winners" not in state["done"]:
+        before = state["winners"]
         chosen, failed = winners(spec, state, paths.tracking_uri)
         state["winners"], state["failed"] = chosen, state["failed"] | failed
         state["done"].append("winners")
+        changed = {
+            entry: [before[entry]["name"], won["name"]]
+            for entry, won in chosen.items()
+            if entry in before and before[entry]["name"] != won["name"]
+        }
+        if before and state.get("growth"):
+            state["growth"][-1]["winners_changed"] = changed
         write_state(folder, state)
     if reference not in state["winners"]:
         return give_up(tracking, parent, spec, paths, state, f"the reference method {reference!r}")
@@ -336,14 +360,118 @@ def run_stages(
         entry: candidate_overrides(spec, entry, won["params"])
         for entry, won in state["winners"].items()
     }
-    final = ablation_stage(
-        spec, "final", reference, final_variants, spec.compare.seeds, True, paths.teachers
-    )
-    code = run_stage(final, "final", *stage_args)
-    if code != 0:
-        return stop(tracking, parent, code)
+    for round_ in final_rounds(spec, state):
+        write_state(folder, state)
+        entries = list(round_["winners"])
+        final = ablation_stage(
+            spec,
+            round_["stage"],
+            reference if reference in entries else entries[0],
+            final_variants,  # explicit over every winner's keys, as in the first round
+            round_["seeds"],
+            True,
+            paths.teachers,
+            only=entries,
+        )
+        code = run_stage(final, round_["stage"], *stage_args)
+        if code != 0:
+            return stop(tracking, parent, code)
     finish(tracking, parent, spec, paths, state)
     return 0
+
+
+# --- seeds added on --resume: rounds ---------------------------------------------------------
+#
+# The confirm and final stages each run in rounds, one study per round (`NAME-confirm`, then
+# `NAME-confirm-2`, ...). A resume whose `compare.confirm_seeds` or `compare.seeds` has grown
+# (`--confirm-seeds`, `--final-seeds`) adds a round with only what is missing: every candidate
+# on the added confirm seeds (the winners are then chosen again, on the mean over every
+# confirm seed), and each winner on the final seeds it has not run on (every final seed for a
+# method whose winner changed). Nothing that ran is run again or thrown away; the table reads
+# each method's current winner's runs from every final round.
+
+
+def first_rounds(state: dict[str, Any], compare: dict[str, Any]) -> None:
+    """The rounds a comparison started with (`compare`: its resolved section as it started),
+    for a state written before rounds were kept."""
+    state.setdefault(
+        "confirm_rounds", [{"stage": "confirm", "seeds": list(compare["confirm_seeds"])}]
+    )
+    if "final_rounds" not in state:
+        ran = "winners" in state["done"]
+        state["final_rounds"] = (
+            [{"stage": "final", "seeds": list(compare["seeds"]), "winners": state["winners"]}]
+            if ran
+            else []
+        )
+
+
+def grown(spec: StudySpec, started_with: dict[str, Any]) -> bool:
+    return (
+        spec.compare.confirm_seeds != started_with["confirm_seeds"]
+        or spec.compare.seeds != started_with["seeds"]
+    )
+
+
+def record_growth(spec: StudySpec, state, started_with: dict[str, Any], folder: Path, runner):
+    """A resume with more seeds: the study file saved again with them (a later resume compares
+    with these), the growth kept in the state, the winners to be chosen again if the confirm
+    seeds grew."""
+    added = {
+        key: [seed for seed in getattr(spec.compare, key) if seed not in started_with[key]]
+        for key in ("confirm_seeds", "seeds")
+    }
+    state.setdefault("growth", []).append({key: seeds for key, seeds in added.items() if seeds})
+    if added["confirm_seeds"] and spec.compare.top > 1 and "winners" in state["done"]:
+        state["done"].remove("winners")
+    saved = {"source": runner.spec_source(spec), "resolved": spec.to_dict()}
+    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
+    write_state(folder, state)
+    print(
+        f"{spec.name}: seeds added on --resume: "
+        + ", ".join(f"compare.{key} +{seeds}" for key, seeds in added.items() if seeds),
+        flush=True,
+    )
+
+
+def next_stage(rounds: list[dict[str, Any]], stage: str) -> str:
+    return stage if not rounds else f"{stage}-{len(rounds) + 1}"
+
+
+def confirm_rounds(spec: StudySpec, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every confirm round, with one for the confirm seeds none has run yet."""
+    rounds = state["confirm_rounds"]
+    ran = {seed for round_ in rounds for seed in round_["seeds"]}
+    added = [seed for seed in spec.compare.confirm_seeds if seed not in ran]
+    if added:
+        rounds.append({"stage": next_stage(rounds, "confirm"), "seeds": added})
+    return rounds
+
+
+def final_rounds(spec: StudySpec, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every final round, with one for each set of final seeds that some winners have not run
+    on (a winner's runs count only in rounds that ran that same winner)."""
+    rounds = state["final_rounds"]
+    missing: dict[tuple[int, ...], list[str]] = {}
+    for entry, won in state["winners"].items():
+        ran = {
+            seed
+            for round_ in rounds
+            if round_["winners"].get(entry, {}).get("name") == won["name"]
+            for seed in round_["seeds"]
+        }
+        need = tuple(seed for seed in spec.compare.seeds if seed not in ran)
+        if need:
+            missing.setdefault(need, []).append(entry)
+    for seeds, entries in missing.items():
+        rounds.append(
+            {
+                "stage": next_stage(rounds, "final"),
+                "seeds": list(seeds),
+                "winners": {entry: state["winners"][entry] for entry in entries},
+            }
+        )
+    return rounds
 
 
 def run_stage(

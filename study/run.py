@@ -8,6 +8,7 @@ trials early, and every trial is a child run of the study's run in MLflow.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -378,8 +379,9 @@ def check_trusted(folder: Path) -> None:
 def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     """On `--resume`, the spec the study started with (its resolved reference included)."""
     saved = json.loads((path / schema.SPEC_FILE).read_text())
-    if saved["source"] != spec_source(spec):
-        before, now = flatten(saved["source"]), flatten(spec_source(spec))
+    source_before, source_now = fixed_source(saved["source"]), fixed_source(spec_source(spec))
+    if source_before != source_now:
+        before, now = flatten(source_before), flatten(source_now)
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed == ["teacher.checkpoint"] and before[changed[0]] is not None:
             old_cache = Path(str(before["teacher.checkpoint"])).parents[1]
@@ -399,7 +401,46 @@ def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
             + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             + "; resume with that file and budget, or start a new --name"
         )
-    return load_study_spec(path, teachers)
+    resumed = load_study_spec(path, teachers)
+    for key, seeds in grown_seeds(saved["resolved"], spec).items():
+        setattr(resumed.compare, key, seeds)
+    return resumed
+
+
+# A comparison's seed lists may grow on --resume: the new seeds' runs are added to what it ran.
+GROWING_SEEDS = ("confirm_seeds", "seeds")
+
+
+def fixed_source(source: dict[str, Any]) -> dict[str, Any]:
+    """What a resume must not change: the saved source without a comparison's seed lists."""
+    source = copy.deepcopy(source)
+    for key in GROWING_SEEDS:
+        (source.get("compare") or {}).pop(key, None)
+    return source
+
+
+def grown_seeds(saved: dict[str, Any], spec: StudySpec) -> dict[str, list[int]]:
+    """The comparison seed lists a resume appends to (`saved`: the resolved spec it started
+    with, or last grew to): a saved list that is the start of the new one grows to it; a new
+    one that is the start of the saved one (the study file as it was before seeds were added)
+    continues the saved one; any other change is refused."""
+    if spec.compare is None:
+        return {}
+    grown = {}
+    for key in GROWING_SEEDS:
+        before, now = list((saved.get("compare") or {}).get(key) or []), getattr(spec.compare, key)
+        if before[: len(now)] == now:
+            continue
+        if now[: len(before)] != before:
+            flag = "--confirm-seeds" if key == "confirm_seeds" else "--final-seeds"
+            raise StudyError(
+                f"--resume: compare.{key} of study {spec.name!r} can only grow: it has "
+                f"{before}, now {now}; keep every seed it ran, in its order, and append new "
+                f"ones ({flag} {' '.join(str(seed) for seed in before)} ...)"
+            )
+        if len(now) > len(before):
+            grown[key] = list(now)
+    return grown
 
 
 def load_study_spec(path: Path, teachers: Path) -> StudySpec:
@@ -789,11 +830,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="apply this entry of the file's budgets section (e.g. full: the whole training "
         "set, more epochs, AutoAttack on every test image); default: the file's study.budget",
     )
+    parser.add_argument(
+        "--confirm-seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="a comparison's confirm seeds (compare.confirm_seeds); with --resume, seeds "
+        "appended to a comparison's re-run only what they add",
+    )
+    parser.add_argument(
+        "--final-seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="a comparison's final seeds (compare.seeds); appended on --resume as above",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
     parser.add_argument(
         "--dry-run", action="store_true", help="validate the file and print the plan; run nothing"
     )
     return parser.parse_args(argv)
+
+
+def compare_seeds(args: argparse.Namespace) -> dict[str, list[int]]:
+    """The comparison seed lists the command line replaces (`--confirm-seeds`, `--final-seeds`)."""
+    given = {"confirm_seeds": args.confirm_seeds, "seeds": args.final_seeds}
+    return {key: seeds for key, seeds in given.items() if seeds is not None}
 
 
 def quiet_libraries() -> None:
@@ -820,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_concurrent,
             paths.teachers,
             args.budget,
+            compare_seeds(args),
         )
         if args.dry_run:
             print(describe(spec, paths, args.address))

@@ -312,11 +312,14 @@ def read_study_file(
     max_concurrent: int | None = None,
     teacher_cache: Path | None = None,
     budget: str | None = None,
+    compare_seeds: dict[str, list[int]] | None = None,
 ) -> StudySpec:
     """Read, validate and resolve a study file; errors name the file and the dotted key.
 
     `budget` names an entry of the file's `budgets` section (default: its `study.budget`),
-    whose dotted keys replace the file's values before anything else is read.
+    whose dotted keys replace the file's values before anything else is read;
+    `compare_seeds` (`confirm_seeds`, `seeds`: the command line's `--confirm-seeds` and
+    `--final-seeds`) replace a comparison's seed lists after the budget.
 
     Relative paths in it (data folders, teacher checkpoints) are taken from the current
     directory and made absolute here, since every trial runs in a directory of its own.
@@ -326,6 +329,13 @@ def read_study_file(
         raise ConfigFileError(str(path), f"expected a mapping of study sections, got {raw!r}")
     try:
         raw = apply_budget(raw, budget)
+        for key, seeds in (compare_seeds or {}).items():
+            require(
+                (raw.get("study") or {}).get("mode") == "compare",
+                f"compare.{key}",
+                "a comparison (study.mode: compare): only a comparison has confirm and final seeds",
+            )
+            raw["compare"] = {**(raw.get("compare") or {}), key: list(seeds)}
         spec = spec_from_dict(raw, name, num_samples, max_concurrent, teacher_cache)
     except ConfigError as error:
         raise ConfigFileError(str(path), str(error)) from error

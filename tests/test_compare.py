@@ -11,20 +11,29 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from analysis.compare import winner_text
+from analysis.compare import final_study, winner_text
 from analysis.runs import load_runs
 from gacd import schema
 from gacd.config import ConfigError, ConfigFileError
-from study.compare import STATE_FILE, explicit, ranked, search_stage
-from study.run import main, trial_count
+from study.compare import (
+    STATE_FILE,
+    confirm_rounds,
+    explicit,
+    final_rounds,
+    first_rounds,
+    ranked,
+    search_stage,
+)
+from study.run import grown_seeds, main, trial_count
 from study.search import PerEntryScheduler, compare_searcher, optuna_storage, scheduler
-from study.spec import ENTRY_KEY, read_study_file, spec_from_dict
+from study.spec import ENTRY_KEY, StudyError, read_study_file, spec_from_dict
 from tests.test_study_run import digits_base, study_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,6 +250,106 @@ def test_the_budget_table_says_a_winner_was_stopped_early_or_confirmed_on_one_se
     assert winner_text(alone) == "gacd.trial-000 (0.500, one seed)"
 
 
+# --- seeds added on --resume ----------------------------------------------------------------
+
+
+def test_added_seeds_run_only_what_they_add():
+    spec = spec_from_dict(comparison("/nowhere/teacher.pt", seeds=[0, 1]))
+    won = {"gacd": {"name": "gacd.trial-000"}, "trades": {"name": "trades.trial-001"}}
+    state = {"done": ["winners"], "winners": won}
+    first_rounds(state, {"confirm_seeds": [1000], "seeds": [0, 1]})
+    assert confirm_rounds(spec, state) == [{"stage": "confirm", "seeds": [1000]}]
+    assert final_rounds(spec, state) == [{"stage": "final", "seeds": [0, 1], "winners": won}]
+    spec.compare.confirm_seeds, spec.compare.seeds = [1000, 1001, 1002], [0, 1, 2]
+    assert confirm_rounds(spec, state)[1:] == [{"stage": "confirm-2", "seeds": [1001, 1002]}]
+    assert confirm_rounds(spec, state)[1:] == [{"stage": "confirm-2", "seeds": [1001, 1002]}]
+    # the added confirm seeds chose another trades: it runs on every final seed, gacd on 2 only
+    state["winners"] = {**won, "trades": {"name": "trades.trial-000"}}
+    assert final_rounds(spec, state)[1:] == [
+        {"stage": "final-2", "seeds": [2], "winners": {"gacd": won["gacd"]}},
+        {"stage": "final-3", "seeds": [0, 1, 2], "winners": {"trades": state["winners"]["trades"]}},
+    ]
+    assert len(final_rounds(spec, state)) == 3  # planned once: a resume continues those rounds
+
+
+def test_the_final_table_reads_only_each_method_s_current_winner(tmp_path):
+    """Two final rounds in a real MLflow store: pgd_at's first winner (replaced when confirm
+    seeds were added) ran in `duel-final`; its runs count in no table, the new winner's do."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("duel", artifact_location=(tmp_path / "a").as_uri())
+    ran = {  # stage -> variant -> seed -> test/pgd_acc
+        "final": {"gacd": {0: 0.50, 1: 0.60}, "pgd_at": {0: 0.90, 1: 0.95}},
+        "final-2": {"gacd": {2: 0.70}},
+        "final-3": {"pgd_at": {0: 0.30, 1: 0.40, 2: 0.50}},
+    }
+    for stage, variants in ran.items():
+        tags = {"role": "study", "study": f"duel-{stage}", "mode": "ablation"}
+        tags |= {"metric": "test/pgd_acc", "direction": "max"}
+        tags["variants"] = json.dumps(list(variants))
+        parent = client.create_run(experiment, tags=tags).info.run_id
+        for variant, seeds in variants.items():
+            for seed, value in seeds.items():
+                run_tags = {"role": "trial", "mlflow.parentRunId": parent, "variant": variant}
+                run_id = client.create_run(experiment, tags=run_tags | {"seed": str(seed)})
+                client.log_metric(run_id.info.run_id, "test/pgd_acc", value)
+                client.set_terminated(run_id.info.run_id, "FINISHED")
+    gacd, old, new = ({"name": name} for name in ("gacd.t0", "pgd_at.t0", "pgd_at.t2"))
+    state = {
+        "reference": "gacd",
+        "winners": {"gacd": gacd, "pgd_at": new},
+        "final_rounds": [
+            {"stage": "final", "seeds": [0, 1], "winners": {"gacd": gacd, "pgd_at": old}},
+            {"stage": "final-2", "seeds": [2], "winners": {"gacd": gacd}},
+            {"stage": "final-3", "seeds": [0, 1, 2], "winners": {"pgd_at": new}},
+        ],
+    }
+    study = final_study(uri, "duel", state)
+    variant, seed = schema.tag_column("variant"), schema.tag_column("seed")
+    got = {
+        name: dict(zip(group[seed].astype(int), group["metrics.test/pgd_acc"], strict=True))
+        for name, group in study.runs.groupby(variant)
+    }
+    assert got == {"gacd": {0: 0.50, 1: 0.60, 2: 0.70}, "pgd_at": {0: 0.30, 1: 0.40, 2: 0.50}}
+    assert study.variants == ["gacd", "pgd_at"] and study.reference == "gacd"
+    # a round that has not started yet is skipped, not an error
+    state["final_rounds"].append({"stage": "final-4", "seeds": [3], "winners": {"gacd": gacd}})
+    assert len(final_study(uri, "duel", state).runs) == 6
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "grown"),
+    [
+        ([1000], [1000, 1001], {"confirm_seeds": [1000, 1001]}),
+        ([1000, 1001], [1000], {}),  # the file as it was before seeds were added: continue
+        ([1000, 1001], [1000, 1001], {}),
+    ],
+)
+def test_a_resume_may_append_seeds_to_a_comparison(saved, now, grown):
+    spec = spec_from_dict(comparison("/nowhere/teacher.pt", confirm_seeds=now))
+    resolved = {"compare": {"confirm_seeds": saved, "seeds": [0, 1]}}
+    assert grown_seeds(resolved, spec) == grown
+
+
+@pytest.mark.parametrize("now", [[1001], [1001, 1000], [1000, 1002]])
+def test_a_resume_refuses_seeds_that_drop_or_reorder_what_ran(now):
+    spec = spec_from_dict(comparison("/nowhere/teacher.pt", confirm_seeds=now))
+    resolved = {"compare": {"confirm_seeds": [1000, 1001], "seeds": [0, 1]}}
+    with pytest.raises(
+        StudyError,
+        match=r"compare.confirm_seeds of study 'duel' can only grow: "
+        r"it has \[1000, 1001\], now .*--confirm-seeds 1000 1001 \.\.\.",
+    ):
+        grown_seeds(resolved, spec)
+
+
+def test_seeds_on_the_command_line_are_refused_outside_a_comparison(tmp_path, capsys):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({"study": {"name": "s"}, "base": digits_base(epochs=1)}))
+    assert main([str(path), "--confirm-seeds", "1000", "--dry-run"]) == 2
+    assert "config key 'compare.confirm_seeds': expected a comparison" in capsys.readouterr().err
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 
@@ -335,6 +444,46 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     assert report.count("natural**: search failed") == 1
     budget = (tmp_path / "results" / "duel" / "report" / "budget.csv").read_text()
     assert budget.count("\n") == 4  # a header and every method, the failed one included
+
+    # seeds added on --resume run only what they add: each candidate on the new confirm seed,
+    # the winners chosen again on both, each winner on the final seeds it lacks
+    more = ["--confirm-seeds", "1000", "1001", "--final-seeds", "0", "1", "2"]
+    assert main([str(path), "--resume", *args, *more]) == 0
+    grown = json.loads((tmp_path / "results" / "duel" / STATE_FILE).read_text())
+    assert grown["growth"][0]["confirm_seeds"] == [1001] and grown["growth"][0]["seeds"] == [2]
+    stages = load_runs(uri, "duel", role=schema.ROLE_STUDY).set_index("tags.study")
+    assert len(load_runs(uri, "duel", parent_run_id=stages.run_id["duel-search"])) == 6
+    assert len(load_runs(uri, "duel", parent_run_id=stages.run_id["duel-confirm"])) == len(names)
+    again = load_runs(uri, "duel", parent_run_id=stages.run_id["duel-confirm-2"])
+    assert set(again["tags.variant"]) == names and len(again) == len(names)
+    assert set(again["tags.seed"]) == {"1001"} and set(again.status) == {"FINISHED"}
+    # each winner has the best mean over both confirm seeds, as MLflow recorded them
+    both = pd.concat([confirm, again])
+    means = both.groupby("tags.variant")["metrics.val/pgd_acc"].mean()
+    for entry, found in grown["candidates"].items():
+        best = max((c["name"] for c in found), key=lambda name: means[name])
+        assert grown["winners"][entry]["name"] == best
+        assert grown["winners"][entry]["mean"] == pytest.approx(means[best], abs=1e-9)
+    changed = grown["growth"][0]["winners_changed"]
+    table = final_study(uri, "duel", grown).runs
+    for entry in ("gacd", "trades"):
+        mine = table[table["tags.variant"] == entry]
+        assert sorted(mine["tags.seed"]) == ["0", "1", "2"], entry
+        added = 3 if entry in changed else 1  # a changed winner runs on every final seed
+        ran = 0
+        for round_ in grown["final_rounds"][1:]:
+            runs = load_runs(uri, "duel", parent_run_id=stages.run_id[f"duel-{round_['stage']}"])
+            ran += int((runs["tags.variant"] == entry).sum())
+        assert ran == added, (entry, changed)
+    report = (tmp_path / "results" / "duel" / "report" / "report.md").read_text()
+    assert "## Seeds added on resume" in report and "confirm seeds [1001]" in report
+    # the file as it was continues the grown comparison, running nothing; a seed dropped is
+    # refused, naming the key, and changes nothing
+    assert main([str(path), "--resume", *args]) == 0
+    assert len(load_runs(uri, "duel", role=schema.ROLE_STUDY)) == len(stages)
+    before = (tmp_path / "results" / "duel" / STATE_FILE).read_text()
+    assert main([str(path), "--resume", *args, "--confirm-seeds", "1001"]) == 2
+    assert (tmp_path / "results" / "duel" / STATE_FILE).read_text() == before
 
 
 def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
