@@ -51,10 +51,16 @@ benchmark-ablation: install fashion-mnist-data
 
 # Every method tuned with the same budget, then compared over fresh seeds (the same teacher,
 # data and attack budget as `make benchmark`: its table and this one read side by side).
+# CONFIRM_SEEDS="1000 1001 1002" and FINAL_SEEDS="0 1 2 3 4" add seeds to a comparison that
+# ran: only what they add runs (README, "More seeds later").
+CONFIRM_SEEDS ?=
+FINAL_SEEDS ?=
 benchmark-compare: install fashion-mnist-data
 	mkdir -p $(BENCH)
 	$(BIN)/python -m study.run search_spaces/fashion_mnist_compare.yaml $(BENCH_ARGS) \
-		$(call resume,fashion_mnist_compare)
+		$(call resume,fashion_mnist_compare) \
+		$(if $(CONFIRM_SEEDS),--confirm-seeds $(CONFIRM_SEEDS)) \
+		$(if $(FINAL_SEEDS),--final-seeds $(FINAL_SEEDS))
 
 # Fashion-MNIST's idx files: in data/ already, or Debian's package (installed here when this
 # runs as root with apt-get), or a message saying what to run.
