@@ -343,6 +343,16 @@ def test_a_resume_refuses_seeds_that_drop_or_reorder_what_ran(now):
         grown_seeds(resolved, spec)
 
 
+def test_a_resume_refuses_confirm_seeds_where_no_confirm_stage_runs():
+    spec = spec_from_dict(comparison("/nowhere/teacher.pt", top=1, confirm_seeds=[1000, 1001]))
+    resolved = {"compare": {"confirm_seeds": [1000], "seeds": [0, 1]}}
+    with pytest.raises(StudyError, match=r"compare.top is 1, so no confirm stage runs"):
+        grown_seeds(resolved, spec)
+    spec.compare.confirm_seeds = [1000]
+    spec.compare.seeds = [0, 1, 2]
+    assert grown_seeds(resolved, spec) == {"seeds": [0, 1, 2]}
+
+
 def test_seeds_on_the_command_line_are_refused_outside_a_comparison(tmp_path, capsys):
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump({"study": {"name": "s"}, "base": digits_base(epochs=1)}))
@@ -354,6 +364,22 @@ def test_seeds_on_the_command_line_are_refused_outside_a_comparison(tmp_path, ca
 
 
 @pytest.mark.slow
+def interrupt_in_stage(command: list[str], stage: str) -> None:
+    """`study.run` in its own process, sent SIGINT at its first epoch in `stage`."""
+    driver = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen, inside = [], False
+    for line in driver.stdout:
+        seen.append(line)
+        inside = inside or stage in line
+        if inside and "epoch 1/2" in line:
+            driver.send_signal(signal.SIGINT)
+            break
+    assert inside, "".join(seen[-40:])
+    assert driver.wait(timeout=300) == 130, "".join(seen[-40:]) + driver.stdout.read()[-3000:]
+
+
 def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losing_nothing(
     tmp_path, ray_cluster, robust_teacher_path
 ):
@@ -365,18 +391,7 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     path = tmp_path / "duel.yaml"
     path.write_text(yaml.safe_dump(raw))
     args = study_args(tmp_path, ray_cluster)
-    command = [sys.executable, "-m", "study.run", str(path), *args]
-    driver = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    seen, confirming = [], False
-    for line in driver.stdout:
-        seen.append(line)
-        confirming = confirming or "stage confirm" in line
-        if confirming and "epoch 1/2" in line:
-            driver.send_signal(signal.SIGINT)
-            break
-    assert driver.wait(timeout=300) == 130, "".join(seen[-40:]) + driver.stdout.read()[-3000:]
+    interrupt_in_stage([sys.executable, "-m", "study.run", str(path), *args], "stage confirm")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert load_runs(uri, "duel", role=schema.ROLE_COMPARISON).status[0] == "KILLED"
 
@@ -447,8 +462,11 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
 
     # seeds added on --resume run only what they add: each candidate on the new confirm seed,
     # the winners chosen again on both, each winner on the final seeds it lacks
+    # (interrupted in its added confirm round, it continues with the file as it was)
     more = ["--confirm-seeds", "1000", "1001", "--final-seeds", "0", "1", "2"]
-    assert main([str(path), "--resume", *args, *more]) == 0
+    command = [sys.executable, "-m", "study.run", str(path), "--resume", *args, *more]
+    interrupt_in_stage(command, "stage confirm-2")
+    assert main([str(path), "--resume", *args]) == 0
     grown = json.loads((tmp_path / "results" / "duel" / STATE_FILE).read_text())
     assert grown["growth"][0]["confirm_seeds"] == [1001] and grown["growth"][0]["seeds"] == [2]
     stages = load_runs(uri, "duel", role=schema.ROLE_STUDY).set_index("tags.study")
