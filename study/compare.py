@@ -434,6 +434,41 @@ def record_growth(spec: StudySpec, state, started_with: dict[str, Any], folder: 
     )
 
 
+def resume_plan(spec: StudySpec, folder: Path) -> list[str]:
+    """What a `--resume` of this comparison (`spec`: the saved one, its seeds grown) would add
+    for seeds added since it last ran (its `--dry-run`); nothing when none were added."""
+    state = read_state(folder)
+    started_with = json.loads((folder / schema.SPEC_FILE).read_text())["resolved"]["compare"]
+    first_rounds(state, started_with)
+    if not grown(spec, started_with):
+        return []
+    lines, reruns = [], False
+    if spec.compare.top > 1 and "candidates" in state["done"]:
+        ran = {seed for round_ in state["confirm_rounds"] for seed in round_["seeds"]}
+        added = [seed for seed in spec.compare.confirm_seeds if seed not in ran]
+        if added:
+            runs = sum(len(found) for found in state["candidates"].values()) * len(added)
+            stage = next_stage(state["confirm_rounds"], "confirm")
+            lines.append(
+                f"resume     {stage}: every candidate on the added confirm seeds {added} "
+                f"({runs} runs), then each method's winner chosen again on every confirm seed"
+            )
+            reruns = "winners" in state["done"]
+    if reruns:
+        lines.append(
+            f"resume     final: each winner on the final seeds {spec.compare.seeds} it has not "
+            "run on (every one for a method whose winner changes)"
+        )
+    elif "winners" in state["done"]:
+        for round_ in final_rounds(spec, copy.deepcopy(state))[len(state["final_rounds"]) :]:
+            lines.append(
+                f"resume     {round_['stage']}: {', '.join(round_['winners'])} on the added "
+                f"final seeds {round_['seeds']} ({len(round_['winners']) * len(round_['seeds'])} "
+                "runs)"
+            )
+    return lines or ["resume     the added seeds join the stages not run yet"]
+
+
 def next_stage(rounds: list[dict[str, Any]], stage: str) -> str:
     return stage if not rounds else f"{stage}-{len(rounds) + 1}"
 

@@ -891,7 +891,13 @@ def main(argv: list[str] | None = None) -> int:
             compare_seeds(args),
         )
         if args.dry_run:
+            if args.resume:  # the plan of what a resume runs: the saved study, as it checks it
+                spec, _ = saved_or_new(spec, paths, resume=True)
             print(describe(spec, paths, args.address))
+            if args.resume and spec.compare is not None:
+                from study.compare import resume_plan
+
+                print("\n".join(resume_plan(spec, paths.experiment(spec.name))))
             return 0
         return run_study(spec, paths, args)
     except (ConfigError, StudyError, CheckpointError, DatasetNotFoundError) as error:

@@ -31,7 +31,7 @@ from study.compare import (
     ranked,
     search_stage,
 )
-from study.run import grown_seeds, main, trial_count
+from study.run import grown_seeds, main, spec_source, trial_count
 from study.search import PerEntryScheduler, compare_searcher, optuna_storage, scheduler
 from study.spec import ENTRY_KEY, StudyError, read_study_file, spec_from_dict
 from tests.test_study_run import digits_base, study_args
@@ -351,6 +351,39 @@ def test_a_resume_refuses_confirm_seeds_where_no_confirm_stage_runs():
     spec.compare.confirm_seeds = [1000]
     spec.compare.seeds = [0, 1, 2]
     assert grown_seeds(resolved, spec) == {"seeds": [0, 1, 2]}
+
+
+def test_a_dry_run_of_a_resume_says_what_added_seeds_would_run(tmp_path, capsys):
+    """`--resume --dry-run` plans from the saved comparison, as the resume would run it."""
+    path = tmp_path / "duel.yaml"
+    path.write_text(yaml.safe_dump(comparison("/nowhere/teacher.pt", top=2)))
+    storage = ["--storage", str(tmp_path / "results")]
+    storage += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    spec = read_study_file(path, teacher_cache=tmp_path / "results" / "teachers")
+    folder = tmp_path / "results" / "duel"
+    folder.mkdir(parents=True)
+    saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
+    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    found = {e: [{"name": f"{e}.trial-00{i}"} for i in (0, 1)] for e in ("gacd", "trades")}
+    won = {entry: cs[0] for entry, cs in found.items()}
+    done = ["search", "candidates", "confirm", "winners", "final"]
+    state = {"done": done, "candidates": found, "winners": won, "failed": {}}
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+    def plan(*more: str) -> str:
+        assert main([str(path), "--resume", "--dry-run", *storage, *more]) == 0
+        return capsys.readouterr().out
+
+    assert "resume " not in plan()
+    out = plan("--final-seeds", "0", "1", "2")
+    assert "final-2: gacd, trades on the added final seeds [2] (2 runs)" in out
+    assert "the winners on seeds [0, 1, 2]" in out
+    out = plan("--confirm-seeds", "1000", "1001", "1002")
+    assert "confirm-2: every candidate on the added confirm seeds [1001, 1002] (8 runs)" in out
+    assert "final: each winner on the final seeds [0, 1] it has not run on" in out
+    assert json.loads((folder / STATE_FILE).read_text()) == state  # a plan changes nothing
+    assert main([str(path), "--resume", "--dry-run", *storage, "--final-seeds", "1"]) == 2
+    assert "compare.seeds of study 'duel' can only grow" in capsys.readouterr().err
 
 
 def test_seeds_on_the_command_line_are_refused_outside_a_comparison(tmp_path, capsys):
