@@ -288,16 +288,16 @@ def run_stages(
     folder = paths.experiment(spec.name)
     tracking, commit = Tracking(paths.tracking_uri), git_commit()
     parent = comparison_run(tracking, spec, commit, args.resume)
-    state = read_state(folder)
-    saved_file = folder / schema.SPEC_FILE
-    started_with = json.loads(saved_file.read_text())["resolved"]["compare"] if exists else None
-    first_rounds(state, started_with or spec.to_dict()["compare"])
-    if started_with is not None and grown(spec, started_with):
-        record_growth(spec, state, started_with, folder, runner)
-    if not exists:
+    if exists:
+        state, started_with = saved_rounds(folder)
+        if grown(spec, started_with):
+            record_growth(spec, state, started_with, folder, runner)
+    else:
+        state = read_state(folder)
+        first_rounds(state, spec.to_dict()["compare"])
         folder.mkdir(parents=True, exist_ok=True)
         saved = {"source": runner.spec_source(spec), "resolved": spec.to_dict()}
-        saved_file.write_text(json.dumps(saved, indent=2, default=str))
+        (folder / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
     assert spec.compare is not None
     reference = state["reference"] = spec.compare.reference
 
@@ -406,6 +406,15 @@ def first_rounds(state: dict[str, Any], compare: dict[str, Any]) -> None:
         )
 
 
+def saved_rounds(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A comparison's state with its rounds, and its resolved `compare` section as it started
+    or last grew."""
+    state = read_state(folder)
+    started_with = json.loads((folder / schema.SPEC_FILE).read_text())["resolved"]["compare"]
+    first_rounds(state, started_with)
+    return state, started_with
+
+
 def grown(spec: StudySpec, started_with: dict[str, Any]) -> bool:
     return (
         spec.compare.confirm_seeds != started_with["confirm_seeds"]
@@ -437,21 +446,18 @@ def record_growth(spec: StudySpec, state, started_with: dict[str, Any], folder: 
 def resume_plan(spec: StudySpec, folder: Path) -> list[str]:
     """What a `--resume` of this comparison (`spec`: the saved one, its seeds grown) would add
     for seeds added since it last ran (its `--dry-run`); nothing when none were added."""
-    state = read_state(folder)
-    started_with = json.loads((folder / schema.SPEC_FILE).read_text())["resolved"]["compare"]
-    first_rounds(state, started_with)
+    state, started_with = saved_rounds(folder)
     if not grown(spec, started_with):
         return []
     lines, reruns = [], False
     if spec.compare.top > 1 and "candidates" in state["done"]:
-        ran = {seed for round_ in state["confirm_rounds"] for seed in round_["seeds"]}
-        added = [seed for seed in spec.compare.confirm_seeds if seed not in ran]
-        if added:
-            runs = sum(len(found) for found in state["candidates"].values()) * len(added)
-            stage = next_stage(state["confirm_rounds"], "confirm")
+        planned = confirm_rounds(spec, copy.deepcopy(state))[len(state["confirm_rounds"]) :]
+        for round_ in planned:
+            runs = sum(len(found) for found in state["candidates"].values()) * len(round_["seeds"])
             lines.append(
-                f"resume     {stage}: every candidate on the added confirm seeds {added} "
-                f"({runs} runs), then each method's winner chosen again on every confirm seed"
+                f"resume     {round_['stage']}: every candidate on the added confirm seeds "
+                f"{round_['seeds']} ({runs} runs), then each method's winner chosen again on "
+                "every confirm seed"
             )
             reruns = "winners" in state["done"]
     if reruns:
