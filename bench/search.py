@@ -40,7 +40,9 @@ import pandas as pd
 import yaml
 
 from gacd import schema
+from gacd.config import ConfigError
 from study.confirm import confirm_spec, variant_stats
+from study.spec import apply_budget
 
 ARMS = ("tpe_asha", "tpe", "random")
 FRESH_STUDY = "bench_search_fresh"
@@ -102,6 +104,33 @@ def arm_spec(base: dict, arm: str, seed: int, trials: int, name: str) -> dict:
     elif (study.get("scheduler") or {}).get("name", "none") == "none":
         raise SystemExit(f"the study's scheduler is none: arm {arm} needs its ASHA settings")
     return spec
+
+
+def search_file(
+    path: str, budget: str | None, epochs: int | None, teacher: str | None
+) -> tuple[dict, str | None]:
+    """The study file every arm starts from, with its budget applied first (a budget's
+    `study.num_samples` or `base.optim.epochs` must not replace `--trials` or `--epochs`), then
+    `epochs` and `teacher`; and the budget's name (None: none). A bad file or budget raises a
+    ValueError that names the file."""
+    base = yaml.safe_load(Path(path).read_text())
+    if not isinstance(base, dict) or not base.get("search"):
+        raise ValueError(f"--study {path}: expected a search file (study.mode search)")
+    if (base.get("study") or {}).get("mode", "search") != "search":
+        raise ValueError(f"--study {path}: expected a search file (study.mode search)")
+    try:
+        base = apply_budget(base, budget)
+    except ConfigError as error:
+        raise ValueError(f"--study {path}: {error}") from error
+    budget = base["study"].pop("budget", None)  # applied: the arms' files have no budgets
+    if epochs:
+        base["base"].setdefault("optim", {})["epochs"] = epochs
+        scheduler = base["study"].get("scheduler") or {}
+        if scheduler.get("grace_period", 1) > epochs:
+            scheduler["grace_period"] = 1
+    if teacher:
+        base["teacher"] = {"checkpoint": str(Path(teacher).resolve())}
+    return base, budget
 
 
 class Runner:
@@ -320,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         "--select-seeds, as the comparison study's confirm stage does (0: not; default 3)",
     )
     parser.add_argument("--select-seeds", type=int, nargs="+", default=[2000, 2001])
+    parser.add_argument(
+        "--budget",
+        help="an entry of the file's budgets section (default: its study.budget), applied "
+        "before --trials and --epochs, which it cannot undo",
+    )
     parser.add_argument("--epochs", type=int, help="override base.optim.epochs (tests)")
     parser.add_argument("--teacher", help="a trained teacher's checkpoint, instead of the file's")
     parser.add_argument("--out", default="runs/bench-search", help="stores and logs")
@@ -328,16 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", help="passed to study.run")
     args = parser.parse_args(argv)
 
-    base = yaml.safe_load(Path(args.study).read_text())
-    if base.get("study", {}).get("mode", "search") != "search" or not base.get("search"):
-        parser.error(f"--study {args.study}: expected a search file (study.mode search)")
-    if args.epochs:
-        base["base"].setdefault("optim", {})["epochs"] = args.epochs
-        scheduler = base["study"].get("scheduler") or {}
-        if scheduler.get("grace_period", 1) > args.epochs:
-            scheduler["grace_period"] = 1
-    if args.teacher:
-        base["teacher"] = {"checkpoint": str(Path(args.teacher).resolve())}
+    try:
+        base, budget = search_file(args.study, args.budget, args.epochs, args.teacher)
+    except ValueError as error:
+        parser.error(str(error))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out, ["--num-cpus", args.num_cpus] if args.num_cpus else [])
@@ -450,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "study": args.study,
+        "budget": budget,
         "metric": metric,
         "arms": args.arms,
         "seeds": args.seeds,

@@ -7,11 +7,13 @@ import json
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis.runs import load_runs
 from bench import search
 from gacd import schema
+from study.spec import read_study_file
 
 State = optuna.trial.TrialState
 DIST = {"tau": optuna.distributions.FloatDistribution(0.01, 1.0)}
@@ -91,6 +93,35 @@ def test_each_arm_is_the_study_file_with_its_sampler_and_scheduler():
     assert base["study"]["name"] == "s"  # the file's own spec is untouched
     with pytest.raises(SystemExit, match="scheduler is none"):
         search.arm_spec({"study": {"scheduler": {"name": "none"}}}, "tpe_asha", 0, 2, "d")
+
+
+def test_a_budgeted_file_is_searched_with_its_budget_and_the_benchmarks_trials(tmp_path):
+    """The file's budget is applied before the arms' settings: its `study.num_samples`
+    (10) must not replace the benchmark's 32 trials, and a named budget replaces the file's."""
+    path = "search_spaces/fashion_mnist.yaml"
+    base, budget = search.search_file(path, None, None, None)  # the file's own: cpu
+    assert budget == "cpu" and "budgets" not in base and "budget" not in base["study"]
+    assert base["base"]["data"]["train_subset"] == 6000
+    assert search.arm_spec(base, "random", 0, 32, "a")["study"]["num_samples"] == 32
+    base, budget = search.search_file(path, "bench_search", 3, None)
+    assert budget == "bench_search" and base["base"]["data"]["train_subset"] == 3000
+    assert base["base"]["optim"]["epochs"] == 3 and base["base"]["eval"]["max_samples"] == 2000
+    assert base["study"]["scheduler"]["grace_period"] == 1
+    # the arm's file is one study.run reads as it is: no budget left to apply over it
+    arm = tmp_path / "arm.yaml"
+    arm.write_text(yaml.safe_dump(search.arm_spec(base, "tpe_asha", 0, 32, "b")))
+    assert read_study_file(arm).study.num_samples == 32
+
+
+def test_a_budget_the_file_lacks_or_a_file_that_is_no_search_is_refused():
+    expected = r"fashion_mnist.yaml.*'budget'.*\(full, cpu, bench_search\), got 'gpu'"
+    with pytest.raises(ValueError, match=expected):
+        search.search_file("search_spaces/fashion_mnist.yaml", "gpu", None, None)
+    ablation = "search_spaces/digits_ablation.yaml"
+    with pytest.raises(ValueError, match="digits_ablation.yaml: expected a search file"):
+        search.search_file(ablation, None, None, None)
+    with pytest.raises(SystemExit):  # the command line says so and exits 2
+        search.main(["--study", "search_spaces/fashion_mnist.yaml", "--budget", "gpu"])
 
 
 @pytest.mark.slow
