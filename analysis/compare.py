@@ -139,9 +139,9 @@ def rounds_text(state: dict[str, Any]) -> list[str]:
     lines = ["## Seeds added on resume", ""]
     for number, grew in enumerate(growth, start=1):
         added = "; ".join(
-            f"{'confirm' if key == 'confirm_seeds' else 'final'} seeds {seeds}"
+            f"{schema.COMPARE_SEED_LISTS[key]} seeds {seeds}"
             for key, seeds in grew.items()
-            if key in ("confirm_seeds", "seeds")
+            if key in schema.COMPARE_SEED_LISTS
         )
         changed = grew.get("winners_changed")
         if changed:

@@ -124,6 +124,9 @@ TAG_SEED = "seed"
 TAG_RAY_TRIAL = "ray_trial_id"
 TAG_OPTUNA_TRIAL = "optuna_trial_number"
 TAG_CONFIG_HASH = "config_hash"
+# A comparison's seed lists (`compare.<key>`), which a resume may grow, and the stage each seeds
+# (its command-line flag: `--confirm-seeds`, `--final-seeds`).
+COMPARE_SEED_LISTS = {"confirm_seeds": "confirm", "seeds": "final"}
 TAG_OVERRIDES = "overrides"  # JSON: the variant's overrides, or the searched values
 TAG_FULL_BUDGET = "full_budget"  # "true" | "false"
 TAG_FAILURE = "failure"

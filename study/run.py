@@ -407,14 +407,10 @@ def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     return resumed
 
 
-# A comparison's seed lists may grow on --resume: the new seeds' runs are added to what it ran.
-GROWING_SEEDS = ("confirm_seeds", "seeds")
-
-
 def fixed_source(source: dict[str, Any]) -> dict[str, Any]:
     """What a resume must not change: the saved source without a comparison's seed lists."""
     source = copy.deepcopy(source)
-    for key in GROWING_SEEDS:
+    for key in schema.COMPARE_SEED_LISTS:
         (source.get("compare") or {}).pop(key, None)
     return source
 
@@ -427,12 +423,12 @@ def grown_seeds(saved: dict[str, Any], spec: StudySpec) -> dict[str, list[int]]:
     if spec.compare is None:
         return {}
     grown = {}
-    for key in GROWING_SEEDS:
+    for key in schema.COMPARE_SEED_LISTS:
         before, now = list((saved.get("compare") or {}).get(key) or []), getattr(spec.compare, key)
         if before[: len(now)] == now:
             continue
         if now[: len(before)] != before:
-            flag = "--confirm-seeds" if key == "confirm_seeds" else "--final-seeds"
+            flag = f"--{schema.COMPARE_SEED_LISTS[key]}-seeds"
             raise StudyError(
                 f"--resume: compare.{key} of study {spec.name!r} can only grow: it has "
                 f"{before}, now {now}; keep every seed it ran, in its order, and append new "
