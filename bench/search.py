@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        base, budget = search_file(args.study, args.budget, args.epochs, args.teacher)
+        base, budget_name = search_file(args.study, args.budget, args.epochs, args.teacher)
     except ValueError as error:
         parser.error(str(error))
     out = Path(args.out)
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "study": args.study,
-        "budget": budget,
+        "budget": budget_name,  # the file's budget applied (None: the file as written)
         "metric": metric,
         "arms": args.arms,
         "seeds": args.seeds,

@@ -134,6 +134,7 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     argv += ["--results", str(tmp_path / "search.json"), "--plot", str(tmp_path / "plot.png")]
     assert search.main(argv) == 0
     result = json.loads((tmp_path / "search.json").read_text())
+    assert result["budget"] is None  # digits.yaml has no budgets (not a budget's trial-epochs)
     assert (tmp_path / "plot.png").stat().st_size > 0
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)
