@@ -230,6 +230,36 @@ def summarise(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def noise(result: dict) -> dict:
+    """How well the benchmark can tell configurations apart. Over the configurations re-run on
+    the fresh seeds: the spread (std) of their means against one configuration's spread over
+    the seeds (the mean of their stds); over those also re-run on the selection seeds: how well
+    a configuration's selection mean predicts its fresh mean (Pearson and Spearman). Where the
+    spread of means is not well above the seeds' spread, choosing cannot pay and no arm can
+    beat another."""
+    columns = ["mean", "std", "n"]
+    fresh = pd.DataFrame.from_dict(result["fresh"], orient="index", columns=columns)
+    selection = pd.DataFrame.from_dict(
+        result.get("selection") or {}, orient="index", columns=columns
+    )
+    both = fresh.index.intersection(selection.index)
+    pair = pd.DataFrame({"fresh": fresh["mean"][both], "selection": selection["mean"][both]})
+    pair = pair.dropna()
+    nan = float("nan")
+    return {
+        "configurations": len(fresh),
+        "spread_of_means": float(fresh["mean"].std(ddof=1)) if len(fresh) > 1 else nan,
+        "seed_std": float(fresh["std"].mean()),  # NaN stds (one seed) are skipped
+        "both": len(pair),
+        "pearson": float(pair["fresh"].corr(pair["selection"])) if len(pair) > 2 else nan,
+        "spearman": (
+            float(pair["fresh"].corr(pair["selection"], method="spearman"))
+            if len(pair) > 2
+            else nan
+        ),
+    }
+
+
 def chosen(means: list[float | None], maximize: bool) -> int:
     """The index of the best of the candidates' selection means (the first of equals). One none
     of whose runs finished (None or NaN) cannot be chosen; if none finished, the first (the
@@ -499,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     result["target"] = target(result)
+    result["noise"] = noise(result)
     if args.select_top:
         result["target_selected"] = target(result, "selected")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
@@ -518,6 +549,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"random search with all of its own {goal['random_mean']:.3f} ± "
                 f"{goal['random_std']:.3f}: {verdict}"
             )
+    spread = result["noise"]
+    print(
+        f"noise: over {spread['configurations']} configurations on the fresh seeds, their means "
+        f"spread {spread['spread_of_means']:.3f} (std) against {spread['seed_std']:.3f} between "
+        f"one configuration's seeds; selection and fresh means of the {spread['both']} run on "
+        f"both correlate {spread['pearson']:.2f} (Spearman {spread['spearman']:.2f})"
+    )
     return 0
 
 

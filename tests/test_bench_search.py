@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -62,6 +64,30 @@ def test_the_selection_chooses_the_best_mean_among_candidates_that_ran():
     assert search.chosen([0.40, None, float("nan")], maximize=False) == 0  # failed: not chosen
     assert search.chosen([None, 0.30, 0.30], maximize=True) == 1  # of equals, the first
     assert search.chosen([None, float("nan")], maximize=True) == 0  # none ran: the search's best
+
+
+def test_the_noise_compares_configurations_spread_with_seeds_spread():
+    nan = float("nan")
+    result = {  # (mean, std, seeds) per configuration, as fresh_values returns them
+        "fresh": {"a": (0.5, 0.1, 2), "b": (0.3, 0.05, 2), "c": (0.1, nan, 1), "full": (0.2, 0, 2)},
+        # d ran on the selection seeds only; e's selection runs all failed (a NaN mean)
+        "selection": {"a": (0.6, 0, 2), "b": (0.2, 0, 2), "c": (0.3, 0, 2), "full": (0.25, 0, 2)}
+        | {"d": (0.9, 0, 2), "e": (nan, nan, 0)},
+    }
+    result["fresh"]["e"] = (0.4, 0.0, 2)
+    found = search.noise(result)
+    means = [0.5, 0.3, 0.1, 0.2, 0.4]
+    assert found["configurations"] == 5
+    assert found["spread_of_means"] == pytest.approx(pd.Series(means).std(ddof=1))
+    assert found["seed_std"] == pytest.approx((0.1 + 0.05 + 0 + 0) / 4)  # c's one seed skipped
+    assert found["both"] == 4  # a, b, c, full: not d (no fresh runs), not e (none selected)
+    assert found["pearson"] == pytest.approx(
+        np.corrcoef([0.5, 0.3, 0.1, 0.2], [0.6, 0.2, 0.3, 0.25])[0, 1]
+    )
+    # ranks 4 3 1 2 against 4 1 3 2: 1 - 6 * (0 + 4 + 4 + 0) / (4 * 15)
+    assert found["spearman"] == pytest.approx(0.2)
+    lone = search.noise({"fresh": {"a": (0.5, 0.1, 2)}, "selection": {}})
+    assert lone["both"] == 0 and lone["spread_of_means"] != lone["spread_of_means"]  # NaN
 
 
 def test_a_third_of_random_search_counts_the_selection_on_both_sides():
@@ -136,6 +162,8 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     result = json.loads((tmp_path / "search.json").read_text())
     assert result["budget"] is None  # digits.yaml has no budgets (not a budget's trial-epochs)
     assert (tmp_path / "plot.png").stat().st_size > 0
+    assert result["noise"] == pytest.approx(search.noise(result), nan_ok=True)
+    assert result["noise"]["both"] >= 1  # the incumbents ran on the selection seeds too
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)
     by_arm = {s["arm"]: s for s in result["searches"]}
