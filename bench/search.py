@@ -38,6 +38,7 @@ from typing import Any
 import optuna
 import pandas as pd
 import yaml
+from scipy import stats
 
 from gacd import schema
 from gacd.config import ConfigError
@@ -280,10 +281,52 @@ def third_of_random(searches: list[dict], selection_cost: int = 0) -> int | None
     return third if third > 0 else None
 
 
-def target(result: dict, key: str = "incumbents") -> dict:
+def paired(better: dict, worse: dict, margin: float, maximize: bool) -> dict:
+    """Non-inferiority of `better` to `worse` ({sampler seed: fresh value}, None: no incumbent)
+    over the seeds both have: the paired differences (positive: `better` did better, whichever
+    way the metric goes), their mean and two-sided 95% t-interval, and the verdict: "holds"
+    when the interval lies above -margin (within the margin or better, beyond the noise),
+    "fails" when it lies below -margin, "undecided" when it holds -margin or fewer than two
+    seeds pair up. `seeds_to_decide`: how many sampler seeds in all would make the interval's
+    half-width the distance from the mean difference to -margin, were the mean and spread to
+    stay as measured (None where it cannot be said, or beyond 10,000)."""
+    seeds = [s for s in better if better[s] is not None and worse.get(s) is not None]
+    sign = 1.0 if maximize else -1.0
+    differences = pd.Series([sign * (better[s] - worse[s]) for s in seeds], dtype=float)
+    by_seed = dict(zip(seeds, differences.tolist(), strict=True))
+    found = {"margin": margin, "seeds": len(seeds), "differences": by_seed}
+    nan = float("nan")
+    if len(seeds) < 2:
+        mean = float(differences.mean()) if seeds else nan
+        none = {"std": nan, "ci95": None, "seeds_to_decide": None, "verdict": "undecided"}
+        return found | {"mean": mean} | none
+    mean, std = float(differences.mean()), float(differences.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(seeds) - 1)) * std / len(seeds) ** 0.5
+    low, high = mean - half, mean + half
+    verdict = "holds" if low > -margin else "fails" if high < -margin else "undecided"
+    gap = abs(mean + margin)
+    seeds_to_decide = next(
+        (
+            n
+            for n in range(2, 10_001)
+            if gap > 0 and std > 0 and stats.t.ppf(0.975, n - 1) * std / n**0.5 < gap
+        ),
+        None,
+    )
+    return found | {
+        "mean": mean,
+        "std": std,
+        "ci95": [low, high],
+        "seeds_to_decide": seeds_to_decide,
+        "verdict": verdict,
+    }
+
+
+def target(result: dict, key: str = "incumbents", margin: float = 0.01) -> dict:
     """TPE + ASHA within a third of random search's trial-epochs against random search with
     all of its own, each search's incumbent (chosen the `key` way, its selection's cost counted)
-    as measured on fresh seeds, over sampler seeds."""
+    as measured on fresh seeds, over sampler seeds, paired by sampler seed and judged by
+    `paired` at `margin` (in the metric's units)."""
     cost = result.get("selection_cost", 0) if key == "selected" else 0
     third = third_of_random(result["searches"], cost)
 
@@ -300,6 +343,7 @@ def target(result: dict, key: str = "incumbents") -> dict:
     }
     found_a = pd.Series([v for v in tpe_asha.values() if v is not None], dtype=float)
     found_r = pd.Series([v for v in random.values() if v is not None], dtype=float)
+    difference = paired(tpe_asha, random, margin, result.get("maximize", True))
     return {
         "third": third,
         "selection_cost": cost,
@@ -309,7 +353,8 @@ def target(result: dict, key: str = "incumbents") -> dict:
         "tpe_asha_std": found_a.std(ddof=1),
         "random_mean": found_r.mean(),
         "random_std": found_r.std(ddof=1),
-        "holds": bool(len(found_a) and len(found_r) and found_a.mean() >= found_r.mean()),
+        "difference": difference,
+        "holds": difference["verdict"] == "holds",
     }
 
 
@@ -390,7 +435,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="bench/results/search.json")
     parser.add_argument("--plot", default="docs/search_efficiency.png")
     parser.add_argument("--num-cpus", help="passed to study.run")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.01,
+        help="the target holds when TPE + ASHA's paired shortfall against random search is "
+        "below this (in the metric's units) beyond the noise: its 95%% interval above -margin",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="RESULTS",
+        help="judge and show a finished benchmark's JSON again (with --margin, --plot) and "
+        "run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        return rejudge(args.report, args.margin, args.plot)
 
     try:
         base, budget_name = search_file(args.study, args.budget, args.epochs, args.teacher)
@@ -525,30 +585,44 @@ def main(argv: list[str] | None = None) -> int:
         "fresh": fresh,
         "fresh_seconds": fresh_seconds,
         "searches": searches,
+        "maximize": maximize,
         "wall_seconds": time.perf_counter() - started,
         "date": time.strftime("%Y-%m-%d"),
     }
-    result["target"] = target(result)
-    result["noise"] = noise(result)
-    if args.select_top:
-        result["target_selected"] = target(result, "selected")
+    judge(result, args.margin)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2, default=str))
-    if args.plot:
-        plot(result, Path(args.plot))
+    show(result, args.plot)
+    return 0
+
+
+def judge(result: dict, margin: float) -> dict:
+    """The target (both ways of choosing the incumbent, with a selection) and the noise, from
+    a result's figures: what a finished benchmark's JSON can be re-judged with."""
+    result["target"] = target(result, margin=margin)
+    result["noise"] = noise(result)
+    if result.get("select_top"):
+        result["target_selected"] = target(result, "selected", margin)
+    return result
+
+
+def show(result: dict, plot_path: str | None) -> None:
+    """The table, the verdicts and the noise, printed; the plot, written."""
+    if plot_path:
+        plot(result, Path(plot_path))
     table = summarise(result)
     print(table.to_markdown(index=False, floatfmt=".3f"))
     for key, chosen_by in selections(result):
         goal = result["target" if key == "incumbents" else "target_selected"]
         if goal["third"]:
-            verdict = "holds" if goal["holds"] else "does not hold"
             paid = f" + {goal['selection_cost']} to select" if goal["selection_cost"] else ""
             print(
                 f"target ({chosen_by}): TPE + ASHA within {goal['third']}{paid} trial-epochs "
                 f"reaches {goal['tpe_asha_mean']:.3f} ± {goal['tpe_asha_std']:.3f} (fresh seeds), "
                 f"random search with all of its own {goal['random_mean']:.3f} ± "
-                f"{goal['random_std']:.3f}: {verdict}"
+                f"{goal['random_std']:.3f}"
             )
+            print(f"  {verdict_line(goal['difference'])}")
     spread = result["noise"]
     print(
         f"noise: over {spread['configurations']} configurations on the fresh seeds, their means "
@@ -556,7 +630,47 @@ def main(argv: list[str] | None = None) -> int:
         f"one configuration's seeds; selection and fresh means of the {spread['both']} run on "
         f"both correlate {spread['pearson']:.2f} (Spearman {spread['spearman']:.2f})"
     )
+
+
+def verdict_line(difference: dict) -> str:
+    """One paired comparison, in words."""
+    n, margin = difference["seeds"], difference["margin"]
+    if difference["ci95"] is None:
+        return f"{difference['verdict']}: {n} sampler seed(s) pair up, too few for an interval"
+    low, high = difference["ci95"]
+    more = difference["seeds_to_decide"]
+    tail = ""
+    if difference["verdict"] == "undecided" and more:
+        tail = f"; {more} sampler seeds in all would decide it, were mean and spread to stay"
+    return (
+        f"{difference['verdict']} at margin {margin:g}: paired difference "
+        f"{difference['mean']:+.3f} (95% CI {low:+.3f} to {high:+.3f}) over {n} sampler "
+        f"seeds{tail}"
+    )
+
+
+def rejudge(path: str, margin: float, plot_path: str | None) -> int:
+    """`--report`: a finished benchmark's JSON judged again (at another margin, or by a newer
+    verdict), written back with only its derived figures replaced, and shown."""
+    file = Path(path)
+    try:
+        result = json.loads(file.read_text())
+        result.setdefault("maximize", direction(result["study"]) == "max")
+        judge(result, margin)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(
+            f"bench.search --report {path}: expected the JSON a bench.search run wrote "
+            f"(its figures and its study file); {type(error).__name__}: {error}"
+        ) from error
+    file.write_text(json.dumps(result, indent=2, default=str))
+    show(result, plot_path)
     return 0
+
+
+def direction(study_file: str) -> str:
+    """The metric's direction a study file names (`study.direction`, default max)."""
+    spec = yaml.safe_load(Path(study_file).read_text()) or {}
+    return (spec.get("study") or {}).get("direction", "max")
 
 
 if __name__ == "__main__":

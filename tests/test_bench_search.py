@@ -4,6 +4,7 @@ and the whole benchmark on a tiny budget through real `study.run` studies."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from analysis.runs import load_runs
 from bench import search
@@ -97,6 +99,62 @@ def test_a_third_of_random_search_counts_the_selection_on_both_sides():
     assert search.third_of_random(searches, selection_cost=72) == 80
     assert search.third_of_random(searches, selection_cost=400) is None  # nothing left to search
     assert search.third_of_random([{"arm": "tpe", "trial_epochs": 384}]) is None
+
+
+def test_the_target_is_judged_paired_by_sampler_seed_beyond_the_noise():
+    t2 = 4.302652729911275  # Student's t, 97.5%, 2 degrees of freedom
+    # differences 0, +0.02, -0.01: the interval holds -0.01, nothing is decided
+    found = search.paired({0: 0.5, 1: 0.6, 2: 0.55}, {0: 0.5, 1: 0.58, 2: 0.56}, 0.01, True)
+    std = float(np.std([0.0, 0.02, -0.01], ddof=1))
+    assert found["mean"] == pytest.approx(0.01 / 3) and found["std"] == pytest.approx(std)
+    assert found["ci95"] == pytest.approx(
+        [0.01 / 3 - t2 * std / 3**0.5, 0.01 / 3 + t2 * std / 3**0.5]
+    )
+    assert found["verdict"] == "undecided" and found["seeds"] == 3
+    assert found["differences"] == pytest.approx({0: 0.0, 1: 0.02, 2: -0.01})
+    # the seeds it asks for are the fewest whose interval would clear -margin
+    n, gap = found["seeds_to_decide"], 0.01 / 3 + 0.01
+    assert stats.t.ppf(0.975, n - 1) * std / n**0.5 < gap
+    assert stats.t.ppf(0.975, n - 2) * std / (n - 1) ** 0.5 >= gap
+    # level within the margin, tightly: holds; worse beyond the margin, tightly: fails
+    level = search.paired({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.501, 1: 0.6, 2: 0.701}, 0.01, True)
+    assert level["verdict"] == "holds" and level["mean"] < 0  # a shortfall inside the margin
+    worse = search.paired({0: 0.4, 1: 0.5, 2: 0.6}, {0: 0.5, 1: 0.61, 2: 0.7}, 0.01, True)
+    assert worse["verdict"] == "fails" and worse["ci95"][1] < -0.01
+    assert search.paired({0: 0.4, 1: 0.5}, {0: 0.5, 1: 0.61}, 0.2, True)["verdict"] == "holds"
+    # a metric to minimise: lower is better, the same differences with their sign turned
+    lower = search.paired({0: 0.4, 1: 0.5, 2: 0.6}, {0: 0.5, 1: 0.61, 2: 0.7}, 0.01, False)
+    assert lower["verdict"] == "holds" and lower["mean"] == pytest.approx(-worse["mean"])
+    # seeds without an incumbent on either side do not pair; one pair decides nothing
+    lone = search.paired({0: 0.5, 1: None, 2: 0.4}, {0: 0.3, 1: 0.2}, 0.01, True)
+    assert lone["seeds"] == 1 and lone["ci95"] is None and lone["verdict"] == "undecided"
+
+
+def test_a_finished_benchmark_is_judged_again_from_its_json(tmp_path, capsys):
+    """`--report`: the recorded digits result, its verdicts removed, judged again: the
+    figures stay as they were, the verdicts come back, at the margin asked for."""
+    recorded = json.loads(Path("bench/results/search.json").read_text())
+    stripped = {k: v for k, v in recorded.items() if k not in ("target", "target_selected")}
+    path = tmp_path / "search.json"
+    path.write_text(json.dumps(stripped))
+    assert search.main(["--report", str(path), "--plot", "", "--margin", "0.5"]) == 0
+    judged = json.loads(path.read_text())
+    assert {k: judged[k] for k in stripped} == stripped | {"noise": judged["noise"]}
+    assert judged["maximize"] is True  # digits.yaml's val/pgd_acc
+    goal = judged["target_selected"]
+    assert goal["difference"]["margin"] == 0.5
+    assert goal["difference"]["verdict"] == "holds" and goal["holds"]  # any gap under 0.5
+    assert goal["difference"]["seeds"] == len(recorded["seeds"])
+    assert goal["tpe_asha_mean"] == pytest.approx(recorded["target_selected"]["tpe_asha_mean"])
+    assert "holds at margin 0.5: paired difference" in capsys.readouterr().out
+    # not a result: the command says which file and what it expected, and changes nothing
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"searches": []')
+    with pytest.raises(SystemExit, match=r"--report .*broken.json: expected the JSON"):
+        search.main(["--report", str(broken), "--plot", ""])
+    assert broken.read_text() == '{"searches": []'
+    with pytest.raises(SystemExit, match=r"missing.json: expected the JSON.*FileNotFoundError"):
+        search.main(["--report", str(tmp_path / "missing.json"), "--plot", ""])
 
 
 def test_each_arm_is_the_study_file_with_its_sampler_and_scheduler():
@@ -217,3 +275,5 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     assert len(load_runs(uri, result["fresh_study"])) == len(fresh) + 2  # nothing added
     goal = result["target"]
     assert goal["third"] == 2 and set(goal["random_at_all"]) == {"0"}
+    assert result["maximize"] is True
+    assert goal["difference"]["seeds"] == 1 and goal["difference"]["verdict"] == "undecided"
