@@ -20,6 +20,12 @@ search's curve and every incumbent's fresh value, a Markdown table, and a plot.
 are re-run on the selection seeds and the best mean is the incumbent, its cost (K x seeds x
 epochs) counted on top of the search's. The selection seeds are not the fresh seeds: what is
 measured on the fresh seeds is not the noise the choice was made on.
+
+The target (TPE + ASHA within a third of random search's trial-epochs reaches random search's
+best) is judged paired by sampler seed, with a 95% interval and a margin (`paired`): holds,
+fails, or undecided at this many seeds. A configuration re-run once is not re-run: a later run
+of the benchmark in the same `--out` (more sampler seeds, another `--select-top`) takes it from
+MLflow (`rerun`), and `--report` judges a finished JSON again without running anything.
 """
 
 from __future__ import annotations
@@ -185,6 +191,67 @@ def fresh_values(tracking_uri: str, name: str, metric: str) -> dict[str, tuple[f
     """Each fresh-seed variant's (mean, std, seeds) of `metric`."""
     rows = variant_stats(tracking_uri, name, metric)
     return {name: (row["mean"], row["std"], int(row["n"])) for name, row in rows.iterrows()}
+
+
+def canonical(params: dict) -> str:
+    """One configuration's identity, whatever its label in a re-run study."""
+    return json.dumps(params, sort_keys=True)
+
+
+@dataclass
+class Rerun:
+    """Configurations re-run on seeds: each one's (mean, std, seeds) by label, `full` (the
+    file's own configuration) included; the re-run studies the figures come from (earlier
+    ones first); and the seconds the one run now took (0: none needed)."""
+
+    values: dict[str, tuple[float, float, int]]
+    studies: list[str]
+    seconds: float
+
+
+def rerun(
+    runner: Runner,
+    resolved: dict,
+    configs: dict[str, dict],
+    seeds: list[int],
+    prefix: str,
+    metric: str,
+) -> Rerun:
+    """`configs` (label: searched values) re-run on `seeds`, each configuration once in the
+    benchmark's store: one an earlier re-run of the same kind (`prefix`) measured on every one
+    of these seeds from the same study file (another `--seeds` or `--select-top` of this
+    benchmark in the same `--out`) is taken from MLflow as it was; only the others run, as one
+    more ablation study. So extending a finished benchmark with more sampler seeds costs their
+    searches and the configurations they add, not the whole re-run again."""
+    known: dict[str, tuple[float, float, int]] = {}
+    studies = []
+    for path in sorted((runner.out / "studies").glob(f"{prefix}_*.yaml")):
+        if not (runner.out / "logs" / f"{path.stem}.done").is_file():
+            continue  # interrupted: its own name is run again (and resumed) below if needed
+        earlier = yaml.safe_load(path.read_text())
+        variants = (earlier.get("ablation") or {}).get("variants") or {}
+        same = confirm_spec(resolved, variants, seeds, path.stem)
+        if yaml.safe_load(yaml.safe_dump(same, sort_keys=False)) != earlier:
+            continue  # other seeds, or another study file's base
+        measured = fresh_values(runner.tracking_uri, path.stem, metric)
+        complete = {
+            label: value for label, value in measured.items() if value[2] == len(seeds)
+        }  # a configuration some of whose runs failed is run again
+        for label, value in complete.items():
+            key = "full" if label == "full" else canonical(variants[label])
+            known.setdefault(key, value)
+        studies.append(path.stem)
+    missing = {label: params for label, params in configs.items() if canonical(params) not in known}
+    seconds = 0.0
+    if missing or "full" not in known:
+        name = rerun_name(missing, seeds, prefix)
+        seconds = runner.run(confirm_spec(resolved, missing, seeds, name))
+        measured = fresh_values(runner.tracking_uri, name, metric)
+        for label, value in measured.items():
+            known["full" if label == "full" else canonical(missing[label])] = value
+        studies = [study for study in studies if study != name] + [name]
+    values = {label: known[canonical(params)] for label, params in configs.items()}
+    return Rerun(values | {"full": known["full"]}, studies, seconds)
 
 
 SEARCH_BEST = "the search's best"
@@ -519,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     # With --select-top: each search's leaders re-run on the selection seeds, the best mean chosen.
     selection_cost = args.select_top * len(args.select_seeds) * epochs
     selection: dict[str, tuple[float, float, int]] = {}
-    selection_study = None
+    selection_studies: list[str] = []
     if args.select_top:
         chosen_third = third_of_random(searches, selection_cost)
         for search in searches:
@@ -538,9 +605,8 @@ def main(argv: list[str] | None = None) -> int:
             for choice in search["selected"].values()
             for label in choice["candidates"]
         }
-        selection_study = rerun_name(candidates, args.select_seeds, SELECT_STUDY)
-        runner.run(confirm_spec(resolved, candidates, args.select_seeds, selection_study))
-        selection = fresh_values(runner.tracking_uri, selection_study, metric)
+        chosen_from = rerun(runner, resolved, candidates, args.select_seeds, SELECT_STUDY, metric)
+        selection, selection_studies = chosen_from.values, chosen_from.studies
         for search in searches:
             for choice in search["selected"].values():
                 means = [selection.get(label, (None,))[0] for label in choice["candidates"]]
@@ -557,9 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("incumbents", "selected")
         for choice in search[key].values()
     }
-    fresh_study = rerun_name(final, args.fresh_seeds)
-    fresh_seconds = runner.run(confirm_spec(resolved, final, args.fresh_seeds, fresh_study))
-    fresh = fresh_values(runner.tracking_uri, fresh_study, metric)
+    measured = rerun(runner, resolved, final, args.fresh_seeds, FRESH_STUDY, metric)
+    fresh = measured.values
     for search in searches:
         for key in ("incumbents", "selected"):
             for choice in search[key].values():
@@ -578,12 +643,12 @@ def main(argv: list[str] | None = None) -> int:
         "select_top": args.select_top,
         "select_seeds": args.select_seeds if args.select_top else [],
         "selection_cost": selection_cost,
-        "selection_study": selection_study,
+        "selection_studies": selection_studies,  # where the selection's figures come from
         "selection": selection,
         "variants": variants,
-        "fresh_study": fresh_study,
+        "fresh_studies": measured.studies,  # where the fresh figures come from
         "fresh": fresh,
-        "fresh_seconds": fresh_seconds,
+        "fresh_seconds": measured.seconds,  # the fresh study run now (0: all measured before)
         "searches": searches,
         "maximize": maximize,
         "wall_seconds": time.perf_counter() - started,

@@ -235,10 +235,11 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
         assert s["trial_epochs"] == logged and s["trials"] == len(runs) == 3
         assert s["curve"][-1]["trial_epochs"] == s["trial_epochs"]
     # every incumbent's fresh value is the mean MLflow holds for its configuration
-    assert result["fresh_study"].startswith(search.FRESH_STUDY)
+    [fresh_study] = result["fresh_studies"]  # a new store: one fresh study, run now
+    assert fresh_study.startswith(search.FRESH_STUDY) and result["fresh_seconds"] > 0
     variant = schema.tag_column(schema.TAG_VARIANT)
     value = f"metrics.{schema.VAL_PGD_ACC}"
-    fresh = load_runs(uri, result["fresh_study"])
+    fresh = load_runs(uri, fresh_study)
     fresh = fresh[fresh[variant] != "full"]
     chosen = {
         choice["config"]
@@ -249,7 +250,8 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     assert set(fresh[variant]) == chosen and len(fresh) == 2 * len(chosen)
     # each selected incumbent is its search's leader with the best mean on the selection seed,
     # as MLflow recorded it; its cost is the search's budget plus one 2-epoch run per leader
-    selection = load_runs(uri, result["selection_study"])
+    [selection_study] = result["selection_studies"]
+    selection = load_runs(uri, selection_study)
     assert set(selection["params.seed"]) == {"2000"}
     means = selection.groupby(variant)[value].mean()
     for s in result["searches"]:
@@ -272,7 +274,45 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     assert search.main(argv) == 0
     again = json.loads((tmp_path / "search.json").read_text())
     assert again["fresh"] == result["fresh"] and again["searches"] == result["searches"]
-    assert len(load_runs(uri, result["fresh_study"])) == len(fresh) + 2  # nothing added
+    assert len(load_runs(uri, fresh_study)) == len(fresh) + 2  # nothing added
+
+    # choosing among fewer leaders needs only configurations measured already: nothing runs,
+    # each figure is the one recorded, taken from the earlier studies
+    def every_run() -> int:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return len(client.search_runs(experiments, max_results=10_000))
+
+    runs_before = every_run()
+    assert search.main([*argv, "--select-top", "1"]) == 0  # the last --select-top counts
+    fewer = json.loads((tmp_path / "search.json").read_text())
+    assert fewer["fresh_studies"] == [fresh_study] and fewer["fresh_seconds"] == 0
+    assert fewer["selection_studies"] == [selection_study]
+    assert every_run() == runs_before
+    params = {label: search.canonical(config) for label, config in fewer["variants"].items()}
+    recorded = {
+        search.canonical(config): result["fresh"][label]
+        for label, config in result["variants"].items()
+        if label in result["fresh"]
+    }
+    assert len(fewer["fresh"]) > 1
+    for label, figures in fewer["fresh"].items():
+        assert figures == (result["fresh"]["full"] if label == "full" else recorded[params[label]])
+    # one configuration measured and one not: only the new one (and the reference) runs
+    runner = search.Runner(out, ["--num-cpus", "2"])
+    resolved = json.loads(
+        (out / "ray_results" / result["searches"][0]["name"] / schema.SPEC_FILE).read_text()
+    )["resolved"]
+    old_label = next(label for label in result["fresh"] if label != "full")
+    old = result["variants"][old_label]
+    new = old | {"tau": old["tau"] * 1.01}
+    both = search.rerun(
+        runner, resolved, {"a": old, "b": new}, [1000, 1001], search.FRESH_STUDY, schema.VAL_PGD_ACC
+    )
+    assert both.studies[0] == fresh_study and len(both.studies) == 2
+    assert both.values["a"] == tuple(result["fresh"][old_label])
+    added = load_runs(uri, both.studies[1])
+    assert sorted(added[variant]) == ["b", "b", "full", "full"] and both.seconds > 0
+    assert both.values["b"][0] == pytest.approx(added[added[variant] == "b"][value].mean())
     goal = result["target"]
     assert goal["third"] == 2 and set(goal["random_at_all"]) == {"0"}
     assert result["maximize"] is True
