@@ -201,8 +201,9 @@ def canonical(params: dict) -> str:
 @dataclass
 class Rerun:
     """Configurations re-run on seeds: each one's (mean, std, seeds) by label, `full` (the
-    file's own configuration) included; the re-run studies the figures come from (earlier
-    ones first); and the seconds the one run now took (0: none needed)."""
+    file's own configuration) included; the re-run studies those figures come from (ones run
+    before first, by name; the one run now last); and the seconds the one run now took (0:
+    none needed)."""
 
     values: dict[str, tuple[float, float, int]]
     studies: list[str]
@@ -223,8 +224,7 @@ def rerun(
     benchmark in the same `--out`) is taken from MLflow as it was; only the others run, as one
     more ablation study. So extending a finished benchmark with more sampler seeds costs their
     searches and the configurations they add, not the whole re-run again."""
-    known: dict[str, tuple[float, float, int]] = {}
-    studies = []
+    known: dict[str, tuple[tuple[float, float, int], str]] = {}  # key: (figures, study)
     for path in sorted((runner.out / "studies").glob(f"{prefix}_*.yaml")):
         if not (runner.out / "logs" / f"{path.stem}.done").is_file():
             continue  # interrupted: its own name is run again (and resumed) below if needed
@@ -239,19 +239,19 @@ def rerun(
         }  # a configuration some of whose runs failed is run again
         for label, value in complete.items():
             key = "full" if label == "full" else canonical(variants[label])
-            known.setdefault(key, value)
-        studies.append(path.stem)
+            known.setdefault(key, (value, path.stem))
     missing = {label: params for label, params in configs.items() if canonical(params) not in known}
-    seconds = 0.0
+    seconds, ran = 0.0, None
     if missing or "full" not in known:
-        name = rerun_name(missing, seeds, prefix)
-        seconds = runner.run(confirm_spec(resolved, missing, seeds, name))
-        measured = fresh_values(runner.tracking_uri, name, metric)
-        for label, value in measured.items():
-            known["full" if label == "full" else canonical(missing[label])] = value
-        studies = [study for study in studies if study != name] + [name]
-    values = {label: known[canonical(params)] for label, params in configs.items()}
-    return Rerun(values | {"full": known["full"]}, studies, seconds)
+        ran = rerun_name(missing, seeds, prefix)
+        seconds = runner.run(confirm_spec(resolved, missing, seeds, ran))
+        for label, value in fresh_values(runner.tracking_uri, ran, metric).items():
+            key = "full" if label == "full" else canonical(missing[label])
+            known.setdefault(key, (value, ran))
+    keys = {label: canonical(params) for label, params in configs.items()} | {"full": "full"}
+    studies = sorted({known[key][1] for key in keys.values()} - {ran})
+    studies += [ran] if ran else []  # the study run now goes last
+    return Rerun({label: known[key][0] for label, key in keys.items()}, studies, seconds)
 
 
 SEARCH_BEST = "the search's best"
