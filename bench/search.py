@@ -155,7 +155,7 @@ class Runner:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         log = self.out / "logs" / f"{name}.log"
-        done_marker = log.with_suffix(".done")
+        done_marker = self.marker(name)
         if done_marker.is_file():  # finished by an earlier run of the benchmark
             return float(done_marker.read_text())
         command = [sys.executable, "-m", "study.run", str(path)]
@@ -175,6 +175,10 @@ class Runner:
             raise SystemExit(f"bench.search: {name} failed (exit {done.returncode}):\n{tail}")
         done_marker.write_text(str(seconds))
         return seconds
+
+    def marker(self, name: str) -> Path:
+        """Where a study that ran to its end has its seconds written."""
+        return self.out / "logs" / f"{name}.done"
 
     def trials(self, name: str) -> tuple[list[optuna.trial.FrozenTrial], bool]:
         study = optuna.load_study(study_name=name, storage=self.optuna_uri)
@@ -226,7 +230,7 @@ def rerun(
     searches and the configurations they add, not the whole re-run again."""
     known: dict[str, tuple[tuple[float, float, int], str]] = {}  # key: (figures, study)
     for path in sorted((runner.out / "studies").glob(f"{prefix}_*.yaml")):
-        if not (runner.out / "logs" / f"{path.stem}.done").is_file():
+        if not runner.marker(path.stem).is_file():
             continue  # interrupted: its own name is run again (and resumed) below if needed
         earlier = yaml.safe_load(path.read_text())
         variants = (earlier.get("ablation") or {}).get("variants") or {}
@@ -251,7 +255,7 @@ def rerun(
     keys = {label: canonical(params) for label, params in configs.items()} | {"full": "full"}
     studies = sorted({known[key][1] for key in keys.values()} - {ran})
     studies += [ran] if ran else []  # the study run now goes last
-    seconds = sum(float((runner.out / "logs" / f"{study}.done").read_text()) for study in studies)
+    seconds = sum(float(runner.marker(study).read_text()) for study in studies)
     return Rerun({label: known[key][0] for label, key in keys.items()}, studies, seconds)
 
 
