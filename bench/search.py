@@ -46,9 +46,11 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from analysis.runs import load_study
+from analysis.table import seed_values
 from gacd import schema
 from gacd.config import ConfigError
-from study.confirm import confirm_spec, variant_stats
+from study.confirm import confirm_spec
 from study.spec import apply_budget
 
 ARMS = ("tpe_asha", "tpe", "random")
@@ -191,10 +193,19 @@ def rerun_name(variants: dict[str, dict], seeds: list[int], prefix: str = FRESH_
     return f"{prefix}_{digest[:8]}"
 
 
-def fresh_values(tracking_uri: str, name: str, metric: str) -> dict[str, tuple[float, float, int]]:
-    """Each fresh-seed variant's (mean, std, seeds) of `metric`."""
-    rows = variant_stats(tracking_uri, name, metric)
-    return {name: (row["mean"], row["std"], int(row["n"])) for name, row in rows.iterrows()}
+def seed_figures(tracking_uri: str, name: str, metric: str) -> dict[str, dict[int, float]]:
+    """Each variant's value of `metric` by seed in a re-run study (its finished runs only)."""
+    table = seed_values(load_study(tracking_uri, name).runs, metric)
+    return {
+        str(label): {int(seed): float(value) for seed, value in row.dropna().items()}
+        for label, row in table.iterrows()
+    }
+
+
+def figures(by_seed: dict[int, float], seeds: list[int]) -> tuple[float, float, int]:
+    """(mean, std, seeds measured) over `seeds`, as the ablation table computes them."""
+    values = pd.Series([by_seed[seed] for seed in sorted(seeds) if seed in by_seed], dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)), len(values)
 
 
 def canonical(params: dict) -> str:
@@ -206,7 +217,7 @@ def canonical(params: dict) -> str:
 class Rerun:
     """Configurations re-run on seeds: each one's (mean, std, seeds) by label, `full` (the
     file's own configuration) included; the re-run studies those figures come from (ones run
-    before first, by name; the one run now last); and the seconds those studies took, each
+    before first, by name; the ones run now last); and the seconds those studies took, each
     timed when it ran (what the figures cost, whether they were run now or before)."""
 
     values: dict[str, tuple[float, float, int]]
@@ -222,41 +233,61 @@ def rerun(
     prefix: str,
     metric: str,
 ) -> Rerun:
-    """`configs` (label: searched values) re-run on `seeds`, each configuration once in the
-    benchmark's store: one an earlier re-run of the same kind (`prefix`) measured on every one
-    of these seeds from the same study file (another `--seeds` or `--select-top` of this
-    benchmark in the same `--out`) is taken from MLflow as it was; only the others run, as one
-    more ablation study. So extending a finished benchmark with more sampler seeds costs their
-    searches and the configurations they add, not the whole re-run again."""
-    known: dict[str, tuple[tuple[float, float, int], str]] = {}  # key: (figures, study)
+    """`configs` (label: searched values) re-run on `seeds`, each configuration on each seed
+    once in the benchmark's store: a seed that an earlier re-run of the same kind (`prefix`)
+    from the same study file measured for a configuration (another `--seeds`, `--select-top`
+    or `--fresh-seeds` of this benchmark in the same `--out`) is taken from MLflow as it was;
+    only the missing (configuration, seed) pairs run, one more ablation study for each set of
+    missing seeds. So extending a finished benchmark with more sampler seeds costs their
+    searches and the configurations they add, and more fresh seeds cost only those seeds."""
+    known: dict[tuple[str, int], tuple[float, str]] = {}  # (config, seed): (value, study)
+
+    def learn(study: str, variants: dict[str, dict]) -> None:
+        for label, by_seed in seed_figures(runner.tracking_uri, study, metric).items():
+            key = "full" if label == "full" else canonical(variants[label])
+            for seed, value in by_seed.items():  # a failed run's seed stays missing
+                known.setdefault((key, seed), (value, study))
+
     for path in sorted((runner.out / "studies").glob(f"{prefix}_*.yaml")):
         if not runner.marker(path.stem).is_file():
             continue  # interrupted: its own name is run again (and resumed) below if needed
         earlier = yaml.safe_load(path.read_text())
-        variants = (earlier.get("ablation") or {}).get("variants") or {}
-        same = confirm_spec(resolved, variants, seeds, path.stem)
+        ablation = earlier.get("ablation") or {}
+        variants = ablation.get("variants") or {}
+        same = confirm_spec(resolved, variants, ablation.get("seeds") or [], path.stem)
         if yaml.safe_load(yaml.safe_dump(same, sort_keys=False)) != earlier:
-            continue  # other seeds, or another study file's base
-        measured = fresh_values(runner.tracking_uri, path.stem, metric)
-        complete = {
-            label: value for label, value in measured.items() if value[2] == len(seeds)
-        }  # a configuration some of whose runs failed is run again
-        for label, value in complete.items():
-            key = "full" if label == "full" else canonical(variants[label])
-            known.setdefault(key, (value, path.stem))
-    missing = {label: params for label, params in configs.items() if canonical(params) not in known}
-    ran = None
-    if missing or "full" not in known:
-        ran = rerun_name(missing, seeds, prefix)
-        runner.run(confirm_spec(resolved, missing, seeds, ran))
-        for label, value in fresh_values(runner.tracking_uri, ran, metric).items():
-            key = "full" if label == "full" else canonical(missing[label])
-            known.setdefault(key, (value, ran))
+            continue  # another study file's base
+        learn(path.stem, variants)
     keys = {label: canonical(params) for label, params in configs.items()} | {"full": "full"}
-    studies = sorted({known[key][1] for key in keys.values()} - {ran})
-    studies += [ran] if ran else []  # the study run now goes last
-    seconds = sum(float(runner.marker(study).read_text()) for study in studies)
-    return Rerun({label: known[key][0] for label, key in keys.items()}, studies, seconds)
+
+    def lacking(key: str) -> tuple[int, ...]:
+        return tuple(seed for seed in seeds if (key, seed) not in known)
+
+    groups: dict[tuple[int, ...], dict[str, dict]] = {}  # missing seeds: configurations
+    for label, params in configs.items():
+        if lacking(keys[label]):
+            groups.setdefault(lacking(keys[label]), {})[label] = params
+    ran = []
+    for group_seeds, missing in sorted(groups.items()):  # every study also runs `full`
+        ran.append(rerun_name(missing, list(group_seeds), prefix))
+        runner.run(confirm_spec(resolved, missing, list(group_seeds), ran[-1]))
+        learn(ran[-1], missing)
+    if lacking("full"):  # the reference alone, on the seeds no study above gave it
+        ran.append(rerun_name({}, list(lacking("full")), prefix))
+        runner.run(confirm_spec(resolved, {}, list(lacking("full")), ran[-1]))
+        learn(ran[-1], {})
+    by_seed: dict[str, dict[int, float]] = {}
+    studies = set()
+    for key in set(keys.values()):
+        for seed in seeds:
+            if (key, seed) in known:
+                value, study = known[key, seed]
+                by_seed.setdefault(key, {})[seed] = value
+                studies.add(study)
+    order = sorted(studies - set(ran)) + [study for study in ran if study in studies]
+    seconds = sum(float(runner.marker(study).read_text()) for study in order)
+    values = {label: figures(by_seed.get(key, {}), seeds) for label, key in keys.items()}
+    return Rerun(values, order, seconds)
 
 
 SEARCH_BEST = "the search's best"

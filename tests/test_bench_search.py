@@ -70,7 +70,7 @@ def test_the_selection_chooses_the_best_mean_among_candidates_that_ran():
 
 def test_the_noise_compares_configurations_spread_with_seeds_spread():
     nan = float("nan")
-    result = {  # (mean, std, seeds) per configuration, as fresh_values returns them
+    result = {  # (mean, std, seeds) per configuration, as rerun returns them
         "fresh": {"a": (0.5, 0.1, 2), "b": (0.3, 0.05, 2), "c": (0.1, nan, 1), "full": (0.2, 0, 2)},
         # d ran on the selection seeds only; e's selection runs all failed (a NaN mean)
         "selection": {"a": (0.6, 0, 2), "b": (0.2, 0, 2), "c": (0.3, 0, 2), "full": (0.25, 0, 2)}
@@ -320,6 +320,25 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     assert sorted(added[variant]) == ["b", "b", "full", "full"]
     assert both.seconds > result["fresh_seconds"]  # the earlier study's and the new one's
     assert both.values["b"][0] == pytest.approx(added[added[variant] == "b"][value].mean())
+    # a third fresh seed: only that seed runs, for each configuration and the reference, and
+    # each figure is the mean over all three seeds, whichever study measured which
+    more = search.rerun(
+        runner,
+        resolved,
+        {"a": old, "b": new},
+        [1000, 1001, 1002],
+        search.FRESH_STUDY,
+        schema.VAL_PGD_ACC,
+    )
+    assert more.studies[:2] == sorted(both.studies) and len(more.studies) == 3
+    third = load_runs(uri, more.studies[2])
+    assert sorted(third[variant]) == ["a", "b", "full"] and set(third["params.seed"]) == {"1002"}
+    earlier = {"a": fresh[fresh[variant] == old_label], "b": added[added[variant] == "b"]}
+    for label, runs in earlier.items():
+        values = pd.concat([runs[value], third[third[variant] == label][value]])
+        assert more.values[label][2] == 3 == len(values)
+        assert more.values[label][0] == pytest.approx(values.mean())
+        assert more.values[label][1] == pytest.approx(values.std(ddof=1))
     goal = result["target"]
     assert goal["third"] == 2 and set(goal["random_at_all"]) == {"0"}
     assert result["maximize"] is True
