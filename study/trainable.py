@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from ray import tune
 from ray.train import UserCallback
+from ray.train.torch import TorchTrainer
 
 from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gacd.config import Config, ConfigError
@@ -237,6 +238,39 @@ def run_data_parallel(ray_config: dict[str, Any], spec: StudySpec, resume: State
         raise workers_error(failure[0])
 
 
+def dashboard_running() -> bool:
+    """Whether the cluster runs Ray's dashboard, which serves Ray's state API (`ray[tune]`
+    alone installs none: `study.run` starts its local instances without it). Unknown: True."""
+    try:
+        from ray._private.services import get_webui_url_from_internal_kv
+
+        return bool(get_webui_url_from_internal_kv())
+    except Exception:  # noqa: BLE001 - another Ray's internals: keep Ray's own behaviour
+        return True
+
+
+class LeanTorchTrainer(TorchTrainer):
+    """Ray's `TorchTrainer`, less the placement-group cleaner of Ray Train 2.60 where the
+    cluster runs no dashboard. The cleaner (a detached actor per run) asks the state API, which
+    the dashboard serves, whether the run's controller lives; without one each question waits
+    out its 10 s timeout, so every run ended 12 s late (`docs/performance.md`) and no placement
+    group was ever freed by it. What it is for, the placement group of a run whose trial Tune
+    ended, the study's driver frees itself (`study.run.free_worker_groups`), and Ray frees a
+    job's groups when the job ends; with a dashboard the cleaner stays."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if dashboard_running():
+            return callbacks
+        try:
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback as Cleaner,
+            )
+        except ImportError:  # another Ray: its own callbacks as they are
+            return callbacks
+        return [callback for callback in callbacks if not isinstance(callback, Cleaner)]
+
+
 def torch_trainer(
     loop: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
@@ -252,10 +286,10 @@ def torch_trainer(
     GPUs, `gloo` on CPUs), its run `RAY_TRAIN_FOLDER` in `storage`; `loop` gets `loop_config`
     with the worker's `cpus` and `gpus` (for `set_up_train_worker`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     use_gpu = gpus > 0
-    return TorchTrainer(
+    return LeanTorchTrainer(
         loop,
         train_loop_config=loop_config | {"cpus": cpus, "gpus": gpus},
         scaling_config=ScalingConfig(

@@ -79,6 +79,47 @@ def test_the_teacher_gets_a_worker_per_cpu_its_trials_share(ray_cluster):
         ray.shutdown()
 
 
+def test_ray_trains_placement_group_cleaner_runs_only_where_a_dashboard_answers_it(
+    ray_cluster, tmp_path
+):
+    """Without a dashboard the cleaner's every question to the state API waits out its timeout
+    (each Ray Train run ended 12 s late): the study's trainers leave it out there and keep Ray's
+    other callbacks; on a cluster whose dashboard has registered its address (what a dashboard
+    writes to the GCS on start, written here by hand and put back after) it stays."""
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from study.run import connect
+    from study.trainable import LeanTorchTrainer, dashboard_running, torch_trainer
+
+    def kinds(trainer: LeanTorchTrainer) -> list[type]:
+        return [type(callback) for callback in trainer._create_default_callbacks()]
+
+    namespace = ray_constants.KV_NAMESPACE_DASHBOARD
+    try:
+        connect(ray_cluster, None, None)
+        trainer = torch_trainer(print, {}, 2, 1.0, 0.0, str(tmp_path), 0, 1)
+        assert isinstance(trainer, LeanTorchTrainer) and not dashboard_running()
+        lean = kinds(trainer)
+        assert PlacementGroupCleanerCallback not in lean
+        before = internal_kv._internal_kv_get("webui:url", namespace=namespace)  # b"": none
+        internal_kv._internal_kv_put("webui:url", "127.0.0.1:8265", namespace=namespace)
+        try:
+            assert dashboard_running()
+            full = kinds(trainer)
+        finally:
+            internal_kv._internal_kv_put("webui:url", before or b"", namespace=namespace)
+        assert not dashboard_running()
+        assert PlacementGroupCleanerCallback in full
+        assert [kind for kind in full if kind is not PlacementGroupCleanerCallback] == lean
+    finally:
+        ray.shutdown()
+
+
 def ray_train_workers() -> list[int]:
     """PIDs of Ray Train's worker processes on this machine."""
     listing = subprocess.run(
