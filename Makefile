@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Local Ray instances bind to 127.0.0.1 only (Linux): no port opens to the network.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint clean benchmark benchmark-ablation benchmark-compare fashion-mnist-data
+.PHONY: install demo test test-all lint clean benchmark benchmark-ablation benchmark-compare fashion-mnist-data
 
 install: $(VENV)/.installed
 
@@ -79,7 +79,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The tests but those marked slow (about 12 minutes on 2 CPUs, the install included); every
+# test, the slow ones too, is `make test-all`: what CI runs (.ci/run).
 test: install lint
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: install lint
 	$(BIN)/python -m pytest
 
 clean:

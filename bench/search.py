@@ -542,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-cpus", help="passed to study.run")
     parser.add_argument(
+        "--address", help="a running Ray cluster for every study (passed to study.run)"
+    )
+    parser.add_argument(
         "--margin",
         type=float,
         default=0.01,
@@ -565,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out, ["--num-cpus", args.num_cpus] if args.num_cpus else [])
+    extra = ["--num-cpus", args.num_cpus] if args.num_cpus else []
+    runner = Runner(out, extra + (["--address", args.address] if args.address else []))
     started = time.perf_counter()
 
     searches = []

@@ -92,6 +92,12 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"no Ray head node on 127.0.0.1:{port} after {timeout} s")
 
 
+def node_env() -> dict[str, str]:
+    """`ray start`'s environment: this session's (its token), and a node that stops at once on
+    SIGTERM, since a test node serves no traffic to drain (Ray waits up to 30 s)."""
+    return {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real Ray head node started by `ray start --head` (2 CPUs), on 127.0.0.1 only, with
@@ -112,7 +118,11 @@ def ray_cluster(tmp_path_factory):
     ]
     with open(log, "w") as output:
         process = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=node_env(),
         )
     try:
         wait_for_port(port, process, timeout=90)

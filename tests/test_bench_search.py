@@ -212,12 +212,14 @@ def test_a_budget_the_file_lacks_or_a_file_that_is_no_search_is_refused():
 
 
 @pytest.mark.slow
-def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_teacher_path):
+def test_the_benchmark_measures_every_search_on_fresh_seeds(
+    tmp_path, robust_teacher_path, ray_cluster
+):
     out = tmp_path / "out"
     argv = ["--arms", "tpe_asha", "random", "--seeds", "0", "--trials", "3", "--epochs", "2"]
     argv += ["--budgets", "2", "6", "--fresh-seeds", "1000", "1001"]
     argv += ["--select-top", "2", "--select-seeds", "2000"]
-    argv += ["--teacher", str(robust_teacher_path), "--out", str(out), "--num-cpus", "2"]
+    argv += ["--teacher", str(robust_teacher_path), "--out", str(out), "--address", ray_cluster]
     argv += ["--results", str(tmp_path / "search.json"), "--plot", str(tmp_path / "plot.png")]
     assert search.main(argv) == 0
     result = json.loads((tmp_path / "search.json").read_text())
@@ -304,7 +306,7 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(tmp_path, robust_tea
     for label, figures in fewer["fresh"].items():
         assert figures == (result["fresh"]["full"] if label == "full" else recorded[params[label]])
     # one configuration measured and one not: only the new one (and the reference) runs
-    runner = search.Runner(out, ["--num-cpus", "2"])
+    runner = search.Runner(out, ["--address", ray_cluster])
     resolved = json.loads(
         (out / "ray_results" / result["searches"][0]["name"] / schema.SPEC_FILE).read_text()
     )["resolved"]

@@ -413,6 +413,7 @@ def interrupt_in_stage(command: list[str], stage: str) -> None:
     assert driver.wait(timeout=300) == 130, "".join(seen[-40:]) + driver.stdout.read()[-3000:]
 
 
+@pytest.mark.slow
 def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losing_nothing(
     tmp_path, ray_cluster, robust_teacher_path
 ):

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from analysis.runs import load_runs
 from gacd import schema
 from study.run import main
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, node_env, wait_for_port
 from tests.test_study_run import ROOT, digits_base, ray_results, study_args, write_study
 
 pytestmark = pytest.mark.slow
@@ -172,7 +172,11 @@ def ray_node(arguments: list[str], log: Path) -> subprocess.Popen:
     command += ["--num-gpus=0", "--disable-usage-stats"]
     with open(log, "a") as output:
         return subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=node_env(),
         )
 
 
@@ -186,6 +190,7 @@ def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             node.wait()
 
 
+@pytest.mark.slow
 def test_a_lost_worker_node_moves_its_trial_and_the_study_finishes(tmp_path, robust_teacher_path):
     """A cluster of a head and a worker node, both on 127.0.0.1, each with one CPU: one trial
     on each. The worker node is killed mid-study; its trial continues on the head."""

@@ -478,6 +478,7 @@ def test_an_mlflow_server_lost_mid_study_loses_no_epoch(tmp_path, ray_cluster, r
             stop(server)
 
 
+@pytest.mark.slow
 def test_digits_baselines_runs_every_method_with_transfer_and_structure_metrics(
     tmp_path, ray_cluster, capsys
 ):
