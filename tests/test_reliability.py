@@ -190,7 +190,6 @@ def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             node.wait()
 
 
-@pytest.mark.slow
 def test_a_lost_worker_node_moves_its_trial_and_the_study_finishes(tmp_path, robust_teacher_path):
     """A cluster of a head and a worker node, both on 127.0.0.1, each with one CPU: one trial
     on each. The worker node is killed mid-study; its trial continues on the head."""

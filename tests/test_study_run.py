@@ -21,7 +21,6 @@ from study.spec import spec_from_dict
 from tests.conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def study_args(tmp_path: Path, address: str) -> list[str]:
@@ -139,6 +138,7 @@ def ray_results(path: Path):
     return tune.Tuner.restore(str(path), trainable(spec)).get_results()
 
 
+@pytest.mark.slow
 def test_asha_stops_poor_trials_only_full_budgets_compete_and_optuna_holds_every_epoch(
     tmp_path, ray_cluster, robust_teacher_path, capsys
 ):
@@ -222,6 +222,7 @@ def assert_optuna_holds_every_epoch_ray_and_mlflow_hold(tmp_path, name: str, epo
         assert (trial.state == optuna.trial.TrialState.COMPLETE) == (last == epochs), where
 
 
+@pytest.mark.slow
 def test_ablation_runs_every_variant_with_every_seed_on_the_test_split(
     tmp_path, ray_cluster, robust_teacher_path, capsys
 ):
@@ -346,6 +347,7 @@ def assert_students_load_back_as_mlflow_models(uri: str, runs) -> None:
         assert accuracy == pytest.approx(row[f"metrics.{metric}"], abs=0.01), name
 
 
+@pytest.mark.slow
 def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
     tmp_path, ray_cluster, robust_teacher_path
 ):
@@ -389,6 +391,7 @@ def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
     assert all(r.metrics["training_iteration"] == epochs for r in results)
 
 
+@pytest.mark.slow
 def test_confirm_reruns_the_top_trials_on_fresh_seeds_without_the_test_split(
     tmp_path, ray_cluster, robust_teacher_path, capsys
 ):
@@ -433,6 +436,7 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_an_mlflow_server_lost_mid_study_loses_no_epoch(tmp_path, ray_cluster, robust_teacher_path):
     """The study goes on without MLflow; `study.sync` brings every epoch in once it is back."""
     from study import sync
@@ -519,6 +523,7 @@ def test_digits_baselines_runs_every_method_with_transfer_and_structure_metrics(
     assert f"{teacher['metrics.test/pgd_acc']:.3f}" in section
 
 
+@pytest.mark.slow
 def test_a_local_ray_instance_listens_on_127_0_0_1_only():
     """What `study.run` starts without --address: a fresh instance, bound to the loopback."""
     import ray
@@ -533,6 +538,7 @@ def test_a_local_ray_instance_listens_on_127_0_0_1_only():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_the_teacher_s_task_takes_the_cpus_its_trials_will_share(ray_cluster):
     """The teacher trains before any trial starts: it gets the CPUs of the concurrent trials
     (at most one node's, at least a trial's), not one trial's share with the rest idle."""
