@@ -79,8 +79,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tests but those marked slow (about 12 minutes on 2 CPUs, the install included); every
-# test, the slow ones too, is `make test-all`: what CI runs (.ci/run).
+# The tests but those marked slow (about 6 minutes on 2 CPUs, the install included; the CI
+# smoke study on a real Ray cluster among them); every test, the slow ones too, is
+# `make test-all` (about 25 minutes): what CI runs (.ci/run).
 test: install lint
 	$(BIN)/python -m pytest -m "not slow"
 
