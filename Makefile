@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The embedded digits data, end to end through the platform: a search (12 GACD trials, TPE,
 # ASHA) on a local Ray instance bound to 127.0.0.1, then its ablation (9 variants x 3 seeds,
-# test split), every run in MLflow under runs/demo/. About 7 minutes on 2 CPUs.
+# test split), every run in MLflow under runs/demo/. About 6 minutes on 2 CPUs.
 DEMO := runs/demo
 DEMO_ARGS := --storage $(DEMO)/ray_results --tracking-uri sqlite:///$(CURDIR)/$(DEMO)/mlflow.db
 demo: install
