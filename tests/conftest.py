@@ -92,10 +92,20 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"no Ray head node on 127.0.0.1:{port} after {timeout} s")
 
 
-def node_env() -> dict[str, str]:
-    """`ray start`'s environment: this session's (its token), and a node that stops at once on
-    SIGTERM, since a test node serves no traffic to drain (Ray waits up to 30 s)."""
-    return {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+def ray_node(arguments: list[str], log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group (killing the group takes its node
+    down), with this session's environment (its token) and no drain on SIGTERM: a test node
+    serves no traffic to drain, and Ray would wait up to 30 s."""
+    command = [str(Path(sys.executable).with_name("ray")), "start", *arguments, "--block"]
+    command += ["--num-gpus=0", "--disable-usage-stats"]
+    with open(log, "a") as output:
+        return subprocess.Popen(
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+        )
 
 
 @pytest.fixture(scope="session")
@@ -105,25 +115,9 @@ def ray_cluster(tmp_path_factory):
     Only the processes this fixture started are stopped at the end."""
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "head.log"
-    command = [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
-        "--head",
-        f"--port={port}",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        "--block",
-    ]
-    with open(log, "w") as output:
-        process = subprocess.Popen(
-            command,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=node_env(),
-        )
+    process = ray_node(
+        ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"], log
+    )
     try:
         wait_for_port(port, process, timeout=90)
         yield f"127.0.0.1:{port}"

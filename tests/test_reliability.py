@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from analysis.runs import load_runs
 from gacd import schema
 from study.run import main
-from tests.conftest import free_port, node_env, wait_for_port
+from tests.conftest import free_port, ray_node, wait_for_port
 from tests.test_study_run import ROOT, digits_base, ray_results, study_args, write_study
 
 pytestmark = pytest.mark.slow
@@ -164,20 +164,6 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_refused(
     error = capsys.readouterr().err
     assert "resources.gpus_per_trial is 1 but the cluster has 0 GPUs" in error
     assert not (tmp_path / "results" / "greedy").exists()
-
-
-def ray_node(arguments: list[str], log: Path) -> subprocess.Popen:
-    """`ray start ... --block` in its own process group, so killing it takes its node down."""
-    command = [str(Path(sys.executable).with_name("ray")), "start", *arguments, "--block"]
-    command += ["--num-gpus=0", "--disable-usage-stats"]
-    with open(log, "a") as output:
-        return subprocess.Popen(
-            command,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=node_env(),
-        )
 
 
 def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
