@@ -53,6 +53,9 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
     entry = runs[entry_column] if entry_column in runs else pd.Series(None, index=runs.index)
     owner = entry.where(study == "search", variant.str.split(".").str[0])
     epochs = runs.get(schema.metric_column(schema.EPOCH), pd.Series(0.0, index=runs.index))
+    seed_column = schema.tag_column(schema.TAG_SEED)
+    if seed_column in runs:  # a trial over several training seeds trains each of them
+        epochs = epochs * runs[seed_column].map(schema.seeds_in_tag)
     seconds = (runs["end_time"] - runs["start_time"]).fillna(0) / 1000.0
     rows = []
     for method in methods:
@@ -194,7 +197,8 @@ def comparison_markdown(
         lines += [
             "## The budget each method got, and its winner",
             "",
-            "Trials, trial-epochs (epochs trained, summed over trials) and trial-hours (run "
+            "Trials, trial-epochs (epochs trained, summed over trials and, for trials over "
+            "several training seeds, over their seeds) and trial-hours (run "
             "wall time, summed) in each stage: `search` (each method's own search, the same "
             "number of trials, scheduler and epoch budget), `confirm` (its best trials re-run "
             "on fresh seeds, validation split; the winner has the best mean) and `final`.",

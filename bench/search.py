@@ -69,17 +69,20 @@ class Point:
     leaders: tuple[dict[str, Any], ...] = ()
 
 
-def curve(trials: list[optuna.trial.FrozenTrial], maximize: bool, top: int = 1) -> list[Point]:
+def curve(
+    trials: list[optuna.trial.FrozenTrial], maximize: bool, top: int = 1, seeds_per_trial: int = 1
+) -> list[Point]:
     """Trial-epochs spent and the best full-budget trials so far (the first is the incumbent),
     after each trial ends (in the order trials ended). A pruned or failed trial costs its
-    epochs and never leads; of equal values the earlier trial ranks first."""
+    epochs and never leads; of equal values the earlier trial ranks first. A trial over
+    several training seeds (`study.trial_seeds`) costs its epochs on each."""
     ended = sorted(
         (t for t in trials if t.state.is_finished() and t.datetime_complete is not None),
         key=lambda t: (t.datetime_complete, t.number),
     )
     points, spent, complete = [], 0, []
     for trial in ended:
-        spent += len(trial.intermediate_values)
+        spent += len(trial.intermediate_values) * seeds_per_trial
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
             complete.append(trial)
         ranked = sorted(complete, key=lambda t: -t.value if maximize else t.value)[: max(top, 1)]
@@ -97,11 +100,16 @@ def incumbent_at(points: list[Point], budget: int) -> Point | None:
     return within[-1] if within else None
 
 
-def arm_spec(base: dict, arm: str, seed: int, trials: int, name: str) -> dict:
-    """The study file's search, as one arm with one sampler seed."""
+def arm_spec(
+    base: dict, arm: str, seed: int, trials: int, name: str, trial_seeds: list[int] | None = None
+) -> dict:
+    """The study file's search, as one arm with one sampler seed (and its trials over
+    `trial_seeds`, where given; else as the file says)."""
     spec = json.loads(json.dumps(base))
     study = spec["study"]
     study |= {"name": name, "mode": "search", "num_samples": trials}
+    if trial_seeds is not None:
+        study["trial_seeds"] = trial_seeds
     sampler = dict(study.get("sampler") or {})
     sampler |= {"name": "random" if arm == "random" else "tpe", "seed": seed}
     if arm == "random":
@@ -113,6 +121,40 @@ def arm_spec(base: dict, arm: str, seed: int, trials: int, name: str) -> dict:
     elif (study.get("scheduler") or {}).get("name", "none") == "none":
         raise SystemExit(f"the study's scheduler is none: arm {arm} needs its ASHA settings")
     return spec
+
+
+def search_name(arm: str, seed: int, trial_seeds: list[int] | None) -> str:
+    """`bench_search_tpe_asha_s3`, and `..._s3_trials0-1` for trials over seeds 0 and 1."""
+    name = f"bench_search_{arm}_s{seed}"
+    return name if trial_seeds is None else f"{name}_trials{'-'.join(map(str, trial_seeds))}"
+
+
+def arm_trial_seeds(values: list[str], arms: list[str]) -> dict[str, list[int]]:
+    """`--trial-seeds tpe_asha=0,1`: each named arm's trials over those training seeds. A
+    ValueError names what is wrong."""
+    found: dict[str, list[int]] = {}
+    for value in values:
+        arm, _, seeds = value.partition("=")
+        if arm not in arms:
+            raise ValueError(
+                f"--trial-seeds {value}: expected ARM=SEED,SEED with ARM one of "
+                f"--arms ({', '.join(arms)})"
+            )
+        try:
+            found[arm] = [int(seed) for seed in seeds.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--trial-seeds {value}: expected integer seeds (tpe_asha=0,1)"
+            ) from None
+        if len(set(found[arm])) != len(found[arm]):
+            raise ValueError(f"--trial-seeds {value}: expected distinct seeds")
+    return found
+
+
+def arm_label(result: dict, arm: str) -> str:
+    """An arm as the table and the plot name it: `tpe_asha`, `tpe_asha (trials over 2 seeds)`."""
+    seeds = (result.get("trial_seeds") or {}).get(arm)
+    return arm if not seeds or len(seeds) == 1 else f"{arm} (trials over {len(seeds)} seeds)"
 
 
 def search_file(
@@ -320,7 +362,7 @@ def summarise(result: dict) -> pd.DataFrame:
                 spent = [s["trial_epochs"] for s in result["searches"] if s["arm"] == arm]
                 rows.append(
                     {
-                        "arm": arm,
+                        "arm": arm_label(result, arm),
                         "incumbent": chosen_by,
                         "budget (trial-epochs)": budget,
                         "spent, selection included": cost.mean() if len(cost) else float("nan"),
@@ -469,7 +511,7 @@ def plot(result: dict, path: Path) -> None:
 
     table = summarise(result)
     figure, axis = plt.subplots(figsize=(9.6, 4.4))
-    for index, arm in enumerate(result["arms"]):
+    for index, arm in enumerate(arm_label(result, arm) for arm in result["arms"]):
         color = f"C{index}"  # one colour per arm: its fresh values and its search's own
         for key, chosen_by in selections(result):
             group = table[(table["arm"] == arm) & (table["incumbent"] == chosen_by)]
@@ -511,6 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sampler seeds"
     )
     parser.add_argument("--trials", type=int, default=32, help="trials per search (every arm)")
+    parser.add_argument(
+        "--trial-seeds",
+        nargs="+",
+        default=[],
+        metavar="ARM=SEEDS",
+        help="an arm whose trials each train on several seeds and report their mean "
+        "(study.trial_seeds), e.g. tpe_asha=0,1; its trial-epochs count every seed's",
+    )
     parser.add_argument(
         "--budgets",
         type=int,
@@ -564,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         base, budget_name = search_file(args.study, args.budget, args.epochs, args.teacher)
+        trial_seeds = arm_trial_seeds(args.trial_seeds, args.arms)
     except ValueError as error:
         parser.error(str(error))
     out = Path(args.out)
@@ -575,15 +626,18 @@ def main(argv: list[str] | None = None) -> int:
     searches = []
     for seed in args.seeds:  # seed-major: a stopped benchmark has every arm for its seeds
         for arm in args.arms:
-            name = f"bench_search_{arm}_s{seed}"
-            seconds = runner.run(arm_spec(base, arm, seed, args.trials, name))
+            seeds_of_trial = trial_seeds.get(arm)
+            name = search_name(arm, seed, seeds_of_trial)
+            seconds = runner.run(arm_spec(base, arm, seed, args.trials, name, seeds_of_trial))
             trials, maximize = runner.trials(name)
-            points = curve(trials, maximize, top=max(args.select_top, 1))
+            per_trial = len(seeds_of_trial or [None])
+            points = curve(trials, maximize, top=max(args.select_top, 1), seeds_per_trial=per_trial)
             searches.append(
                 {
                     "arm": arm,
                     "seed": seed,
                     "name": name,
+                    "trial_seeds": seeds_of_trial,
                     "seconds": seconds,
                     "trial_epochs": points[-1].trial_epochs if points else 0,
                     "trials": len(trials),
@@ -684,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": args.arms,
         "seeds": args.seeds,
         "trials": args.trials,
+        "trial_seeds": trial_seeds,  # the arms whose trials average several training seeds
         "budgets": args.budgets,
         "fresh_seeds": args.fresh_seeds,
         "select_top": args.select_top,

@@ -31,6 +31,7 @@ def train_loss(term: str) -> str:
     return TRAIN_LOSS_PREFIX if term == "loss" else f"{TRAIN_LOSS_PREFIX}/{term}"
 
 
+VAL_PREFIX = "val/"
 VAL_CLEAN_ACC = accuracy("val", "clean")
 VAL_PGD_ACC = accuracy("val", "pgd")
 # How many validation images each epoch's accuracies were measured on (their standard error).
@@ -70,12 +71,22 @@ TRANSFER = "transfer"
 TRANSFER_CLEAN_ACC = accuracy(TRANSFER, "clean")
 TRANSFER_PGD_ACC = accuracy(TRANSFER, "pgd")
 
+# A trial over several training seeds (`study.trial_seeds`) reports each metric's mean over
+# them, and each seed's own validation metrics as `seeds/SEED/val/pgd_acc`.
+SEEDS = "seeds"
+
+
+def per_seed(seed: int, name: str) -> str:
+    """`seeds/1/val/pgd_acc`: one training seed's `name` in a trial over several."""
+    return f"{SEEDS}/{seed}/{name}"
+
+
 # Every family a metric may belong to (the part before the first `/`), and the names without one.
 SPLITS = ("train", "val", "test", "transfer", "time")
 # The study's parent run: its result (`study/best_value`) and its trials by how they ended.
 STUDY = "study"
 STUDY_BEST_VALUE = f"{STUDY}/best_value"
-FAMILIES = SPLITS + tuple(split + BEST for split in ("test", "transfer")) + (STUDY,)
+FAMILIES = SPLITS + tuple(split + BEST for split in ("test", "transfer")) + (STUDY, SEEDS)
 
 
 def trials_metric(state: str) -> str:
@@ -120,7 +131,7 @@ TAG_VARIANT = "variant"
 TAG_REFERENCE = "reference"  # on an ablation's run: the variant the others are compared with
 TAG_ENTRY = "compare_entry"  # a comparison's search trial: its method entry
 TAG_VARIANTS = "variants"  # on the study's run: the ablation's variants in file order (JSON)
-TAG_SEED = "seed"
+TAG_SEED = "seed"  # a trial over several training seeds: them all, "0,1,2" (`seed_tag`)
 TAG_RAY_TRIAL = "ray_trial_id"
 TAG_OPTUNA_TRIAL = "optuna_trial_number"
 TAG_CONFIG_HASH = "config_hash"
@@ -143,6 +154,16 @@ TAG_SOURCE_NAME = "mlflow.source.name"
 TAG_SOURCE_TYPE = "mlflow.source.type"
 TAG_USER = "mlflow.user"
 TAG_PARENT = "mlflow.parentRunId"
+
+
+def seed_tag(seeds: list[int]) -> str:
+    """The seed tag (and `seed` parameter) of a run trained on `seeds`: "3", or "0,1,2"."""
+    return ",".join(str(seed) for seed in seeds)
+
+
+def seeds_in_tag(tag: object) -> int:
+    """How many training seeds a run's seed tag names (1 where it has none)."""
+    return len(str(tag).split(",")) if isinstance(tag, str) and tag else 1
 
 
 def flag(value: bool) -> str:

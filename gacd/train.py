@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from gacd.data import Batch, Datasets, DatasetSpec, augment, batches, load_datas
 from gacd.evaluate import robustness_metrics, validation_metrics
 from gacd.methods import METHODS, Method
 from gacd.models import ImageClassifier, build_classifier
-from gacd.runtime import resolve_device, seed_everything
+from gacd.runtime import random_state, resolve_device, seed_everything, set_random_state
 from gacd.structure import structure_metrics
 from gacd.teacher import load_teacher
 from gacd.transfer import load_target, transfer_metrics
@@ -75,6 +75,27 @@ def fit(
     data: Datasets | None = None,
 ) -> FitResult:
     """Train `config` from scratch, or from a checkpoint payload or file given as `resume`."""
+    epochs = training(config, resume, data)
+    while True:
+        try:
+            epoch_metrics, state = next(epochs)
+        except StopIteration as done:
+            return done.value
+        if report is not None:
+            report(epoch_metrics, state)
+
+
+# `fit`'s epochs one at a time: each yields its metrics and checkpoint payload; the end returns
+# the `FitResult`.
+Epochs = Generator[tuple[dict[str, float], State], None, FitResult]
+
+
+def training(
+    config: Config,
+    resume: State | str | Path | None = None,
+    data: Datasets | None = None,
+) -> Epochs:
+    """What `fit` runs, an epoch per `next`: `fit_seeds` interleaves several."""
     device = resolve_device(config.device)
     seed_everything(config.seed)
     # Fixed input shapes: let cuDNN pick its fastest kernels (results stay seeded, not bitwise).
@@ -128,9 +149,91 @@ def fit(
         state = training_state(
             config, epoch + 1, method, optimizer, scheduler, history, best, data.spec
         )
-        if report is not None:
-            report(epoch_metrics, state)
+        yield epoch_metrics, state
     return FitResult(method, history, state)
+
+
+# --- one configuration over several training seeds, side by side ------------------------------
+
+SeedsReport = Callable[[list[dict[str, float]], list[State]], None]
+
+
+def fit_seeds(
+    configs: list[Config],
+    report: SeedsReport | None = None,
+    resumes: list[State | None] | None = None,
+) -> list[FitResult]:
+    """`fit` of one configuration on several training seeds (`configs`: one per seed, alike
+    but for it), an epoch of each in turn; `report` gets every seed's metrics and state of each
+    epoch together (`seed_mean` averages them). Each seed's run keeps its own random generators,
+    swapped in for its epoch and out after it, so each trains exactly as `fit` alone would; the
+    caller's generators are left as they were."""
+    resumes = resumes or [None] * len(configs)
+    starts = {0 if resume is None else resume["epoch"] for resume in resumes}
+    check_seeds(configs)
+    if len(starts) > 1:
+        raise CheckpointError(f"resume: the seeds' checkpoints are at different epochs {starts}")
+    runs = [training(c, r) for c, r in zip(configs, resumes, strict=True)]
+    streams: list[dict[str, Any] | None] = [None] * len(runs)  # each run's generators
+    outer = random_state()
+    try:
+        while True:
+            epoch, results = [], []
+            for index, run in enumerate(runs):
+                if streams[index] is not None:
+                    set_random_state(streams[index])
+                try:
+                    epoch.append(next(run))
+                except StopIteration as done:
+                    results.append(done.value)
+                finally:
+                    streams[index] = random_state()
+            if results:  # every seed has as many epochs: all end together
+                return results
+            if report is not None:
+                report([metrics for metrics, _ in epoch], [state for _, state in epoch])
+    finally:
+        set_random_state(outer)
+
+
+def check_seeds(configs: list[Config]) -> None:
+    """`fit_seeds`' configs: at least one, on distinct seeds, otherwise alike."""
+    if not configs:
+        raise ConfigError("seed", "one config per training seed (fit_seeds got no configs)")
+    seeds = [config.seed for config in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("seed", "distinct seeds (they repeat)", seeds)
+    first = dataclasses.replace(configs[0], seed=0).to_dict()
+    for config in configs[1:]:
+        other = dataclasses.replace(config, seed=0).to_dict()
+        if other != first:
+            changed = sorted(key for key in first if first[key] != other.get(key))
+            raise ConfigError(
+                changed[0],
+                f"one configuration on several seeds (the configs differ in {', '.join(changed)})",
+            )
+
+
+def seed_mean(seeds: list[int], epochs: list[dict[str, float]]) -> dict[str, float]:
+    """One epoch of a configuration trained on `seeds`, as one trial reports it: each metric's
+    mean over the seeds (the epoch's seconds summed: the time the trial spent on it; a value
+    every seed shares as it is: the epoch, the learning rate), and each seed's own validation
+    metrics as `seeds/SEED/val/...` (`schema.per_seed`)."""
+    names = [name for name in epochs[0] if all(name in epoch for epoch in epochs)]
+    mean = {}
+    for name in names:
+        values = [epoch[name] for epoch in epochs]
+        if name == schema.EPOCH_SECONDS:
+            mean[name] = float(sum(values))
+        elif all(value == values[0] for value in values):  # the epoch, its learning rate, ...
+            mean[name] = values[0]
+        else:
+            mean[name] = float(sum(values)) / len(values)
+    for seed, epoch in zip(seeds, epochs, strict=True):
+        for name, value in epoch.items():
+            if name.startswith(schema.VAL_PREFIX):
+                mean[schema.per_seed(seed, name)] = value
+    return mean
 
 
 def build_method(config: Config, data: Datasets, device: torch.device) -> Method:

@@ -118,6 +118,7 @@ def ablation_stage(
         "mode": "ablation",
         "experiment": spec.name,
         "metric": metric,
+        "trial_seeds": None,  # the stages' runs are one seed each, the searches' trials not
     }
     raw["study"]["scheduler"]["name"] = "none"
     raw["compare"], raw["search"] = None, {}

@@ -39,7 +39,9 @@ def confirm_spec(
     """The search's own study (its resolved file), turned into an ablation over `seeds` of
     `variants` (name: the searched values of one of its trials)."""
     spec = json.loads(json.dumps(search))
+    # Each variant on each seed as one run: a search's `trial_seeds` do not carry over.
     spec["study"] |= {"name": name, "mode": "ablation", "max_concurrent": None}
+    spec["study"].pop("trial_seeds", None)
     spec["study"]["scheduler"]["name"] = "none"
     spec["search"] = {}
     spec["ablation"] = {

@@ -101,6 +101,10 @@ class StudySection:
     # The MLflow experiment the study logs to (None: the study's name). A comparison's stages
     # share the comparison's experiment.
     experiment: str | None = None
+    # A search's trial trained on each of these seeds side by side, reporting each epoch's mean
+    # over them (`gacd.train.fit_seeds`): a less noisy objective for the sampler and the
+    # scheduler, at that many times the cost. None: one run on `base.seed`.
+    trial_seeds: list[int] | None = None
 
     @property
     def experiment_name(self) -> str:
@@ -257,6 +261,16 @@ class StudySpec:
 
     def trial_config(self, ray_config: dict[str, Any]) -> Config:
         return Config.from_dict(self.trial_values(ray_config))
+
+    def trial_configs(self, ray_config: dict[str, Any]) -> list[Config]:
+        """The trial's config on each of `study.trial_seeds` (or alone, on its own seed)."""
+        config = self.trial_config(ray_config)
+        seeds = self.study.trial_seeds
+        return [dataclasses.replace(config, seed=seed) for seed in seeds or [config.seed]]
+
+    def trial_seeds(self, ray_config: dict[str, Any]) -> list[int]:
+        """The seeds a trial trains on."""
+        return [config.seed for config in self.trial_configs(ray_config)]
 
     def trial_label(self, ray_config: dict[str, Any], trial_id: str) -> str:
         """`full-seed1` in an ablation, `trial-007` (the Optuna number) in a search,
@@ -509,8 +523,27 @@ def validate_sections(spec: StudySpec) -> None:
             f"at most one worker per whole GPU of the trial ({gpus:g})",
             workers,
         )
+    if study.trial_seeds is not None:
+        validate_trial_seeds(spec)
     validate_mode(spec)
     validate_metric(spec)
+
+
+def validate_trial_seeds(spec: StudySpec) -> None:
+    seeds = spec.study.trial_seeds  # a list of integers: `build_dataclass` checked its type
+    validate_seeds(seeds, "study.trial_seeds")
+    require(
+        spec.searches,
+        "study.trial_seeds",
+        "no trial seeds in an ablation (its runs are one seed each: ablation.seeds)",
+        seeds,
+    )
+    require(
+        "seed" not in nest_dotted(spec.base),
+        "base.seed",
+        "no seed beside study.trial_seeds (a trial's seeds are the trial seeds)",
+        nest_dotted(spec.base).get("seed"),
+    )
 
 
 def validate_mode(spec: StudySpec) -> None:

@@ -153,14 +153,16 @@ def train_teacher_worker(loop: dict[str, Any]) -> None:
             save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(epoch_metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    fit(config, report=report, resume=resume_state(path))
+    fit(config, report=report, resume=resume_state(path, config.seed))
 
 
-def resume_state(path: Path) -> State | None:
+def resume_state(path: Path, seed: int) -> State | None:
     """Where the teacher continues: the later of Ray Train's latest checkpoint (a restarted
     worker group) and the cache file (a study run again after its driver died); an unreadable
     one is passed over."""
-    return later(ray_train_state(), readable(path))
+    cached = readable(path)
+    found = later(ray_train_state([seed]), None if cached is None else [cached])
+    return None if found is None else found[0]
 
 
 def teacher_line(epoch_metrics: dict[str, float], epochs: int) -> str:

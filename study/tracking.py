@@ -328,7 +328,7 @@ class TrialRuns(tune.Callback):
             schema.TAG_STUDY: self.spec.name,
             schema.TAG_MODE: self.spec.study.mode,
             schema.TAG_RAY_TRIAL: trial.trial_id,
-            schema.TAG_SEED: str(config.seed),
+            schema.TAG_SEED: schema.seed_tag(self.spec.trial_seeds(trial.config)),
             schema.TAG_CONFIG_HASH: config_hash(config),
             schema.TAG_PARENT: self.parent_run_id,
             **source_tags(self.commit),
@@ -350,7 +350,8 @@ class TrialRuns(tune.Callback):
         tags |= evaluation_tags(config)
         name = self.spec.trial_label(trial.config, trial.trial_id)
         run = self.tracking.client.create_run(self.experiment_id, tags=tags, run_name=name)
-        self.tracking.log_params(run.info.run_id, run_settings(config))
+        settings = run_settings(config) | {"seed": tags[schema.TAG_SEED]}
+        self.tracking.log_params(run.info.run_id, settings)
         return run.info.run_id
 
     # --- Ray Tune's hooks ---------------------------------------------------------------

@@ -25,7 +25,15 @@ from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gacd.config import Config, ConfigError
 from gacd.data import DatasetNotFoundError, describe_splits, load_datasets
 from gacd.runtime import resolve_device
-from gacd.train import BEST_CHECKPOINT_FILE, NonFiniteLossError, State, best_checkpoint, fit
+from gacd.train import (
+    BEST_CHECKPOINT_FILE,
+    NonFiniteLossError,
+    State,
+    best_checkpoint,
+    fit,
+    fit_seeds,
+    seed_mean,
+)
 from study.spec import (
     EPOCHS_TOTAL,
     RESULT_DATASETS,
@@ -58,8 +66,26 @@ def set_up_worker(cpus: float, gpus: float) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
-def restored_state() -> State | None:
-    """The state of the checkpoint Ray restores the trial from. If that one is unreadable (a
+def checkpoint_files(seeds: list[int]) -> list[str]:
+    """A trial's checkpoint files in its checkpoint folder, one per training seed:
+    `checkpoint.pt` for a trial of one, `checkpoint.seed3.pt`, ... for a trial of several."""
+    if len(seeds) == 1:
+        return [CHECKPOINT_FILE]
+    stem, suffix = CHECKPOINT_FILE.rsplit(".", 1)
+    return [f"{stem}.seed{seed}.{suffix}" for seed in seeds]
+
+
+# A trial's training state: one per training seed (`study.trial_seeds`), in their order.
+States = list[State]
+
+
+def read_states(folder: Path, seeds: list[int]) -> States:
+    """Every seed's state in a checkpoint folder; a CheckpointError if any does not read."""
+    return [load_checkpoint(folder / name) for name in checkpoint_files(seeds)]
+
+
+def restored_state(seeds: list[int]) -> States | None:
+    """The states of the checkpoint Ray restores the trial from. If that one is unreadable (a
     truncated or corrupted file), the newest older one Ray kept beside it that reads (its
     later epochs run again: the state holds the RNG, so they reproduce what was logged); if
     none reads, None: the trial starts over rather than fail on the same file at every retry."""
@@ -68,12 +94,12 @@ def restored_state() -> State | None:
         return None
     with checkpoint.as_directory() as folder:
         try:
-            return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+            return read_states(Path(folder), seeds)
         except CheckpointError as error:
             print(f"warning: {error}; trying the checkpoint before it", flush=True)
     for older in older_checkpoints(checkpoint):
         try:
-            return load_checkpoint(older / CHECKPOINT_FILE)
+            return read_states(older, seeds)
         except CheckpointError as error:
             print(f"warning: {error}; trying the checkpoint before it", flush=True)
     print("warning: no checkpoint of this trial reads: it starts over", flush=True)
@@ -121,12 +147,12 @@ def train_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
 
 
 def run_trial(ray_config: dict[str, Any], spec: StudySpec) -> None:
-    resume = restored_state()
+    resume = restored_state(spec.trial_seeds(ray_config))
     if spec.resources.trial_workers > 1:
         run_data_parallel(ray_config, spec, resume)
         return
     set_up_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
-    fit_and_report(spec.trial_config(ray_config), resume, send_to_tune)
+    fit_and_report(spec.trial_configs(ray_config), resume, send_to_tune)
 
 
 # What `fit_and_report` hands each epoch's metrics and checkpoint folder to.
@@ -137,29 +163,43 @@ def send_to_tune(metrics: dict[str, Any], folder: str) -> None:
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def fit_and_report(config: Config, resume: State | None, send: Send) -> None:
-    """`fit` with one report (metrics and checkpoint) per epoch: to Tune, or to Ray Train on
-    rank 0 of a data-parallel trial."""
+def fit_and_report(configs: list[Config], resume: States | None, send: Send) -> None:
+    """`fit` (`fit_seeds` for a trial over several training seeds) with one report (metrics
+    and checkpoint) per epoch: to Tune, or to Ray Train on rank 0 of a data-parallel trial.
+    A trial of several seeds reports each metric's mean over them (`seed_mean`) and keeps
+    each seed's state in its own file (`checkpoint_files`)."""
+    config = configs[0]
     device = str(resolve_device(config.device))
+    seeds = [c.seed for c in configs]
+    files = checkpoint_files(seeds)
     data = load_datasets(config.data, config.seed, with_test=config.final)
     splits = json.dumps(describe_splits(config.data, data))
 
-    def report(epoch_metrics: dict[str, float], state: State) -> None:
+    def report(epochs: list[dict[str, float]], states: States) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
-            (Path(folder) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-            # A final run's last checkpoint also holds its best epoch's student on its own.
+            for state, name in zip(states, files, strict=True):
+                save_checkpoint(state, Path(folder) / name)
+            written = [c.to_dict() for c in configs]
+            config_text = json.dumps(written[0] if len(written) == 1 else written, indent=2)
+            (Path(folder) / CONFIG_FILE).write_text(config_text)
+            # A final run's last checkpoint also holds its best epoch's student on its own
+            # (a final run is one seed: `study.trial_seeds` is a search's).
+            state = states[0]
             if state["epoch"] == config.optim.epochs and (best := best_checkpoint(state)):
                 save_checkpoint(best, Path(folder) / BEST_CHECKPOINT_FILE)
             metrics = {
-                **epoch_metrics,
+                **(epochs[0] if len(epochs) == 1 else seed_mean(seeds, epochs)),
                 EPOCHS_TOTAL: config.optim.epochs,
                 RESULT_DEVICE: device,
                 RESULT_DATASETS: splits,
             }
             send(metrics, folder)
 
-    fit(config, report=report, resume=resume, data=data)
+    if len(configs) == 1:  # its data loaded once above, for the splits' description too
+        only = resume[0] if resume else None
+        fit(config, report=lambda m, s: report([m], [s]), resume=only, data=data)
+        return
+    fit_seeds(configs, report=report, resumes=resume)
 
 
 # --- a trial over several workers: Ray Train's `TorchTrainer`, as the teacher ---
@@ -336,8 +376,9 @@ def data_parallel_worker(loop: dict[str, Any]) -> None:
 
     spec: StudySpec = loop["spec"]
     set_up_train_worker(loop)
-    config = spec.trial_config(loop["ray_config"])
-    resume = later(ray.get(loop["resume"][0]), ray_train_state())
+    configs = spec.trial_configs(loop["ray_config"])
+    seeds = [config.seed for config in configs]
+    resume = later(ray.get(loop["resume"][0]), ray_train_state(seeds))
 
     # Tune ends a stopped trial's process at once, and Ray Train's own cleaner of an orphaned
     # run's placement group needs the dashboard: the study's driver frees it (`study.run`).
@@ -349,21 +390,22 @@ def data_parallel_worker(loop: dict[str, Any]) -> None:
         ray.train.report(metrics | named, checkpoint=checkpoint)
 
     if ray.train.get_context().get_world_rank() == 0:
-        fit_and_report(config, resume, send)
+        fit_and_report(configs, resume, send)
     else:  # every worker reports each epoch; rank 0's metrics and checkpoint are the trial's
-        fit(config, report=lambda metrics, state: ray.train.report({}), resume=resume)
+        fit_seeds(configs, report=lambda epochs, states: ray.train.report({}), resumes=resume)
 
 
-def ray_train_state() -> State | None:
+def ray_train_state(seeds: list[int]) -> States | None:
     """Ray Train's latest checkpoint of this run (a run started again under its name restores
-    it: a trial retried by Tune, a teacher's restarted worker group), if it reads."""
+    it: a trial retried by Tune), every seed's state, if they all read."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return readable(Path(folder) / CHECKPOINT_FILE)
+        states = [readable(Path(folder) / name) for name in checkpoint_files(seeds)]
+    return None if any(state is None for state in states) else states
 
 
 def readable(path: Path) -> State | None:
@@ -377,6 +419,7 @@ def readable(path: Path) -> State | None:
         return None
 
 
-def later(*states: State | None) -> State | None:
-    """The state with the most epochs done."""
-    return max((s for s in states if s is not None), key=lambda s: s["epoch"], default=None)
+def later(*states: States | None) -> States | None:
+    """The trial's states with the most epochs done (its seeds' states are at one epoch)."""
+    found = [s for s in states if s is not None]
+    return max(found, key=lambda s: s[0]["epoch"], default=None)

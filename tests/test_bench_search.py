@@ -160,6 +160,33 @@ def test_a_finished_benchmark_is_judged_again_from_its_json(tmp_path, capsys):
         search.main(["--report", str(tmp_path / "missing.json"), "--plot", ""])
 
 
+def test_an_arm_whose_trials_average_seeds_pays_for_every_seed_s_epochs():
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(State.PRUNED, 0.1, 3))
+    study.add_trial(trial(State.COMPLETE, 0.2, 12, value=0.50))
+    points = search.curve(study.trials, maximize=True, seeds_per_trial=2)
+    assert [p.trial_epochs for p in points] == [6, 30]
+    base = {"study": {"name": "s", "scheduler": {"name": "asha"}}, "search": {"tau": {}}}
+    arm = search.arm_spec(base, "tpe_asha", 0, 8, "a", trial_seeds=[0, 1])
+    assert arm["study"]["trial_seeds"] == [0, 1]
+    assert "trial_seeds" not in search.arm_spec(base, "random", 0, 8, "b")["study"]
+    # its searches are named apart from the same arm's over one seed (a store holds both)
+    assert search.search_name("tpe_asha", 3, None) == "bench_search_tpe_asha_s3"
+    assert search.search_name("tpe_asha", 3, [0, 1]) == "bench_search_tpe_asha_s3_trials0-1"
+    arms = ["tpe_asha", "random"]
+    assert search.arm_trial_seeds(["tpe_asha=0,1"], arms) == {"tpe_asha": [0, 1]}
+    for bad, expected in (
+        ("tpe=0,1", "ARM one of --arms"),
+        ("tpe_asha=0,x", "integer seeds"),
+        ("tpe_asha=1,1", "distinct seeds"),
+    ):
+        with pytest.raises(ValueError, match=expected):
+            search.arm_trial_seeds([bad], arms)
+    result = {"trial_seeds": {"tpe_asha": [0, 1]}}
+    assert search.arm_label(result, "tpe_asha") == "tpe_asha (trials over 2 seeds)"
+    assert search.arm_label(result, "random") == "random"
+
+
 def test_each_arm_is_the_study_file_with_its_sampler_and_scheduler():
     base = {
         "study": {
@@ -346,3 +373,33 @@ def test_the_benchmark_measures_every_search_on_fresh_seeds(
     assert result["maximize"] is True
     paired = int(goal["tpe_asha_at_third"]["0"] is not None)  # none yet, if ASHA stopped all
     assert goal["difference"]["seeds"] == paired and goal["difference"]["verdict"] == "undecided"
+
+
+@pytest.mark.slow
+def test_an_arm_over_trial_seeds_is_searched_counted_and_judged_beside_random_search(
+    tmp_path, robust_teacher_path, ray_cluster
+):
+    """`--trial-seeds tpe_asha=0,1`: TPE + ASHA's trials each train seeds 0 and 1 (MLflow's
+    seed tag says so) and its trial-epochs count both seeds' epochs, judged against random
+    search's trials of one seed."""
+    out = tmp_path / "out"
+    argv = ["--arms", "tpe_asha", "random", "--seeds", "0", "--trials", "2", "--epochs", "2"]
+    argv += ["--trial-seeds", "tpe_asha=0,1", "--budgets", "4", "--fresh-seeds", "1000"]
+    argv += ["--select-top", "0", "--teacher", str(robust_teacher_path), "--out", str(out)]
+    argv += ["--address", ray_cluster, "--results", str(tmp_path / "search.json"), "--plot", ""]
+    assert search.main(argv) == 0
+    result = json.loads((tmp_path / "search.json").read_text())
+    assert result["trial_seeds"] == {"tpe_asha": [0, 1]}
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    by_arm = {s["arm"]: s for s in result["searches"]}
+    assert by_arm["tpe_asha"]["name"] == "bench_search_tpe_asha_s0_trials0-1"
+    for arm, seeds in (("tpe_asha", "0,1"), ("random", "0")):
+        runs = load_runs(uri, by_arm[arm]["name"])
+        assert set(runs["tags.seed"]) == {seeds}
+        logged = sum(
+            len(client.get_metric_history(run_id, schema.VAL_PGD_ACC)) for run_id in runs.run_id
+        )
+        assert by_arm[arm]["trial_epochs"] == logged * len(seeds.split(","))
+    assert by_arm["random"]["trial_epochs"] == 4  # 2 trials of 2 epochs, one seed each
+    assert result["target"]["third"] == 4 // 3

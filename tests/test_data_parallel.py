@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from gacd import parallel, schema
 from gacd.checkpoint import load_checkpoint
 from gacd.config import Config, ConfigError
+from study.run import main as run_study
 from study.spec import spec_from_dict
-from tests.test_study_run import ROOT, digits_base, study_args, write_study
+from tests.test_study_run import ROOT, digits_base, ray_results, study_args, write_study
 
 TEACHER = {
     "method": "pgd_at",
@@ -284,6 +285,32 @@ def test_a_two_worker_trial_trains_data_parallel_and_is_retried_when_a_worker_di
     assert result.metrics[schema.accuracy("test", "clean")] > 0.5
     # the Ray Train run it drove, in its folder of --storage
     assert (trial_folder / result.path.split("/")[-1] / "ray_train").is_dir()
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_over_two_trial_seeds_trains_both_on_both_workers(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """`workers_per_trial: 2` with `study.trial_seeds`: every worker interleaves the seeds
+    alike (their collectives pair up), rank 0 reports their mean and keeps both states."""
+    study = {
+        "study": {"name": "ddp_seeds", "num_samples": 1, "trial_seeds": [0, 1]},
+        "resources": {"cpus_per_trial": 2, "workers_per_trial": 2},
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": {**digits_base(epochs=2), "negatives": {"source": "in_batch"}},
+        "search": {"tau": {"distribution": "loguniform", "low": 0.05, "high": 0.5}},
+    }
+    path = write_study(tmp_path, study)
+    assert run_study([path, *study_args(tmp_path, ray_cluster)]) == 0
+    [result] = ray_results(tmp_path / "results" / "ddp_seeds")
+    metrics = result.metrics
+    seeds = [metrics[schema.per_seed(seed, schema.VAL_PGD_ACC)] for seed in (0, 1)]
+    assert metrics[schema.VAL_PGD_ACC] == pytest.approx(sum(seeds) / 2, abs=1e-12)
+    with result.checkpoint.as_directory() as folder:
+        states = [load_checkpoint(Path(folder) / f"checkpoint.seed{s}.pt") for s in (0, 1)]
+    assert [state["workers"] for state in states] == [2, 2]
+    assert [state["epoch"] for state in states] == [2, 2]
+    assert [state["config"]["seed"] for state in states] == [0, 1]
 
 
 def test_a_teacher_that_fails_on_every_worker_names_the_workers_error(tmp_path, ray_cluster):

@@ -182,6 +182,50 @@ def test_asha_stops_poor_trials_only_full_budgets_compete_and_optuna_holds_every
     assert_optuna_holds_every_epoch_ray_and_mlflow_hold(tmp_path, "asha", epochs=4)
 
 
+@pytest.mark.slow
+def test_a_search_over_trial_seeds_reports_their_mean_to_asha_optuna_and_mlflow(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """`study.trial_seeds: [0, 1]`: each trial trains both seeds side by side; every epoch's
+    value that ASHA, Optuna, Ray and MLflow hold is the mean of the seeds' own values, which
+    MLflow keeps too (`seeds/0/val/pgd_acc`); the checkpoint holds both seeds' states."""
+    spec = {
+        "study": {
+            "name": "seeds",
+            "num_samples": 6,
+            "max_concurrent": 2,
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "sampler": {"seed": 1, "n_startup_trials": 6},
+            "trial_seeds": [0, 1],
+        },
+        "teacher": {"checkpoint": str(robust_teacher_path)},
+        "base": digits_base(epochs=3),
+        "search": {
+            "attack.epsilon": {"distribution": "choice", "values": [0.01, 0.1]},
+            "optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.1},
+        },
+    }
+    assert main([write_study(tmp_path, spec), *study_args(tmp_path, ray_cluster)]) == 0
+    assert_optuna_holds_every_epoch_ray_and_mlflow_hold(tmp_path, "seeds", epochs=3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = load_runs(uri, "seeds")
+    assert set(runs["tags.seed"]) == {"0,1"} and set(runs["params.seed"]) == {"0,1"}
+    client = MlflowClient(uri)
+    for run_id in runs.run_id:
+        mean, *seeds = (
+            {m.step: m.value for m in client.get_metric_history(run_id, name)}
+            for name in (schema.VAL_PGD_ACC, "seeds/0/val/pgd_acc", "seeds/1/val/pgd_acc")
+        )
+        assert sorted(mean) == sorted(seeds[0]) == sorted(seeds[1]) and mean
+        for epoch, value in mean.items():
+            assert value == pytest.approx((seeds[0][epoch] + seeds[1][epoch]) / 2, abs=1e-12)
+    results = ray_results(tmp_path / "results" / "seeds")
+    for result in results:
+        with result.checkpoint.as_directory() as folder:
+            names = {path.name for path in Path(folder).glob("*.pt")}
+        assert names == {"checkpoint.seed0.pt", "checkpoint.seed1.pt"}
+
+
 def assert_optuna_holds_every_epoch_ray_and_mlflow_hold(tmp_path, name: str, epochs: int):
     """Ray gives a searcher every result but a trial's last through `on_trial_result`, the last
     only to `on_trial_complete`: Optuna must still get each epoch once, at step = epoch, and an
@@ -348,12 +392,18 @@ def assert_students_load_back_as_mlflow_models(uri: str, runs) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("trial_seeds", [None, [0, 1]], ids=["one seed", "two trial seeds"])
 def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
-    tmp_path, ray_cluster, robust_teacher_path
+    tmp_path, ray_cluster, robust_teacher_path, trial_seeds
 ):
     epochs = 10
     spec = {
-        "study": {"name": "resume", "num_samples": 2, "scheduler": {"name": "none"}},
+        "study": {
+            "name": "resume",
+            "num_samples": 2,
+            "scheduler": {"name": "none"},
+            "trial_seeds": trial_seeds,
+        },
         "teacher": {"checkpoint": str(robust_teacher_path)},
         "base": digits_base(epochs=epochs),
         "search": {"tau": {"distribution": "loguniform", "low": 0.05, "high": 0.5}},
