@@ -147,6 +147,11 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
         f"{config.optim.epochs} epochs on {config.data.train_subset or 'all'} training "
         f"images, evaluated at epsilon {config.eval.epsilon:.4g} on "
         f"{config.eval.max_samples or 'all'} images"
+        + (
+            f", on each of seeds {study.trial_seeds} (their mean reported)"
+            if study.trial_seeds
+            else ""
+        )
     )
     if spec.teacher is not None:
         source = "trained first, cached at" if spec.teacher.train else "checkpoint"

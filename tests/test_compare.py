@@ -18,12 +18,13 @@ from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from analysis.compare import final_study, winner_text
+from analysis.compare import budget_table, final_study, winner_text
 from analysis.runs import load_runs
 from gacd import schema
 from gacd.config import ConfigError, ConfigFileError
 from study.compare import (
     STATE_FILE,
+    ablation_stage,
     confirm_rounds,
     explicit,
     final_rounds,
@@ -241,6 +242,41 @@ def test_too_few_full_budget_trials_are_filled_with_those_asha_stopped_latest():
     assert [t.number for t in ranked(study.get_trials(), 3, maximize=True)] == [0, 5, 3]
     # no trial ran its full budget: the search failed, however far the stopped ones went
     assert ranked([t for t in trials if t.state != complete], 2, maximize=True) == []
+
+
+def test_a_comparison_s_trial_seeds_are_its_searches_and_trial_epochs_count_each(tmp_path):
+    """`study.trial_seeds` in a comparison: each search trial trains both seeds; the confirm
+    and final stages run one seed per run; the budget table counts every seed's epochs (from
+    the runs' seed tags in a real MLflow store)."""
+    raw = comparison("/nowhere/teacher.pt")
+    raw["study"]["trial_seeds"] = [0, 1]
+    spec = spec_from_dict(raw)
+    stage = search_stage(spec)
+    assert stage.study.trial_seeds == [0, 1]
+    assert stage.trial_seeds({ENTRY_KEY: "trades", "trades_beta": 2.0}) == [0, 1]
+    confirm = ablation_stage(spec, "confirm", "gacd", {"gacd": {}}, [1000], False, tmp_path)
+    assert confirm.study.trial_seeds is None
+    assert [c.seed for c in confirm.trial_configs({"variant": "gacd", "seed": 1000})] == [1000]
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("duel")
+    for study, variant, entry, seeds, epochs in (
+        ("duel-search", "gacd", "gacd", "0,1", 2),  # a search trial over two seeds
+        ("duel-search", "gacd", "gacd", "0,1", 1),  # one ASHA stopped after an epoch
+        ("duel-confirm", "gacd.trial-000", None, "1000", 2),
+    ):
+        tags = {schema.TAG_ROLE: schema.ROLE_TRIAL, schema.TAG_STUDY: study}
+        tags |= {schema.TAG_VARIANT: variant, schema.TAG_SEED: seeds}
+        if entry:
+            tags[schema.TAG_ENTRY] = entry
+        run = client.create_run(experiment, tags=tags)
+        client.log_metric(run.info.run_id, schema.EPOCH, epochs, step=epochs)
+        client.set_terminated(run.info.run_id)
+    table = budget_table(uri, "duel", {"candidates": {"gacd": []}})
+    assert table.loc["gacd", "search trial-epochs"] == 2 * (2 + 1)
+    assert table.loc["gacd", "confirm trial-epochs"] == 2
+    assert table.loc["gacd", "search trials"] == 2
 
 
 def test_the_budget_table_says_a_winner_was_stopped_early_or_confirmed_on_one_seed():

@@ -17,6 +17,7 @@ from gacd.train import fit, fit_seeds, seed_mean
 from study.spec import spec_from_dict
 from study.trainable import checkpoint_files, later
 from tests.conftest import digits_config
+from tests.test_study_spec import digits_search, planned
 
 
 def seeded_configs(teacher_path, seeds=(0, 1), **overrides):
@@ -153,3 +154,10 @@ def test_bad_trial_seeds_are_refused_naming_the_key(change, key, expected):
     with pytest.raises(ConfigError) as error:
         spec_from_dict(raw)
     assert key in str(error.value) and expected in str(error.value), str(error.value)
+
+
+def test_a_dry_run_says_each_trial_trains_on_every_trial_seed(tmp_path, capsys):
+    spec = digits_search()
+    spec["study"]["trial_seeds"] = [3, 4]
+    assert planned(tmp_path, spec)[0] == 0
+    assert "on each of seeds [3, 4] (their mean reported)" in capsys.readouterr().out
