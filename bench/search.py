@@ -585,10 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override base.optim.epochs (tests)")
     parser.add_argument("--teacher", help="a trained teacher's checkpoint, instead of the file's")
     parser.add_argument("--out", default="runs/bench-search", help="stores and logs")
-    parser.add_argument("--results", default="bench/results/search.json")
+    parser.add_argument("--results", default=DEFAULT_RESULTS)
     parser.add_argument(
         "--plot",
-        help="the figure to write (default: docs/search_efficiency.png; with --report: none)",
+        help="the figure to write (default: beside --results, its name ending .png, and "
+        "docs/search_efficiency.png for the default --results; with --report: none)",
     )
     parser.add_argument("--num-cpus", help="passed to study.run")
     parser.add_argument(
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report:  # a figure only where asked for: the default is the digits run's
         return rejudge(args.report, args.margin, args.plot)
-    plot_path = "docs/search_efficiency.png" if args.plot is None else args.plot
+    plot_path = default_plot(args.results) if args.plot is None else args.plot
 
     try:
         base, budget_name = search_file(args.study, args.budget, args.epochs, args.teacher)
@@ -765,6 +766,17 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.results).write_text(json.dumps(result, indent=2, default=str))
     show(result, plot_path)
     return 0
+
+
+DEFAULT_RESULTS = "bench/results/search.json"
+
+
+def default_plot(results: str) -> str:
+    """Where a run's figure goes unless `--plot` says: the documented digits figure for the
+    default results, else beside the results (another run never overwrites the docs' figure)."""
+    if results == DEFAULT_RESULTS:
+        return "docs/search_efficiency.png"
+    return str(Path(results).with_suffix(".png"))
 
 
 def judge(result: dict, margin: float) -> dict:

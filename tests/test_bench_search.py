@@ -187,6 +187,11 @@ def test_an_arm_whose_trials_average_seeds_pays_for_every_seed_s_epochs():
     assert search.arm_label(result, "random") == "random"
 
 
+def test_only_the_default_results_write_the_documented_figure():
+    assert search.default_plot(search.DEFAULT_RESULTS) == "docs/search_efficiency.png"
+    assert search.default_plot("runs/x/fm.json") == "runs/x/fm.png"
+
+
 def test_each_arm_is_the_study_file_with_its_sampler_and_scheduler():
     base = {
         "study": {
