@@ -64,6 +64,19 @@ def set_up_worker(cpus: float, gpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
     limit_gpu_memory(gpus)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for logger in ray_train_file_loggers():
+        logger.setLevel(logging.WARNING)
+
+
+def ray_train_file_loggers() -> list[logging.Logger]:
+    """Ray Train 2's loggers named by their file's path, not under `ray.train`: the worker's
+    report context logs a line per report ("Reporting training result 3: ...") that would
+    reach the study's output once per epoch of every data-parallel worker."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: its own loggers as they are
+        return []
+    return [logging.getLogger(context.__file__)]
 
 
 def checkpoint_files(seeds: list[int]) -> list[str]:

@@ -73,7 +73,12 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
     output = done.stdout + done.stderr
     assert "teacher: epoch 2/2" in output
     assert "progress: smoke: 2/2 trials done (2 complete, 0 stopped early, 0 failed)" in output
-    for noise in ("TensorBoard", "Creating initial MLflow database", "new study created in"):
+    for noise in (
+        "TensorBoard",
+        "Creating initial MLflow database",
+        "new study created in",
+        "Reporting training result",
+    ):
         assert noise not in output, noise
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
