@@ -416,13 +416,13 @@ def chosen(means: list[float | None], maximize: bool) -> int:
     return (max if maximize else min)(ran, key=means.__getitem__)
 
 
-def third_of_random(searches: list[dict], selection_cost: int = 0) -> int | None:
-    """The search budget at which a search and its selection cost a third of what the largest
-    random search and its selection cost (None: no random arm, or no budget left)."""
+def third_of_random(searches: list[dict], selection_cost: int = 0, divisor: int = 3) -> int | None:
+    """The search budget at which a search and its selection cost a third (1/`divisor`) of what
+    the largest random search and its selection cost (None: no random arm, or no budget left)."""
     spent = [search["trial_epochs"] for search in searches if search["arm"] == "random"]
     if not spent:
         return None
-    third = (max(spent) + selection_cost) // 3 - selection_cost
+    third = (max(spent) + selection_cost) // divisor - selection_cost
     return third if third > 0 else None
 
 
@@ -467,13 +467,13 @@ def paired(better: dict, worse: dict, margin: float, maximize: bool) -> dict:
     }
 
 
-def target(result: dict, key: str = "incumbents", margin: float = 0.01) -> dict:
-    """TPE + ASHA within a third of random search's trial-epochs against random search with
-    all of its own, each search's incumbent (chosen the `key` way, its selection's cost counted)
-    as measured on fresh seeds, over sampler seeds, paired by sampler seed and judged by
-    `paired` at `margin` (in the metric's units)."""
+def target(result: dict, key: str = "incumbents", margin: float = 0.01, divisor: int = 3) -> dict:
+    """TPE + ASHA within a third (1/`divisor`: 1 is the same budget) of random search's
+    trial-epochs against random search with all of its own, each search's incumbent (chosen the
+    `key` way, its selection's cost counted) as measured on fresh seeds, over sampler seeds,
+    paired by sampler seed and judged by `paired` at `margin` (in the metric's units)."""
     cost = result.get("selection_cost", 0) if key == "selected" else 0
-    third = third_of_random(result["searches"], cost)
+    third = third_of_random(result["searches"], cost, divisor)
 
     def fresh_at(search: dict, budget: int | None) -> float | None:
         incumbent = search[key].get(str(budget))
@@ -490,7 +490,8 @@ def target(result: dict, key: str = "incumbents", margin: float = 0.01) -> dict:
     found_r = pd.Series([v for v in random.values() if v is not None], dtype=float)
     difference = paired(tpe_asha, random, margin, result.get("maximize", True))
     return {
-        "third": third,
+        "third": third,  # the budget TPE + ASHA is held to (a third of random search's, or all)
+        "divisor": divisor,
         "selection_cost": cost,
         "tpe_asha_at_third": tpe_asha,
         "random_at_all": random,
@@ -661,8 +662,10 @@ def main(argv: list[str] | None = None) -> int:
         return label
 
     def marks(search: dict, third: int | None) -> list[int]:
-        """The budgets a search's incumbent is taken at: the asked ones, its end, the third."""
-        return sorted({*args.budgets, search["trial_epochs"], *([third] if third else [])})
+        """The budgets a search's incumbent is taken at: the asked ones, its end, the third,
+        and random search's whole budget."""
+        extra = [budget for budget in (third, third_of_random(searches, divisor=1)) if budget]
+        return sorted({*args.budgets, search["trial_epochs"], *extra})
 
     # Each search's incumbent at every budget (and at a third of random search's, and at its end).
     points = {search["name"]: [Point(**p) for p in search["curve"]] for search in searches}
@@ -783,6 +786,8 @@ def judge(result: dict, margin: float) -> dict:
     """The target (both ways of choosing the incumbent, with a selection) and the noise, from
     a result's figures: what a finished benchmark's JSON can be re-judged with."""
     result["target"] = target(result, margin=margin)
+    # the same, at random search's whole budget: whether TPE + ASHA does at least as well there
+    result["equal_budget"] = target(result, margin=margin, divisor=1)
     result["noise"] = noise(result)
     if result.get("select_top"):
         result["target_selected"] = target(result, "selected", margin)
@@ -795,12 +800,18 @@ def show(result: dict, plot_path: str | None) -> None:
         plot(result, Path(plot_path))
     table = summarise(result)
     print(table.to_markdown(index=False, floatfmt=".3f"))
-    for key, chosen_by in selections(result):
-        goal = result["target" if key == "incumbents" else "target_selected"]
+    goals = [
+        (f"target ({chosen_by})", result["target" if key == "incumbents" else "target_selected"])
+        for key, chosen_by in selections(result)
+    ]
+    if "equal_budget" in result:
+        goals.append((f"at random search's budget ({SEARCH_BEST})", result["equal_budget"]))
+    searcher = arm_label(result, "tpe_asha")
+    for title, goal in goals:
         if goal["third"]:
             paid = f" + {goal['selection_cost']} to select" if goal["selection_cost"] else ""
             print(
-                f"target ({chosen_by}): TPE + ASHA within {goal['third']}{paid} trial-epochs "
+                f"{title}: {searcher} within {goal['third']}{paid} trial-epochs "
                 f"reaches {goal['tpe_asha_mean']:.3f} ± {goal['tpe_asha_std']:.3f} (fresh seeds), "
                 f"random search with all of its own {goal['random_mean']:.3f} ± "
                 f"{goal['random_std']:.3f}"

@@ -134,7 +134,8 @@ def test_a_finished_benchmark_is_judged_again_from_its_json(tmp_path, capsys):
     """`--report`: the recorded digits result, its verdicts removed, judged again: the
     figures stay as they were, the verdicts come back, at the margin asked for."""
     recorded = json.loads(Path("bench/results/search.json").read_text())
-    stripped = {k: v for k, v in recorded.items() if k not in ("target", "target_selected")}
+    derived = ("target", "target_selected", "equal_budget")
+    stripped = {k: v for k, v in recorded.items() if k not in derived}
     path = tmp_path / "search.json"
     path.write_text(json.dumps(stripped))
     figure = Path("docs/search_efficiency.png")
@@ -150,6 +151,15 @@ def test_a_finished_benchmark_is_judged_again_from_its_json(tmp_path, capsys):
     assert goal["difference"]["seeds"] == len(recorded["seeds"])
     assert goal["tpe_asha_mean"] == pytest.approx(recorded["target_selected"]["tpe_asha_mean"])
     assert "holds at margin 0.5: paired difference" in capsys.readouterr().out
+    # the same comparison at random search's whole budget: each TPE + ASHA search's incumbent
+    # there (its own end, where it spent less) against random search's
+    equal = judged["equal_budget"]
+    spent = [s["trial_epochs"] for s in recorded["searches"] if s["arm"] == "random"]
+    assert equal["third"] == max(spent) == 384 and equal["divisor"] == 1
+    for s in recorded["searches"]:
+        if s["arm"] == "tpe_asha":
+            fresh = s["incumbents"]["384"]["fresh_mean"]
+            assert equal["tpe_asha_at_third"][str(s["seed"])] == pytest.approx(fresh)
     # not a result: the command says which file and what it expected, and changes nothing
     broken = tmp_path / "broken.json"
     broken.write_text('{"searches": []')
