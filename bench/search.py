@@ -512,8 +512,11 @@ def plot(result: dict, path: Path) -> None:
 
     table = summarise(result)
     figure, axis = plt.subplots(figsize=(9.6, 4.4))
-    for index, arm in enumerate(arm_label(result, arm) for arm in result["arms"]):
+    for index, name in enumerate(result["arms"]):
+        arm = arm_label(result, name)
         color = f"C{index}"  # one colour per arm: its fresh values and its search's own
+        seeds = len((result.get("trial_seeds") or {}).get(name) or [None])
+        own = "one seed" if seeds == 1 else f"mean of {seeds} seeds"
         for key, chosen_by in selections(result):
             group = table[(table["arm"] == arm) & (table["incumbent"] == chosen_by)]
             selected = key == "selected"
@@ -534,7 +537,7 @@ def plot(result: dict, path: Path) -> None:
             linestyle=":",
             color=color,
             alpha=0.6,
-            label=f"{arm} (the search's own, one seed)",
+            label=f"{arm} (the search's own, {own})",
         )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("trial-epochs spent (selection included)")
