@@ -197,11 +197,18 @@ class Runner:
         name = spec["study"]["name"]
         path = self.out / "studies" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        text = yaml.safe_dump(spec, sort_keys=False)
         log = self.out / "logs" / f"{name}.log"
         done_marker = self.marker(name)
         if done_marker.is_file():  # finished by an earlier run of the benchmark
+            if path.is_file() and yaml.safe_load(path.read_text()) != yaml.safe_load(text):
+                raise SystemExit(
+                    f"bench.search: {name} in {self.out} ran another study file ({path}) than "
+                    "this run's; its figures are not this one's: give this run another --out"
+                )
+            path.write_text(text)
             return float(done_marker.read_text())
+        path.write_text(text)
         command = [sys.executable, "-m", "study.run", str(path)]
         command += ["--storage", str(self.out / "ray_results"), "--tracking-uri", self.tracking_uri]
         command += ["--optuna-storage", self.optuna_uri, *self.extra]

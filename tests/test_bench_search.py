@@ -197,6 +197,24 @@ def test_an_arm_whose_trials_average_seeds_pays_for_every_seed_s_epochs():
     assert search.arm_label(result, "random") == "random"
 
 
+def test_a_finished_search_is_reused_only_for_the_same_study_file(tmp_path):
+    """A study of the same name that ran to its end in `--out` stands for this run's only if
+    it ran the same file (another `--epochs`, `--study` or `--trials` is another search)."""
+    runner = search.Runner(tmp_path, [])
+    spec = {"study": {"name": "bench_search_random_s0", "num_samples": 32}, "search": {}}
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "bench_search_random_s0.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "logs").mkdir()
+    runner.marker("bench_search_random_s0").write_text("12.5")
+    assert runner.run(json.loads(json.dumps(spec))) == 12.5  # nothing runs
+    other = json.loads(json.dumps(spec))
+    other["study"]["num_samples"] = 16
+    with pytest.raises(SystemExit, match="bench_search_random_s0 in .* ran another study file"):
+        runner.run(other)
+    written = yaml.safe_load((tmp_path / "studies" / "bench_search_random_s0.yaml").read_text())
+    assert written == spec  # what ran stays on record
+
+
 def test_only_the_default_results_write_the_documented_figure():
     assert search.default_plot(search.DEFAULT_RESULTS) == "docs/search_efficiency.png"
     assert search.default_plot("runs/x/fm.json") == "runs/x/fm.png"
