@@ -185,6 +185,8 @@ def fit_and_report(configs: list[Config], resume: States | None, send: Send) -> 
     device = str(resolve_device(config.device))
     seeds = [c.seed for c in configs]
     files = checkpoint_files(seeds)
+    # MLflow's Dataset column: the first seed's splits (each seed draws its validation split
+    # from its own seed, alike in size and source).
     data = load_datasets(config.data, config.seed, with_test=config.final)
     splits = json.dumps(describe_splits(config.data, data))
 
