@@ -151,10 +151,15 @@ def arm_trial_seeds(values: list[str], arms: list[str]) -> dict[str, list[int]]:
     return found
 
 
+def seeds_per_trial(trial_seeds: dict[str, list[int]] | None, arm: str) -> int:
+    """How many training seeds each of an arm's trials trains (`--trial-seeds`; else one)."""
+    return len((trial_seeds or {}).get(arm) or [None])
+
+
 def arm_label(result: dict, arm: str) -> str:
     """An arm as the table and the plot name it: `tpe_asha`, `tpe_asha (trials over 2 seeds)`."""
-    seeds = (result.get("trial_seeds") or {}).get(arm)
-    return arm if not seeds or len(seeds) == 1 else f"{arm} (trials over {len(seeds)} seeds)"
+    seeds = seeds_per_trial(result.get("trial_seeds"), arm)
+    return arm if seeds == 1 else f"{arm} (trials over {seeds} seeds)"
 
 
 def search_file(
@@ -522,7 +527,7 @@ def plot(result: dict, path: Path) -> None:
     for index, name in enumerate(result["arms"]):
         arm = arm_label(result, name)
         color = f"C{index}"  # one colour per arm: its fresh values and its search's own
-        seeds = len((result.get("trial_seeds") or {}).get(name) or [None])
+        seeds = seeds_per_trial(result.get("trial_seeds"), name)
         own = "one seed" if seeds == 1 else f"mean of {seeds} seeds"
         for key, chosen_by in selections(result):
             group = table[(table["arm"] == arm) & (table["incumbent"] == chosen_by)]
@@ -642,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             name = search_name(arm, seed, seeds_of_trial)
             seconds = runner.run(arm_spec(base, arm, seed, args.trials, name, seeds_of_trial))
             trials, maximize = runner.trials(name)
-            per_trial = len(seeds_of_trial or [None])
+            per_trial = seeds_per_trial(trial_seeds, arm)
             points = curve(trials, maximize, top=max(args.select_top, 1), seeds_per_trial=per_trial)
             searches.append(
                 {

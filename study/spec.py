@@ -270,7 +270,7 @@ class StudySpec:
 
     def trial_seeds(self, ray_config: dict[str, Any]) -> list[int]:
         """The seeds a trial trains on."""
-        return [config.seed for config in self.trial_configs(ray_config)]
+        return self.study.trial_seeds or [self.trial_config(ray_config).seed]
 
     def trial_label(self, ray_config: dict[str, Any], trial_id: str) -> str:
         """`full-seed1` in an ablation, `trial-007` (the Optuna number) in a search,

@@ -30,7 +30,6 @@ from gacd.train import (
     NonFiniteLossError,
     State,
     best_checkpoint,
-    fit,
     fit_seeds,
     seed_mean,
 )
@@ -210,11 +209,7 @@ def fit_and_report(configs: list[Config], resume: States | None, send: Send) -> 
             }
             send(metrics, folder)
 
-    if len(configs) == 1:  # its data loaded once above, for the splits' description too
-        only = resume[0] if resume else None
-        fit(config, report=lambda m, s: report([m], [s]), resume=only, data=data)
-        return
-    fit_seeds(configs, report=report, resumes=resume)
+    fit_seeds(configs, report=report, resumes=resume, data=data)  # data: loaded once, above
 
 
 # --- a trial over several workers: Ray Train's `TorchTrainer`, as the teacher ---
