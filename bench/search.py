@@ -101,10 +101,17 @@ def incumbent_at(points: list[Point], budget: int) -> Point | None:
 
 
 def arm_spec(
-    base: dict, arm: str, seed: int, trials: int, name: str, trial_seeds: list[int] | None = None
+    base: dict,
+    arm: str,
+    seed: int,
+    trials: int,
+    name: str,
+    trial_seeds: list[int] | None = None,
+    from_defaults: bool = False,
 ) -> dict:
     """The study file's search, as one arm with one sampler seed (and its trials over
-    `trial_seeds`, where given; else as the file says)."""
+    `trial_seeds`, where given; else as the file says; and, `from_defaults`, the file's own
+    configuration run first: `study.sampler.points_to_evaluate: [defaults]`)."""
     spec = json.loads(json.dumps(base))
     study = spec["study"]
     study |= {"name": name, "mode": "search", "num_samples": trials}
@@ -115,6 +122,8 @@ def arm_spec(
     if arm == "random":
         for key in ("multivariate", "n_startup_trials"):
             sampler.pop(key, None)
+    if from_defaults:
+        sampler["points_to_evaluate"] = ["defaults"]
     study["sampler"] = sampler
     if arm != "tpe_asha":
         study["scheduler"] = {"name": "none"}
@@ -123,10 +132,15 @@ def arm_spec(
     return spec
 
 
-def search_name(arm: str, seed: int, trial_seeds: list[int] | None) -> str:
-    """`bench_search_tpe_asha_s3`, and `..._s3_trials0-1` for trials over seeds 0 and 1."""
+def search_name(
+    arm: str, seed: int, trial_seeds: list[int] | None, from_defaults: bool = False
+) -> str:
+    """`bench_search_tpe_asha_s3`, `..._s3_trials0-1` for trials over seeds 0 and 1, and
+    `..._defaults` for a search that runs the file's own configuration first."""
     name = f"bench_search_{arm}_s{seed}"
-    return name if trial_seeds is None else f"{name}_trials{'-'.join(map(str, trial_seeds))}"
+    if trial_seeds is not None:
+        name += f"_trials{'-'.join(map(str, trial_seeds))}"
+    return name + ("_defaults" if from_defaults else "")
 
 
 def arm_trial_seeds(values: list[str], arms: list[str]) -> dict[str, list[int]]:
@@ -157,9 +171,12 @@ def seeds_per_trial(trial_seeds: dict[str, list[int]] | None, arm: str) -> int:
 
 
 def arm_label(result: dict, arm: str) -> str:
-    """An arm as the table and the plot name it: `tpe_asha`, `tpe_asha (trials over 2 seeds)`."""
+    """An arm as the table and the plot name it: `tpe_asha`, `tpe_asha (trials over 2 seeds)`,
+    `random (from defaults)`."""
     seeds = seeds_per_trial(result.get("trial_seeds"), arm)
-    return arm if seeds == 1 else f"{arm} (trials over {seeds} seeds)"
+    words = [f"trials over {seeds} seeds"] if seeds > 1 else []
+    words += ["from defaults"] if arm in result.get("from_defaults", []) else []
+    return f"{arm} ({', '.join(words)})" if words else arm
 
 
 def search_file(
@@ -578,6 +595,15 @@ def main(argv: list[str] | None = None) -> int:
         "(study.trial_seeds), e.g. tpe_asha=0,1; its trial-epochs count every seed's",
     )
     parser.add_argument(
+        "--from-defaults",
+        nargs="+",
+        default=[],
+        choices=ARMS,
+        metavar="ARM",
+        help="arms whose searches run the file's own configuration first "
+        "(study.sampler.points_to_evaluate: [defaults]), e.g. tpe_asha",
+    )
+    parser.add_argument(
         "--budgets",
         type=int,
         nargs="+",
@@ -632,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base, budget_name = search_file(args.study, args.budget, args.epochs, args.teacher)
         trial_seeds = arm_trial_seeds(args.trial_seeds, args.arms)
+        stray = sorted(set(args.from_defaults) - set(args.arms))
+        if stray:
+            raise ValueError(f"--from-defaults {' '.join(stray)}: expected arms of --arms")
     except ValueError as error:
         parser.error(str(error))
     out = Path(args.out)
@@ -643,9 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     searches = []
     for seed in args.seeds:  # seed-major: a stopped benchmark has every arm for its seeds
         for arm in args.arms:
-            seeds_of_trial = trial_seeds.get(arm)
-            name = search_name(arm, seed, seeds_of_trial)
-            seconds = runner.run(arm_spec(base, arm, seed, args.trials, name, seeds_of_trial))
+            seeds_of_trial, first = trial_seeds.get(arm), arm in args.from_defaults
+            name = search_name(arm, seed, seeds_of_trial, first)
+            spec = arm_spec(base, arm, seed, args.trials, name, seeds_of_trial, first)
+            seconds = runner.run(spec)
             trials, maximize = runner.trials(name)
             per_trial = seeds_per_trial(trial_seeds, arm)
             points = curve(trials, maximize, top=max(args.select_top, 1), seeds_per_trial=per_trial)
@@ -655,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seed": seed,
                     "name": name,
                     "trial_seeds": seeds_of_trial,
+                    "from_defaults": first,
                     "seconds": seconds,
                     "trial_epochs": points[-1].trial_epochs if points else 0,
                     "trials": len(trials),
@@ -758,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "trials": args.trials,
         "trial_seeds": trial_seeds,  # the arms whose trials average several training seeds
+        "from_defaults": args.from_defaults,  # the arms that ran the file's configuration first
         "budgets": args.budgets,
         "fresh_seeds": args.fresh_seeds,
         "select_top": args.select_top,

@@ -121,6 +121,7 @@ def ablation_stage(
         "trial_seeds": None,  # the stages' runs are one seed each, the searches' trials not
     }
     raw["study"]["scheduler"]["name"] = "none"
+    raw["study"]["sampler"]["points_to_evaluate"] = None  # the searches' own
     raw["compare"], raw["search"] = None, {}
     full = explicit(spec, variants)
     if only is not None:

@@ -42,6 +42,7 @@ def confirm_spec(
     # Each variant on each seed as one run: a search's `trial_seeds` do not carry over.
     spec["study"] |= {"name": name, "mode": "ablation", "max_concurrent": None}
     spec["study"].pop("trial_seeds", None)
+    (spec["study"].get("sampler") or {}).pop("points_to_evaluate", None)  # the search's own
     spec["study"]["scheduler"]["name"] = "none"
     spec["search"] = {}
     spec["ablation"] = {

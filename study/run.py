@@ -26,6 +26,7 @@ from gacd.checkpoint import CheckpointError
 from gacd.config import ConfigError, flatten
 from gacd.data import DatasetNotFoundError
 from study.spec import (
+    DEFAULTS_POINT,
     ENTRY_KEY,
     RESULT_WORKER_GROUP,
     SEED_KEY,
@@ -162,6 +163,15 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
             + (", multivariate" if study.sampler.multivariate else "")
             + ")"
         )
+        points = study.sampler.points_to_evaluate or []
+        if study.mode == "search":
+            for point, params in zip(points, spec.points_to_evaluate(), strict=True):
+                named = " (the base configuration)" if point == DEFAULTS_POINT else ""
+                if len(params) < len(spec.search):
+                    named = " (the other keys drawn by the sampler)"
+                lines.append(f"  run first  {params}{named}")
+        elif points:
+            lines.append("  run first  each method's base configuration")
     if study.mode == "search":
         lines += [f"  {key:24} {value}" for key, value in search_space(spec).items()]
     elif study.mode == "compare":

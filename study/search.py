@@ -31,6 +31,8 @@ from study.spec import ENTRY_KEY, EPOCHS_TOTAL, OPTUNA_NUMBER_KEY, DistributionS
 # Optuna user attributes that link an Optuna trial to its Ray trial (and so its MLflow run).
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
 FULL_BUDGET_ATTR = "full_budget"
+# Set on the trials of `study.sampler.points_to_evaluate` (run first, not the sampler's).
+ENQUEUED_ATTR = "enqueued"
 
 
 def optuna_distribution(spec: DistributionSpec) -> optuna.distributions.BaseDistribution:
@@ -68,13 +70,20 @@ def ran_full_budget(result: dict[str, Any] | None) -> bool:
 
 class StudySearch(OptunaSearch):
     """`OptunaSearch` that links Optuna and Ray trials, reports every epoch (the last one
-    included) once at step = epoch, and prunes early-stopped trials."""
+    included) once at step = epoch, and prunes early-stopped trials. `first_points`: searched
+    values the study runs before its sampler proposes anything, enqueued in Optuna once."""
+
+    def __init__(self, *args: Any, first_points: list[dict[str, Any]] | None = None, **kwargs):
+        self.first_points = first_points or []  # set first: OptunaSearch sets the study up
+        super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: str | list) -> None:
         super()._setup_study(mode)
         # Named after the study's metric (optuna-dashboard shows "Objective 0" otherwise).
         if self._ot_study is not None and isinstance(self.metric, str):
             self._ot_study.set_metric_names([self.metric])
+        for point in self.first_points:
+            enqueue_once(self._ot_study, point)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         params = super().suggest(trial_id)
@@ -120,11 +129,24 @@ class StudySearch(OptunaSearch):
         super().on_trial_complete(trial_id, result if full else None, error)
 
 
+def enqueue_once(study: optuna.Study, params: dict[str, Any]) -> bool:
+    """Enqueue a point to evaluate unless the study holds it already, waiting, running or
+    told (a study started again before Ray saved its state: `--resume` with nothing to
+    restore). One a killed driver left running was failed by `fail_orphaned_trials`: it is
+    enqueued again, so the point is still evaluated. Returns whether it was enqueued."""
+    for trial in study.get_trials(deepcopy=False):
+        held = trial.system_attrs.get("fixed_params", trial.params)
+        if trial.state != optuna.trial.TrialState.FAIL and held == params:
+            return False
+    study.enqueue_trial(params, user_attrs={ENQUEUED_ATTR: True})
+    return True
+
+
 def searcher(
     spec: StudySpec, storage: optuna.storages.BaseStorage, entry: str | None = None
 ) -> StudySearch:
     """Seeded Optuna sampler over the study's space (or one comparison entry's), its trials
-    kept in `storage`."""
+    kept in `storage`; the study's points to evaluate enqueued first."""
     return StudySearch(
         space=search_space(spec, entry),
         metric=spec.study.metric,
@@ -132,6 +154,7 @@ def searcher(
         sampler=sampler(spec),
         study_name=spec.optuna_study_name(entry),
         storage=storage,
+        first_points=spec.points_to_evaluate(entry),
     )
 
 

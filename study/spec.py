@@ -47,6 +47,8 @@ from gacd.config import (
 from gacd.methods import METHODS
 from gacd.schema import REFERENCE
 
+# `study.sampler.points_to_evaluate`: the base configuration's value of every searched key.
+DEFAULTS_POINT = "defaults"
 # The variant an ablation compares every other variant with.
 # Keys a trial's Ray config may carry besides searched parameters.
 VARIANT_KEY = "variant"
@@ -81,6 +83,12 @@ class SamplerSpec:
     multivariate: bool = True
     # Random proposals before TPE models the results.
     n_startup_trials: int = 5
+    # Configurations the search runs first, before the sampler proposes any (Ray Tune's
+    # `points_to_evaluate`, enqueued in Optuna): `defaults`, the base configuration's value of
+    # every searched key (in a comparison, each method's own), or a mapping of searched keys to
+    # values (a key left out is sampled). They count among `study.num_samples`. None: none
+    # (a study saved before this key existed resumes unchanged).
+    points_to_evaluate: list[Any] | None = None
 
 
 @dataclass
@@ -262,6 +270,15 @@ class StudySpec:
     def trial_config(self, ray_config: dict[str, Any]) -> Config:
         return Config.from_dict(self.trial_values(ray_config))
 
+    def points_to_evaluate(self, entry: str | None = None) -> list[dict[str, Any]]:
+        """The searched values of the configurations a search (or one comparison entry's)
+        runs first, as its sampler holds them (`study.sampler.points_to_evaluate`)."""
+        points = self.study.sampler.points_to_evaluate or []
+        return [
+            resolve_point(self, point, entry, f"study.sampler.points_to_evaluate[{i}]")
+            for i, point in enumerate(points)
+        ]
+
     def trial_configs(self, ray_config: dict[str, Any]) -> list[Config]:
         """The trial's config on each of `study.trial_seeds` (or alone, on its own seed)."""
         config = self.trial_config(ray_config)
@@ -428,6 +445,7 @@ def spec_from_dict(
     validate_sections(spec)
     validate_teacher(spec, teacher_cache)
     validate_trials(spec)
+    validate_points(spec)
     return spec
 
 
@@ -544,6 +562,105 @@ def validate_trial_seeds(spec: StudySpec) -> None:
         "no seed beside study.trial_seeds (a trial's seeds are the trial seeds)",
         nest_dotted(spec.base).get("seed"),
     )
+
+
+def validate_points(spec: StudySpec) -> None:
+    """`study.sampler.points_to_evaluate`: only in a search, no more than its trials, each
+    inside the search space (or each comparison entry's)."""
+    points = spec.study.sampler.points_to_evaluate
+    if not points:
+        return
+    key = "study.sampler.points_to_evaluate"
+    require(spec.searches, key, "none in an ablation (its runs are its variants)", points)
+    require(
+        len(points) <= spec.study.num_samples,
+        key,
+        f"at most study.num_samples ({spec.study.num_samples}) points",
+        len(points),
+    )
+    entries = list(spec.compare.methods) if spec.compare is not None else [None]
+    for entry in entries:
+        spec.points_to_evaluate(entry)
+
+
+def resolve_point(spec: StudySpec, point: Any, entry: str | None, where: str) -> dict[str, Any]:
+    """One point to evaluate as the sampler's values of its keys: `defaults` (the base
+    configuration's value of every searched key) or a mapping of searched keys to values,
+    each of which must lie inside its distribution."""
+    space = spec.search_space_of(entry)
+    first = {ENTRY_KEY: entry} if entry is not None else {}
+    section = f"compare.methods.{entry}.search" if entry is not None else "search"
+    if point == DEFAULTS_POINT:
+        base = check_trial(spec, first, "base")
+        wanted = {key: dotted_value(base, key) for key in space}
+        labels = {key: f"{where} (defaults): the base value of {key}" for key in space}
+    else:
+        require(
+            entry is None,
+            where,
+            f"'{DEFAULTS_POINT}' (in a comparison each method starts from its own base "
+            "configuration)",
+            point,
+        )
+        require(
+            isinstance(point, dict) and bool(point),
+            where,
+            f"'{DEFAULTS_POINT}' or a mapping of searched keys to values",
+            point,
+        )
+        labels = {key: f"{where}.{key}" for key in point}
+        wanted = {}
+        for key, value in point.items():
+            require(key in space, labels[key], f"one of the searched keys ({', '.join(space)})")
+            wanted[key] = dotted_value(check_trial(spec, {**first, key: value}, where), key)
+    params = {}
+    for key, value in wanted.items():
+        found, param = param_for(spec, first, key, space[key], value, section)
+        require(
+            found, labels[key], f"a value inside {section}.{key} ({describe(space[key])})", value
+        )
+        params[key] = param
+    return params
+
+
+def param_for(
+    spec: StudySpec,
+    first: dict[str, Any],
+    key: str,
+    distribution: DistributionSpec,
+    value: Any,
+    section: str,
+) -> tuple[bool, Any]:
+    """(found, the value of `distribution` that sets config key `key` to `value`). A choice's
+    values are compared by the config they make (`'8/255'` sets 0.0314...)."""
+    if distribution.distribution == "choice":
+        for choice in distribution_values(key, distribution, section):
+            if dotted_value(spec.trial_config({**first, key: choice}), key) == value:
+                return True, choice
+        return False, None
+    low, high = distribution.low, distribution.high
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        return False, None
+    if distribution.distribution == "int":
+        step = distribution.step or 1
+        inside = float(value).is_integer() and (int(value) - int(low)) % step == 0
+        return inside, int(value) if inside else None
+    return True, float(value)
+
+
+def describe(distribution: DistributionSpec) -> str:
+    if distribution.distribution == "choice":
+        return f"one of {distribution.values}"
+    words = f"{distribution.distribution} {distribution.low:g} to {distribution.high:g}"
+    return words + (f" in steps of {distribution.step}" if distribution.step else "")
+
+
+def dotted_value(config: Config, key: str) -> Any:
+    """The value of a dotted key (`gacd.tau`) in a built config."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def validate_mode(spec: StudySpec) -> None:

@@ -17,6 +17,7 @@ from scipy import stats
 from analysis.runs import load_runs
 from bench import search
 from gacd import schema
+from study.search import ENQUEUED_ATTR
 from study.spec import read_study_file
 
 State = optuna.trial.TrialState
@@ -414,10 +415,12 @@ def test_an_arm_over_trial_seeds_is_searched_counted_and_judged_beside_random_se
 ):
     """`--trial-seeds tpe_asha=0,1`: TPE + ASHA's trials each train seeds 0 and 1 (MLflow's
     seed tag says so) and its trial-epochs count both seeds' epochs, judged against random
-    search's trials of one seed."""
+    search's trials of one seed. `--from-defaults tpe_asha`: its first trial is the study
+    file's own configuration."""
     out = tmp_path / "out"
     argv = ["--arms", "tpe_asha", "random", "--seeds", "0", "--trials", "2", "--epochs", "2"]
     argv += ["--trial-seeds", "tpe_asha=0,1", "--budgets", "4", "--fresh-seeds", "1000"]
+    argv += ["--from-defaults", "tpe_asha"]
     argv += ["--select-top", "0", "--teacher", str(robust_teacher_path), "--out", str(out)]
     argv += ["--address", ray_cluster, "--results", str(tmp_path / "search.json"), "--plot", ""]
     assert search.main(argv) == 0
@@ -426,7 +429,16 @@ def test_an_arm_over_trial_seeds_is_searched_counted_and_judged_beside_random_se
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)
     by_arm = {s["arm"]: s for s in result["searches"]}
-    assert by_arm["tpe_asha"]["name"] == "bench_search_tpe_asha_s0_trials0-1"
+    assert by_arm["tpe_asha"]["name"] == "bench_search_tpe_asha_s0_trials0-1_defaults"
+    study = optuna.load_study(
+        study_name=by_arm["tpe_asha"]["name"], storage=f"sqlite:///{out / 'optuna.db'}"
+    )
+    arm_file = out / "studies" / f"{by_arm['tpe_asha']['name']}.yaml"
+    defaults = read_study_file(arm_file).points_to_evaluate()
+    assert set(defaults[0]) == set(yaml.safe_load(arm_file.read_text())["search"])
+    assert study.trials[0].params == defaults[0] and study.trials[0].user_attrs[ENQUEUED_ATTR]
+    assert not study.trials[1].user_attrs.get(ENQUEUED_ATTR)
+    assert search.arm_label(result, "tpe_asha") == "tpe_asha (trials over 2 seeds, from defaults)"
     for arm, seeds in (("tpe_asha", "0,1"), ("random", "0")):
         runs = load_runs(uri, by_arm[arm]["name"])
         assert set(runs["tags.seed"]) == {seeds}

@@ -408,6 +408,7 @@ def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
             "num_samples": 2,
             "scheduler": {"name": "none"},
             "trial_seeds": trial_seeds,
+            "sampler": {"points_to_evaluate": [{"tau": 0.2}]},  # run first, and once
         },
         "teacher": {"checkpoint": str(robust_teacher_path)},
         "base": digits_base(epochs=epochs),
@@ -440,6 +441,8 @@ def test_an_interrupted_search_resumes_losing_and_repeating_nothing(
         assert sorted(steps) == list(range(1, epochs + 1)), steps
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert study.trials[0].params == {"tau": 0.2} and study.trials[1].params["tau"] != 0.2
+    assert (runs["params.tau"].astype(float) == 0.2).sum() == 1
     results = ray_results(tmp_path / "results" / "resume")
     restored = [r for r in results if r.metrics["iterations_since_restore"] < epochs]
     assert restored, "no trial continued from a checkpoint: they restarted at epoch 0"

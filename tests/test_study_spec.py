@@ -8,9 +8,24 @@ import pytest
 import yaml
 
 from gacd.config import Config
+from study.confirm import confirm_spec
 from study.run import main
-from study.search import FULL_BUDGET_ATTR, RAY_TRIAL_ID_ATTR, StudySearch, search_space
-from study.spec import EPOCHS_TOTAL, config_hash, read_study_file, spec_from_dict
+from study.search import (
+    ENQUEUED_ATTR,
+    FULL_BUDGET_ATTR,
+    RAY_TRIAL_ID_ATTR,
+    StudySearch,
+    search_space,
+    searcher,
+)
+from study.spec import (
+    ENTRY_KEY,
+    EPOCHS_TOTAL,
+    ConfigError,
+    config_hash,
+    read_study_file,
+    spec_from_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -166,6 +181,51 @@ def test_a_search_never_sees_the_test_split_and_pins_the_evaluation_budget():
             },
             "'base.optim.epochs'",
         ),
+        (
+            {"study": {"name": "u", "sampler": {"points_to_evaluate": [{"tua": 0.1}]}}},
+            "'study.sampler.points_to_evaluate[0].tua': expected one of the searched keys (tau)",
+        ),
+        (
+            {"study": {"name": "u", "sampler": {"points_to_evaluate": [{"tau": 0.9}]}}},
+            "'study.sampler.points_to_evaluate[0].tau': expected a value inside search.tau "
+            "(loguniform 0.02 to 0.5), got 0.9",
+        ),
+        (
+            {"study": {"name": "u", "sampler": {"points_to_evaluate": ["default"]}}},
+            "'study.sampler.points_to_evaluate[0]': expected 'defaults' or a mapping",
+        ),
+        (
+            {
+                "study": {
+                    "name": "u",
+                    "num_samples": 2,
+                    "sampler": {"points_to_evaluate": ["defaults"] * 3},
+                }
+            },
+            "'study.sampler.points_to_evaluate': expected at most study.num_samples (2) points",
+        ),
+        (
+            {
+                "study": {"name": "u", "sampler": {"points_to_evaluate": ["defaults"]}},
+                "base": {"data": {"name": "digits"}, "tau": 0.01},
+            },
+            "'study.sampler.points_to_evaluate[0] (defaults): the base value of tau': expected "
+            "a value inside search.tau (loguniform 0.02 to 0.5), got 0.01",
+        ),
+        (
+            {
+                "study": {"name": "u", "sampler": {"points_to_evaluate": [{"attack.steps": 4}]}},
+                "search": {"attack.steps": {"distribution": "int", "low": 1, "high": 5, "step": 2}},
+            },
+            "expected a value inside search.attack.steps (int 1 to 5 in steps of 2), got 4",
+        ),
+        (
+            {
+                "study": {"name": "u", "sampler": {"points_to_evaluate": [{"attack.steps": 0}]}},
+                "search": {"attack.steps": {"distribution": "int", "low": 1, "high": 5}},
+            },
+            "'study.sampler.points_to_evaluate[0].attack.steps': expected",
+        ),
     ],
 )
 def test_bad_study_files_fail_with_the_file_and_dotted_key(tmp_path, capsys, change, fragment):
@@ -252,6 +312,70 @@ def test_early_stopped_trials_reach_optuna_as_pruned_and_never_win():
     assert [t.user_attrs[RAY_TRIAL_ID_ATTR] for t in study.trials] == ids
     assert [t.user_attrs.get(FULL_BUDGET_ATTR) for t in study.trials] == [True, False, False]
     assert study.best_trial.user_attrs[RAY_TRIAL_ID_ATTR] == "full"
+
+
+def test_points_to_evaluate_run_first_once_and_again_only_after_they_failed():
+    """`study.sampler.points_to_evaluate`: the base configuration (a choice matched by the
+    value it sets: '1/10' is 0.1) and a partial point run as the first two trials, the rest
+    sampled; a searcher set up again on the same storage (a study started again before Ray saved
+    its state) enqueues nothing twice, except a point whose trial failed (a killed driver's)."""
+    spec = spec_from_dict(
+        digits_search(
+            study={
+                "name": "unit",
+                "num_samples": 4,
+                "sampler": {"seed": 3, "points_to_evaluate": ["defaults", {"tau": 0.3}]},
+            },
+            base={"data": {"name": "digits"}, "tau": 0.2, "attack": {"epsilon": 0.1}},
+            search={
+                "tau": {"distribution": "loguniform", "low": 0.02, "high": 0.5},
+                "attack.epsilon": {"distribution": "choice", "values": ["1/20", "1/10"]},
+            },
+        )
+    )
+    assert spec.points_to_evaluate() == [{"tau": 0.2, "attack.epsilon": "1/10"}, {"tau": 0.3}]
+    storage = optuna.storages.InMemoryStorage()
+    first = searcher(spec, storage)
+    proposed = [first.suggest(f"t{i}") for i in range(3)]
+    assert {k: proposed[0][k] for k in ("tau", "attack.epsilon")} == {
+        "tau": 0.2,
+        "attack.epsilon": "1/10",
+    }
+    assert proposed[1]["tau"] == 0.3 and proposed[1]["attack.epsilon"] in ("1/20", "1/10")
+    study = optuna.load_study(study_name="unit", storage=storage)
+    assert [t.user_attrs.get(ENQUEUED_ATTR, False) for t in study.trials] == [True, True, False]
+    study.tell(0, state=optuna.trial.TrialState.FAIL)  # as fail_orphaned_trials does
+    searcher(spec, storage)  # the base configuration again; {"tau": 0.3} is held already
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [spec.points_to_evaluate()[0]]
+    searcher(spec, storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+
+
+def test_points_to_evaluate_in_a_comparison_are_each_method_s_defaults():
+    raw = yaml.safe_load((ROOT / "search_spaces/digits_compare.yaml").read_text())
+    raw["study"]["sampler"]["points_to_evaluate"] = ["defaults"]
+    spec = spec_from_dict(raw, teacher_cache=Path("/t"))
+    assert spec.compare is not None
+    for entry in spec.compare.methods:
+        (point,) = spec.points_to_evaluate(entry)
+        assert set(point) == set(spec.compare.methods[entry].search)
+        config = spec.trial_config({ENTRY_KEY: entry, **point})
+        assert config == spec.trial_config({ENTRY_KEY: entry}), entry
+    raw["study"]["sampler"]["points_to_evaluate"] = [{"tau": 0.1}]
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\].*'defaults' \(in a compar"):
+        spec_from_dict(raw, teacher_cache=Path("/t"))
+
+
+def test_a_search_s_points_to_evaluate_do_not_reach_its_confirmation():
+    raw = digits_search(study={"name": "u", "sampler": {"points_to_evaluate": ["defaults"]}})
+    resolved = spec_from_dict(raw).to_dict()
+    confirmed = spec_from_dict(confirm_spec(resolved, {"a": {"tau": 0.1}}, [5], "u_confirm"))
+    assert not confirmed.study.sampler.points_to_evaluate
+    raw["study"] |= {"mode": "ablation"}
+    raw["ablation"], raw["search"] = {"seeds": [0]}, {}
+    with pytest.raises(ConfigError, match="points_to_evaluate': expected none in an ablation"):
+        spec_from_dict(raw)
 
 
 def started(tmp_path: Path, spec: dict, *extra: str) -> int:
