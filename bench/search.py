@@ -136,11 +136,12 @@ def search_name(
     arm: str, seed: int, trial_seeds: list[int] | None, from_defaults: bool = False
 ) -> str:
     """`bench_search_tpe_asha_s3`, `..._s3_trials0-1` for trials over seeds 0 and 1, and
-    `..._defaults` for a search that runs the file's own configuration first."""
+    `..._defaults-kept` for a search that runs the file's own configuration first, to its full
+    budget (`..._defaults`, in stores of `15abe0a`: ASHA could stop it then)."""
     name = f"bench_search_{arm}_s{seed}"
     if trial_seeds is not None:
         name += f"_trials{'-'.join(map(str, trial_seeds))}"
-    return name + ("_defaults" if from_defaults else "")
+    return name + ("_defaults-kept" if from_defaults else "")
 
 
 def arm_trial_seeds(values: list[str], arms: list[str]) -> dict[str, list[int]]:

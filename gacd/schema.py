@@ -134,6 +134,8 @@ TAG_VARIANTS = "variants"  # on the study's run: the ablation's variants in file
 TAG_SEED = "seed"  # a trial over several training seeds: them all, "0,1,2" (`seed_tag`)
 TAG_RAY_TRIAL = "ray_trial_id"
 TAG_OPTUNA_TRIAL = "optuna_trial_number"
+# "true" on a search's trial of `study.sampler.points_to_evaluate` (run first, its full budget).
+TAG_POINT_TO_EVALUATE = "point_to_evaluate"
 TAG_CONFIG_HASH = "config_hash"
 # A comparison's seed lists (`compare.<key>`), which a resume may grow, and the stage each seeds
 # (its command-line flag: `--confirm-seeds`, `--final-seeds`).

@@ -26,7 +26,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from gacd import schema
-from study.spec import ENTRY_KEY, EPOCHS_TOTAL, OPTUNA_NUMBER_KEY, DistributionSpec, StudySpec
+from study.spec import (
+    ENTRY_KEY,
+    EPOCHS_TOTAL,
+    OPTUNA_NUMBER_KEY,
+    POINT_KEY,
+    DistributionSpec,
+    StudySpec,
+)
 
 # Optuna user attributes that link an Optuna trial to its Ray trial (and so its MLflow run).
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
@@ -91,7 +98,11 @@ class StudySearch(OptunaSearch):
             return None
         optuna_trial = self._ot_trials[trial_id]
         optuna_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
-        return {**params, OPTUNA_NUMBER_KEY: optuna_trial.number}
+        params = {**params, OPTUNA_NUMBER_KEY: optuna_trial.number}
+        stored = self._ot_study._storage.get_trial(optuna_trial._trial_id)
+        if stored.user_attrs.get(ENQUEUED_ATTR):
+            params[POINT_KEY] = True  # StudyASHA runs it to its full budget
+        return params
 
     def report_epoch(self, trial_id: str, result: dict[str, Any] | None) -> None:
         """The result's study metric as the Optuna trial's intermediate value at its epoch,
@@ -245,6 +256,21 @@ class PerEntryScheduler(FIFOScheduler):
         return "\n".join(f"{e}: {s.debug_string()}" for e, s in self.schedulers.items())
 
 
+class StudyASHA(ASHAScheduler):
+    """ASHA that never stops a point to evaluate (`study.sampler.points_to_evaluate`): its
+    epochs are recorded at the rungs like any trial's, so they still set the cutoffs the others
+    are stopped by, but a configuration the study asked to measure is measured to the end (a
+    slow starter such as a paper's defaults would otherwise be cut at the first rung)."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        spared = trial.config.get(POINT_KEY) and not ran_full_budget(result)
+        if action == TrialScheduler.STOP and spared:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
+
+
 def scheduler(spec: StudySpec, epochs: int) -> TrialScheduler:
     """ASHA on epochs (metric and mode come from the TuneConfig), or first-in-first-out; in a
     comparison, one of them per method entry."""
@@ -254,7 +280,7 @@ def scheduler(spec: StudySpec, epochs: int) -> TrialScheduler:
         return PerEntryScheduler({entry: scheduler(one, epochs) for entry in spec.compare.methods})
     if spec.scheduler == "asha":
         settings = spec.study.scheduler
-        return ASHAScheduler(
+        return StudyASHA(
             time_attr=schema.EPOCH,
             max_t=epochs,
             grace_period=settings.grace_period,

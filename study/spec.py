@@ -56,6 +56,8 @@ SEED_KEY = "seed"
 OPTUNA_NUMBER_KEY = "optuna_trial_number"
 # A compare search's trial: the entry of `compare.methods` it belongs to.
 ENTRY_KEY = "compare_entry"
+# In a trial's Ray config: it is one of `study.sampler.points_to_evaluate` (ASHA never stops it).
+POINT_KEY = "point_to_evaluate"
 # Reported with every epoch, so a scheduler's early stop can be told from a full run.
 EPOCHS_TOTAL = "epochs_total"
 # The device a trial ran on, in its results (the config may say only `auto`).
@@ -86,8 +88,9 @@ class SamplerSpec:
     # Configurations the search runs first, before the sampler proposes any (Ray Tune's
     # `points_to_evaluate`, enqueued in Optuna): `defaults`, the base configuration's value of
     # every searched key (in a comparison, each method's own), or a mapping of searched keys to
-    # values (a key left out is sampled). They count among `study.num_samples`. None: none
-    # (a study saved before this key existed resumes unchanged).
+    # values (a key left out is sampled). They count among `study.num_samples` and run their
+    # full budget: ASHA records them at its rungs but never stops them. None: none (a study
+    # saved before this key existed resumes unchanged).
     points_to_evaluate: list[Any] | None = None
 
 

@@ -32,6 +32,7 @@ from gacd.train import BEST_CHECKPOINT_FILE
 from study.spec import (
     ENTRY_KEY,
     OPTUNA_NUMBER_KEY,
+    POINT_KEY,
     RESULT_DATASETS,
     RESULT_DEVICE,
     VARIANT_KEY,
@@ -342,6 +343,8 @@ class TrialRuns(tune.Callback):
             space = self.spec.search_space_of(entry)
             overrides = {key: trial.config[key] for key in space if key in trial.config}
             tags[schema.TAG_OPTUNA_TRIAL] = str(trial.config.get(OPTUNA_NUMBER_KEY))
+            if trial.config.get(POINT_KEY):
+                tags[schema.TAG_POINT_TO_EVALUATE] = "true"
             if entry is not None:
                 variant = entry  # a comparison's search: the method entry it tunes
                 tags[schema.TAG_ENTRY] = entry

@@ -429,7 +429,7 @@ def test_an_arm_over_trial_seeds_is_searched_counted_and_judged_beside_random_se
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)
     by_arm = {s["arm"]: s for s in result["searches"]}
-    assert by_arm["tpe_asha"]["name"] == "bench_search_tpe_asha_s0_trials0-1_defaults"
+    assert by_arm["tpe_asha"]["name"] == "bench_search_tpe_asha_s0_trials0-1_defaults-kept"
     study = optuna.load_study(
         study_name=by_arm["tpe_asha"]["name"], storage=f"sqlite:///{out / 'optuna.db'}"
     )
@@ -438,6 +438,12 @@ def test_an_arm_over_trial_seeds_is_searched_counted_and_judged_beside_random_se
     assert set(defaults[0]) == set(yaml.safe_load(arm_file.read_text())["search"])
     assert study.trials[0].params == defaults[0] and study.trials[0].user_attrs[ENQUEUED_ATTR]
     assert not study.trials[1].user_attrs.get(ENQUEUED_ATTR)
+    runs = load_runs(uri, by_arm["tpe_asha"]["name"]).set_index("tags.optuna_trial_number")
+    assert runs.loc["0", "tags.point_to_evaluate"] == "true"  # ASHA never stops it
+    assert runs.loc["0", "tags.full_budget"] == "true" and study.trials[0].state.name == "COMPLETE"
+    assert runs.loc["1"].get("tags.point_to_evaluate") is None or pd.isna(
+        runs.loc["1", "tags.point_to_evaluate"]
+    )
     assert search.arm_label(result, "tpe_asha") == "tpe_asha (trials over 2 seeds, from defaults)"
     for arm, seeds in (("tpe_asha", "0,1"), ("random", "0")):
         runs = load_runs(uri, by_arm[arm]["name"])

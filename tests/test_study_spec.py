@@ -14,6 +14,7 @@ from study.search import (
     ENQUEUED_ATTR,
     FULL_BUDGET_ATTR,
     RAY_TRIAL_ID_ATTR,
+    StudyASHA,
     StudySearch,
     search_space,
     searcher,
@@ -21,6 +22,7 @@ from study.search import (
 from study.spec import (
     ENTRY_KEY,
     EPOCHS_TOTAL,
+    POINT_KEY,
     ConfigError,
     config_hash,
     read_study_file,
@@ -350,6 +352,30 @@ def test_points_to_evaluate_run_first_once_and_again_only_after_they_failed():
     assert [t.system_attrs["fixed_params"] for t in waiting] == [spec.points_to_evaluate()[0]]
     searcher(spec, storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+
+
+def test_asha_records_a_point_to_evaluate_at_its_rungs_but_never_stops_it():
+    from ray.tune.experiment import Trial
+
+    asha = StudyASHA(
+        time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, metric="v", mode="max"
+    )
+    good, point, poor = (
+        Trial("__fake", config=config, stub=True) for config in ({}, {POINT_KEY: True}, {})
+    )
+    for trial in (good, point, poor):
+        asha.on_trial_add(None, trial)
+
+    def result(trial, epoch: int, value: float) -> str:
+        return asha.on_trial_result(None, trial, {"epoch": epoch, "v": value, EPOCHS_TOTAL: 4})
+
+    assert result(good, 1, 0.9) == "CONTINUE"
+    assert result(point, 1, 0.1) == "CONTINUE"  # below the cutoff: plain ASHA stops it
+    assert result(poor, 1, 0.1) == "STOP"
+    assert asha._num_stopped == 1
+    rung = dict(asha._trial_info[point.trial_id]._rungs)[1]
+    assert rung[point.trial_id] == 0.1  # its value still sets the rung's cutoff
+    assert result(point, 4, 0.2) == "STOP"  # the end of its budget, as for any trial
 
 
 def test_points_to_evaluate_in_a_comparison_are_each_method_s_defaults():
