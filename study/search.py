@@ -99,8 +99,7 @@ class StudySearch(OptunaSearch):
         optuna_trial = self._ot_trials[trial_id]
         optuna_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         params = {**params, OPTUNA_NUMBER_KEY: optuna_trial.number}
-        stored = self._ot_study._storage.get_trial(optuna_trial._trial_id)
-        if stored.user_attrs.get(ENQUEUED_ATTR):
+        if optuna_trial.user_attrs.get(ENQUEUED_ATTR):  # as enqueued, read when asked for
             params[POINT_KEY] = True  # StudyASHA runs it to its full budget
         return params
 

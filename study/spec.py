@@ -620,7 +620,10 @@ def resolve_point(spec: StudySpec, point: Any, entry: str | None, where: str) ->
     for key, value in wanted.items():
         found, param = param_for(spec, first, key, space[key], value, section)
         require(
-            found, labels[key], f"a value inside {section}.{key} ({describe(space[key])})", value
+            found,
+            labels[key],
+            f"a value inside {section}.{key} ({describe_distribution(space[key])})",
+            value,
         )
         params[key] = param
     return params
@@ -651,7 +654,7 @@ def param_for(
     return True, float(value)
 
 
-def describe(distribution: DistributionSpec) -> str:
+def describe_distribution(distribution: DistributionSpec) -> str:
     if distribution.distribution == "choice":
         return f"one of {distribution.values}"
     words = f"{distribution.distribution} {distribution.low:g} to {distribution.high:g}"
