@@ -162,20 +162,20 @@ def fit_seeds(
     configs: list[Config],
     report: SeedsReport | None = None,
     resumes: list[State | None] | None = None,
-    data: Datasets | None = None,
+    data: list[Datasets] | None = None,
 ) -> list[FitResult]:
     """`fit` of one configuration on several training seeds (`configs`: one per seed, alike
     but for it), an epoch of each in turn; `report` gets every seed's metrics and state of each
     epoch together (`seed_mean` averages them). Each seed's run keeps its own random generators,
     swapped in for its epoch and out after it, so each trains exactly as `fit` alone would; the
-    caller's generators are left as they were. `data`: the first seed's data sets, if loaded
-    already (each other seed loads its own: its validation split is its seed's)."""
+    caller's generators are left as they were. `data`: each seed's data sets, if loaded already
+    (each seed's validation split is drawn from its own seed)."""
     resumes = resumes or [None] * len(configs)
     starts = {0 if resume is None else resume["epoch"] for resume in resumes}
     check_seeds(configs)
     if len(starts) > 1:
         raise CheckpointError(f"resume: the seeds' checkpoints are at different epochs {starts}")
-    given = [data] + [None] * (len(configs) - 1)
+    given = data or [None] * len(configs)
     runs = [training(c, r, d) for c, r, d in zip(configs, resumes, given, strict=True)]
     streams: list[dict[str, Any] | None] = [None] * len(runs)  # each run's generators
     outer = random_state()

@@ -486,7 +486,8 @@ def log_student_model(tracking_uri: str, run_id: str, checkpoint: Path, name: st
 
 
 def dataset_inputs(splits: list[dict[str, Any]]) -> list[DatasetInput]:
-    """`gacd.data.describe_splits` as MLflow dataset inputs, each tagged with its context."""
+    """`gacd.data.describe_splits` as MLflow dataset inputs, each tagged with its context (and,
+    in a trial over several seeds, with the seeds that used it: `seed`, e.g. `0,1`)."""
     return [
         DatasetInput(
             Dataset(
@@ -496,10 +497,15 @@ def dataset_inputs(splits: list[dict[str, Any]]) -> list[DatasetInput]:
                 source=json.dumps({"uri": split["source"]}),
                 profile=json.dumps(split["profile"]),
             ),
-            tags=[InputTag(MLFLOW_DATASET_CONTEXT, split["context"])],
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, split["context"])] + seeds_tag(split),
         )
         for split in splits
     ]
+
+
+def seeds_tag(split: dict[str, Any]) -> list[InputTag]:
+    seeds = split.get("seeds")
+    return [InputTag(schema.TAG_SEED, schema.seed_tag(seeds))] if seeds else []
 
 
 def evaluation_tags(config: Config) -> dict[str, str]:

@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gacd.config import Config, ConfigError
-from gacd.data import DatasetNotFoundError, describe_splits, load_datasets
+from gacd.data import DatasetNotFoundError, Datasets, describe_splits, load_datasets
 from gacd.runtime import resolve_device
 from gacd.train import (
     BEST_CHECKPOINT_FILE,
@@ -184,10 +184,8 @@ def fit_and_report(configs: list[Config], resume: States | None, send: Send) -> 
     device = str(resolve_device(config.device))
     seeds = [c.seed for c in configs]
     files = checkpoint_files(seeds)
-    # MLflow's Dataset column: the first seed's splits (each seed draws its validation split
-    # from its own seed, alike in size and source).
-    data = load_datasets(config.data, config.seed, with_test=config.final)
-    splits = json.dumps(describe_splits(config.data, data))
+    data = [load_datasets(c.data, c.seed, with_test=c.final) for c in configs]
+    splits = json.dumps(seeds_splits(configs, data))  # MLflow's Dataset column
 
     def report(epochs: list[dict[str, float]], states: States) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -210,6 +208,21 @@ def fit_and_report(configs: list[Config], resume: States | None, send: Send) -> 
             send(metrics, folder)
 
     fit_seeds(configs, report=report, resumes=resume, data=data)  # data: loaded once, above
+
+
+def seeds_splits(configs: list[Config], data: list[Datasets]) -> list[dict[str, Any]]:
+    """Every split a trial's seeds used (`describe_splits`), each once. A trial over several
+    seeds (`study.trial_seeds`) lists each split with the seeds that used it (`seeds`): each
+    seed draws its own validation split, so each seed's training and validation splits are
+    their own, and the test split is listed once for all of them."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for config, datasets in zip(configs, data, strict=True):
+        for split in describe_splits(config.data, datasets):
+            key = (split["name"], split["context"], split["digest"])
+            merged.setdefault(key, {**split, "seeds": []})["seeds"].append(config.seed)
+    if len(configs) == 1:  # one seed: the run's `seed` tag says which
+        return [{k: v for k, v in split.items() if k != "seeds"} for split in merged.values()]
+    return list(merged.values())
 
 
 # --- a trial over several workers: Ray Train's `TorchTrainer`, as the teacher ---

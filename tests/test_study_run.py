@@ -224,6 +224,16 @@ def test_a_search_over_trial_seeds_reports_their_mean_to_asha_optuna_and_mlflow(
         assert sorted(mean) == sorted(seeds[0]) == sorted(seeds[1]) and mean
         for epoch, value in mean.items():
             assert value == pytest.approx((seeds[0][epoch] + seeds[1][epoch]) / 2, abs=1e-12)
+        # the Dataset column: each seed's own training and validation split, tagged with it
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        used = {
+            (t["mlflow.data.context"], t["seed"]): i.dataset.digest
+            for i in inputs
+            for t in [{tag.key: tag.value for tag in i.tags}]
+        }
+        assert set(used) == {(c, s) for c in ("training", "validation") for s in ("0", "1")}
+        assert used["validation", "0"] != used["validation", "1"]
+        assert used["training", "0"] != used["training", "1"]
     results = ray_results(tmp_path / "results" / "seeds")
     for result in results:
         with result.checkpoint.as_directory() as folder:

@@ -161,3 +161,32 @@ def test_a_dry_run_says_each_trial_trains_on_every_trial_seed(tmp_path, capsys):
     spec["study"]["trial_seeds"] = [3, 4]
     assert planned(tmp_path, spec)[0] == 0
     assert "on each of seeds [3, 4] (their mean reported)" in capsys.readouterr().out
+
+
+def test_a_trial_lists_each_seed_s_own_splits_and_the_shared_test_split_once(tmp_path):
+    """MLflow's Dataset column for a trial over seeds 0 and 1: each seed's training and
+    validation split (each drawn from its seed), tagged with it; the test split, which every
+    seed shares, once with both. A one-seed run lists its splits without a seed."""
+    from gacd.data import load_datasets
+    from study.tracking import dataset_inputs
+    from study.trainable import seeds_splits
+
+    configs = seeded_configs(tmp_path / "teacher.pt")
+    data = [load_datasets(c.data, c.seed, with_test=True) for c in configs]
+    splits = seeds_splits(configs, data)
+    seeds = {(split["context"], tuple(split["seeds"])) for split in splits}
+    assert seeds == {
+        ("training", (0,)),
+        ("training", (1,)),
+        ("validation", (0,)),
+        ("validation", (1,)),
+        ("test", (0, 1)),
+    }
+    assert len({split["digest"] for split in splits}) == 5
+    tags = [{tag.key: tag.value for tag in i.tags} for i in dataset_inputs(splits)]
+    assert {"mlflow.data.context": "test", "seed": "0,1"} in tags
+    alone = seeds_splits(configs[:1], data[:1])
+    assert [split["context"] for split in alone] == ["training", "validation", "test"]
+    assert [[tag.key for tag in i.tags] for i in dataset_inputs(alone)] == [
+        ["mlflow.data.context"]
+    ] * 3
