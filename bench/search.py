@@ -861,16 +861,21 @@ def show(result: dict, plot_path: str | None) -> None:
             print(
                 f"{title}: {searcher} within {goal['third']}{paid} trial-epochs "
                 f"reaches {goal['tpe_asha_mean']:.3f} ± {goal['tpe_asha_std']:.3f} (fresh seeds), "
-                f"random search with all of its own {goal['random_mean']:.3f} ± "
+                f"{arm_label(result, 'random')} with all of its own {goal['random_mean']:.3f} ± "
                 f"{goal['random_std']:.3f}"
             )
             print(f"  {verdict_line(goal['difference'])}")
     spread = result["noise"]
+    agreement = (
+        f"; selection and fresh means of the {spread['both']} run on both correlate "
+        f"{spread['pearson']:.2f} (Spearman {spread['spearman']:.2f})"
+        if spread["both"] >= 2  # fewer (no selection: `--select-top 0`): no correlation
+        else ""
+    )
     print(
         f"noise: over {spread['configurations']} configurations on the fresh seeds, their means "
         f"spread {spread['spread_of_means']:.3f} (std) against {spread['seed_std']:.3f} between "
-        f"one configuration's seeds; selection and fresh means of the {spread['both']} run on "
-        f"both correlate {spread['pearson']:.2f} (Spearman {spread['spearman']:.2f})"
+        f"one configuration's seeds{agreement}"
     )
 
 
