@@ -215,13 +215,13 @@ def seeds_splits(configs: list[Config], data: list[Datasets]) -> list[dict[str, 
     seeds (`study.trial_seeds`) lists each split with the seeds that used it (`seeds`): each
     seed draws its own validation split, so each seed's training and validation splits are
     their own, and the test split is listed once for all of them."""
+    if len(configs) == 1:  # one seed: the run's `seed` tag says which
+        return describe_splits(configs[0].data, data[0])
     merged: dict[tuple[str, str, str], dict[str, Any]] = {}
     for config, datasets in zip(configs, data, strict=True):
         for split in describe_splits(config.data, datasets):
             key = (split["name"], split["context"], split["digest"])
             merged.setdefault(key, {**split, "seeds": []})["seeds"].append(config.seed)
-    if len(configs) == 1:  # one seed: the run's `seed` tag says which
-        return [{k: v for k, v in split.items() if k != "seeds"} for split in merged.values()]
     return list(merged.values())
 
 
