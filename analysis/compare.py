@@ -32,6 +32,8 @@ REPORT_FILE = "report.md"
 TABLE_FILE = "comparison"  # .md, .csv, .tex
 STATE_ARTIFACT = "comparison.json"
 STAGES = ("search", "confirm", "final")
+# Where the searches started from each method's defaults: those defaults, as confirmed.
+DEFAULTS_COLUMN = "defaults (confirm mean ± std)"
 
 
 def stage_of(name: str, experiment: str) -> str:
@@ -72,14 +74,17 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
         else:
             row["winner (confirm mean ± std)"] = state.get("failed", {}).get(method, "-")
             row["winner's values"] = ""
+        if any("defaults_confirmed" in w for w in state.get("winners", {}).values()):
+            confirmed = (won or {}).get("defaults_confirmed")
+            row[DEFAULTS_COLUMN] = winner_text(confirmed) if confirmed else "-"
         rows.append(row)
     return pd.DataFrame(rows).set_index("method")
 
 
 def winner_text(won: dict[str, Any]) -> str:
-    """A winner as the budget table shows it: its search trial, its mean (± std) on the
-    confirm seeds, and whether ASHA had stopped it early in the search."""
-    text = won["name"]
+    """A winner (or its method's defaults) as the budget table shows it: its search trial, its
+    mean (± std) on the confirm seeds, and whether ASHA had stopped it early in the search."""
+    text = won["name"] + (", the defaults" if won.get("defaults") else "")
     if won.get("mean") is not None:
         spread = f" ± {won['std']:.3f}" if won["std"] == won["std"] else ", one seed"
         text += f" ({won['mean']:.3f}{spread})"
@@ -201,7 +206,14 @@ def comparison_markdown(
             "several training seeds, over their seeds) and trial-hours (run "
             "wall time, summed) in each stage: `search` (each method's own search, the same "
             "number of trials, scheduler and epoch budget), `confirm` (its best trials re-run "
-            "on fresh seeds, validation split; the winner has the best mean) and `final`.",
+            "on fresh seeds, validation split; the winner has the best mean) and `final`."
+            + (
+                f" `{DEFAULTS_COLUMN}`: each search started from its method's defaults, "
+                "which were confirmed beside its best trials, so a winner other than the "
+                "defaults beat them on the confirm seeds."
+                if DEFAULTS_COLUMN in budget
+                else ""
+            ),
             "",
             budget.to_markdown(floatfmt=".3f"),
             "",

@@ -9,9 +9,10 @@ the comparison's MLflow experiment and nested under its run:
    each method's trials stopped early only against its own (`PerEntryScheduler`), one epoch
    budget, one validation split.
 2. `NAME-confirm`: each method's `compare.top` best trials (its full-budget ones first, then
-   those ASHA stopped latest) re-run at the full budget on `compare.confirm_seeds`
-   (validation split only); the one with the best mean is the method's winner, not one
-   seed's luck. Skipped when `top` is 1.
+   those ASHA stopped latest), and its defaults trial where the searches start from their
+   defaults (`study.sampler.points_to_evaluate: [defaults]`), re-run at the full budget on
+   `compare.confirm_seeds` (validation split only); the one with the best mean is the
+   method's winner, not one seed's luck. Skipped when `top` is 1 and there are no defaults.
 3. `NAME-final`: each winner on `compare.seeds`, evaluated on the test split; the table
    compares every method with `compare.reference` (paired over seeds) and says what budget
    each got.
@@ -50,10 +51,17 @@ def describe_comparison(spec: StudySpec) -> list[str]:
 
     compare = spec.compare
     assert compare is not None
+    if not spec.confirms:
+        confirm = "the best of each the winner (top 1: no confirm stage)"
+    else:
+        defaults = " and its defaults" if spec.starts_from_defaults else ""
+        confirm = (
+            f"top {compare.top}{defaults} of each re-run on seeds {compare.confirm_seeds} "
+            "(validation)"
+        )
     lines = [
         f"compare    {len(compare.methods)} methods x {spec.study.num_samples} trials each; "
-        f"top {compare.top} of each re-run on seeds {compare.confirm_seeds} (validation), "
-        f"the winners on seeds {compare.seeds} (test); reference {compare.reference}"
+        f"{confirm}, the winners on seeds {compare.seeds} (test); reference {compare.reference}"
     ]
     for entry, settings in compare.methods.items():
         overrides = json.dumps(settings.overrides) if settings.overrides else ""
@@ -166,7 +174,7 @@ def candidates(spec: StudySpec, paths) -> tuple[dict, dict]:
         study = optuna.load_study(
             study_name=search.optuna_study_name(entry), storage=paths.optuna_url
         )
-        best = ranked(study.get_trials(), spec.compare.top, spec.study.direction == "max")
+        best = with_defaults(study.get_trials(), spec.compare.top, spec.study.direction == "max")
         if best:
             chosen[entry] = [
                 {
@@ -175,6 +183,7 @@ def candidates(spec: StudySpec, paths) -> tuple[dict, dict]:
                     "epochs": max(t.intermediate_values, default=None),
                     "stopped": t.state == optuna.trial.TrialState.PRUNED,
                     "params": t.params,
+                    **({"defaults": True} if is_defaults(t) else {}),
                 }
                 for t in best
             ]
@@ -207,6 +216,30 @@ def ranked(trials, top: int, maximize: bool) -> list:
     return (complete + stopped)[:top]
 
 
+def is_defaults(trial) -> bool:
+    """A comparison's search trial of `study.sampler.points_to_evaluate: [defaults]` (the only
+    point a comparison accepts): its method's base configuration."""
+    from study.search import ENQUEUED_ATTR
+
+    return bool(trial.user_attrs.get(ENQUEUED_ATTR))
+
+
+def with_defaults(trials, top: int, maximize: bool) -> list:
+    """A method's candidates: its `top` best trials (`ranked`) and, where its search started
+    from its defaults, the defaults trial as well: `top` + 1 candidates for every method alike
+    (the defaults and its `top` best others), so that its winner is chosen against its own
+    defaults on the confirm seeds, never only against its luckier search trials."""
+    defaults = [
+        t
+        for t in trials
+        if is_defaults(t) and t.state == optuna.trial.TrialState.COMPLETE and t.value == t.value
+    ]
+    best = ranked(trials, top + bool(defaults), maximize)
+    if not defaults or defaults[0] in best:
+        return best
+    return best[:top] + defaults[:1]
+
+
 def search_failure(study: optuna.Study, runs, entry: str) -> str:
     """Why a method's search has no full-budget trial: its trials by state and the first
     failure's reason (from its MLflow run)."""
@@ -230,7 +263,7 @@ def winners(spec: StudySpec, state: dict[str, Any], tracking_uri: str) -> tuple[
 
     chosen, failed = {}, {}
     rounds = state.get("confirm_rounds") or [{"stage": "confirm"}]
-    if spec.compare.top == 1 or any(r["stage"] not in state["done"] for r in rounds):
+    if not spec.confirms or any(r["stage"] not in state["done"] for r in rounds):
         for entry, found in state["candidates"].items():
             chosen[entry] = {**searched(found[0]), "mean": None}
         return chosen, failed
@@ -251,13 +284,22 @@ def winners(spec: StudySpec, state: dict[str, Any], tracking_uri: str) -> tuple[
         maximize = spec.study.direction == "max"
         mean, std, best = sorted(scored, key=lambda s: s[0], reverse=maximize)[0]
         chosen[entry] = {**searched(best), "mean": mean, "std": std}
+        for mean, std, candidate in scored:  # beside the winner: its defaults, as confirmed
+            if candidate.get("defaults"):
+                chosen[entry]["defaults_confirmed"] = {
+                    "name": candidate["name"],
+                    "mean": mean,
+                    "std": std,
+                }
     return chosen, failed
 
 
 def searched(candidate: dict[str, Any]) -> dict[str, Any]:
-    """What a winner keeps of its candidate: its search trial, values, and whether ASHA had
-    stopped it there (a state written before that was recorded has no `stopped`)."""
-    return {key: candidate[key] for key in ("name", "params", "stopped") if key in candidate}
+    """What a winner keeps of its candidate: its search trial, values, whether ASHA had
+    stopped it there (a state written before that was recorded has no `stopped`) and whether
+    it is its method's defaults."""
+    keys = ("name", "params", "stopped", "defaults")
+    return {key: candidate[key] for key in keys if key in candidate}
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -316,7 +358,7 @@ def run_stages(
     if reference not in state["candidates"]:
         return give_up(tracking, parent, spec, paths, state, f"the reference method {reference!r}")
 
-    if spec.compare.top > 1:
+    if spec.confirms:
         found = state["candidates"]
         variants = {
             c["name"]: candidate_overrides(spec, entry, c["params"])
@@ -433,7 +475,7 @@ def record_growth(spec: StudySpec, state, started_with: dict[str, Any], folder: 
         for key in ("confirm_seeds", "seeds")
     }
     state.setdefault("growth", []).append({key: seeds for key, seeds in added.items() if seeds})
-    if added["confirm_seeds"] and spec.compare.top > 1 and "winners" in state["done"]:
+    if added["confirm_seeds"] and spec.confirms and "winners" in state["done"]:
         state["done"].remove("winners")
     saved = {"source": runner.spec_source(spec), "resolved": spec.to_dict()}
     (folder / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
@@ -452,7 +494,7 @@ def resume_plan(spec: StudySpec, folder: Path) -> list[str]:
     if not grown(spec, started_with):
         return []
     lines, reruns = [], False
-    if spec.compare.top > 1 and "candidates" in state["done"]:
+    if spec.confirms and "candidates" in state["done"]:
         planned = confirm_rounds(spec, copy.deepcopy(state))[len(state["confirm_rounds"]) :]
         for round_ in planned:
             runs = sum(len(found) for found in state["candidates"].values()) * len(round_["seeds"])

@@ -451,11 +451,11 @@ def grown_seeds(saved: dict[str, Any], spec: StudySpec) -> dict[str, list[int]]:
             )
         if len(now) > len(before):
             grown[key] = list(now)
-    if "confirm_seeds" in grown and spec.compare.top == 1:
+    if "confirm_seeds" in grown and not spec.confirms:
         raise StudyError(
-            f"--resume: compare.confirm_seeds of study {spec.name!r}: its compare.top is 1, so "
-            "no confirm stage runs and added confirm seeds would run nothing; add final seeds "
-            "(--final-seeds) instead"
+            f"--resume: compare.confirm_seeds of study {spec.name!r}: its compare.top is 1 and "
+            "its searches do not start from their defaults, so no confirm stage runs and added "
+            "confirm seeds would run nothing; add final seeds (--final-seeds) instead"
         )
     return grown
 

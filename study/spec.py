@@ -224,6 +224,19 @@ class StudySpec:
         return self.study.mode in ("search", "compare")
 
     @property
+    def starts_from_defaults(self) -> bool:
+        """Its search (each method's, in a comparison) runs the base configuration first."""
+        return DEFAULTS_POINT in (self.study.sampler.points_to_evaluate or [])
+
+    @property
+    def confirms(self) -> bool:
+        """A comparison with a confirm stage: `compare.top` above 1, or searches that start from
+        each method's defaults, whose winner is then chosen between its defaults and its best
+        on the confirm seeds."""
+        assert self.compare is not None
+        return self.compare.top > 1 or self.starts_from_defaults
+
+    @property
     def reference(self) -> str:
         assert self.ablation is not None
         return self.ablation.reference_name

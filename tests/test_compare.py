@@ -244,6 +244,42 @@ def test_too_few_full_budget_trials_are_filled_with_those_asha_stopped_latest():
     assert ranked([t for t in trials if t.state != complete], 2, maximize=True) == []
 
 
+def test_a_search_started_from_its_defaults_confirms_them_beside_its_best():
+    """`points_to_evaluate: [defaults]` in a comparison: every method's candidates are its
+    defaults trial and its `top` best others, `top` + 1 alike, wherever the defaults rank."""
+    from study.compare import with_defaults
+    from study.search import ENQUEUED_ATTR
+
+    def study_with(defaults_value, others, state=optuna.trial.TrialState.COMPLETE):
+        study = optuna.create_study(direction="maximize")
+        study.enqueue_trial({"x": 0.0}, user_attrs={ENQUEUED_ATTR: True})
+        for value in [defaults_value, *others]:
+            trial = study.ask({"x": optuna.distributions.FloatDistribution(-1.0, 1.0)})
+            trial.report(value, 1)
+            if value is None or state != optuna.trial.TrialState.COMPLETE:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                state = optuna.trial.TrialState.COMPLETE  # the defaults only
+            else:
+                study.tell(trial, value)
+        return study.get_trials()
+
+    numbers = lambda trials: [t.number for t in trials]  # noqa: E731
+    # the defaults (trial 0) rank last: they join the 2 best, not replace the second
+    assert numbers(with_defaults(study_with(0.1, [0.5, 0.4, 0.3]), 2, True)) == [1, 2, 0]
+    # the defaults rank among the best: the 2 best others beside them, 3 alike
+    assert numbers(with_defaults(study_with(0.45, [0.5, 0.4, 0.3]), 2, True)) == [1, 0, 2]
+    assert numbers(with_defaults(study_with(0.9, [0.5, 0.4, 0.3]), 1, True)) == [0, 1]
+    assert [t.user_attrs.get(ENQUEUED_ATTR) for t in study_with(0.9, [0.5])] == [True, None]
+    # defaults that failed are not a candidate: the `top` best alone
+    failed = study_with(0.9, [0.5, 0.4, 0.3], optuna.trial.TrialState.FAIL)
+    assert numbers(with_defaults(failed, 2, True)) == [1, 2]
+    # without defaults (an older study, or none asked for): `ranked` as it was
+    plain = optuna.create_study(direction="maximize")
+    for value in (0.2, 0.7, 0.5):
+        plain.add_trial(optuna.trial.create_trial(value=value, intermediate_values={1: value}))
+    assert numbers(with_defaults(plain.get_trials(), 2, True)) == [1, 2]
+
+
 def test_a_comparison_s_trial_seeds_are_its_searches_and_trial_epochs_count_each(tmp_path):
     """`study.trial_seeds` in a comparison: each search trial trains both seeds; the confirm
     and final stages run one seed per run; the budget table counts every seed's epochs (from
@@ -382,7 +418,10 @@ def test_a_resume_refuses_seeds_that_drop_or_reorder_what_ran(now):
 def test_a_resume_refuses_confirm_seeds_where_no_confirm_stage_runs():
     spec = spec_from_dict(comparison("/nowhere/teacher.pt", top=1, confirm_seeds=[1000, 1001]))
     resolved = {"compare": {"confirm_seeds": [1000], "seeds": [0, 1]}}
-    with pytest.raises(StudyError, match=r"compare.top is 1, so no confirm stage runs"):
+    with pytest.raises(
+        StudyError,
+        match=r"compare.top is 1 and its searches do not start from their defaults, so no confirm",
+    ):
         grown_seeds(resolved, spec)
     spec.compare.confirm_seeds = [1000]
     spec.compare.seeds = [0, 1, 2]
@@ -572,6 +611,55 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     before = (tmp_path / "results" / "duel" / STATE_FILE).read_text()
     assert main([str(path), "--resume", *args, "--confirm-seeds", "1001"]) == 2
     assert (tmp_path / "results" / "duel" / STATE_FILE).read_text() == before
+
+
+@pytest.mark.slow
+def test_a_comparison_from_its_defaults_confirms_them_and_a_winner_must_beat_them(
+    tmp_path, ray_cluster, robust_teacher_path
+):
+    """`study.sampler.points_to_evaluate: [defaults]` and `compare.top: 1`: each method's search
+    runs its base configuration first and to its full budget; the confirm stage (which `top: 1`
+    alone would skip) re-runs its best trial and its defaults on the fresh seed; the winner is
+    the better of the two as MLflow recorded them, and the report shows both."""
+    raw = comparison(str(robust_teacher_path), top=1)
+    del raw["compare"]["methods"]["gacd"]["search"]["attack.steps"]  # the base's PGD-2 is outside
+    raw["study"]["sampler"]["points_to_evaluate"] = ["defaults"]
+    path = tmp_path / "duel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main([str(path), *study_args(tmp_path, ray_cluster)]) == 0
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    state = json.loads((tmp_path / "results" / "duel" / STATE_FILE).read_text())
+    stages = load_runs(uri, "duel", role=schema.ROLE_STUDY).set_index("tags.study")
+    search = load_runs(uri, "duel", parent_run_id=stages.run_id["duel-search"])
+    confirm = load_runs(uri, "duel", parent_run_id=stages.run_id["duel-confirm"])
+    spec = spec_from_dict(raw)
+    for entry, key in (("gacd", "tau"), ("trades", "trades_beta")):
+        mine = search[search["tags.compare_entry"] == entry]
+        first = mine[mine[schema.tag_column(schema.TAG_POINT_TO_EVALUATE)] == "true"]
+        assert len(first) == 1 and first["tags.state"].iloc[0] == "complete"  # its full budget
+        base = spec.trial_config({ENTRY_KEY: entry})
+        assert float(first[f"params.{key}"].iloc[0]) == pytest.approx(
+            base.tau if key == "tau" else base.trades_beta
+        )
+        found = state["candidates"][entry]
+        assert len(found) == 2 and [c.get("defaults", False) for c in found].count(True) == 1
+        defaults = next(c["name"] for c in found if c.get("defaults"))
+        assert defaults == f"{entry}.trial-000"  # enqueued first: Optuna's trial 0
+        # both re-run on the confirm seed; the winner is the better, the defaults kept beside it
+        value = confirm.set_index("tags.variant")["metrics.val/pgd_acc"]
+        assert sorted(value.index[value.index.str.startswith(entry + ".")]) == sorted(
+            c["name"] for c in found
+        )
+        won = state["winners"][entry]
+        assert won["mean"] == pytest.approx(max(value[c["name"]] for c in found), abs=1e-9)
+        assert won["defaults_confirmed"]["mean"] == pytest.approx(value[defaults], abs=1e-9)
+        assert won["mean"] >= won["defaults_confirmed"]["mean"]
+        assert won.get("defaults", False) == (won["name"] == defaults)
+    budget = budget_table(uri, "duel", state)
+    assert budget.loc["gacd", "confirm trials"] == 2 == budget.loc["trades", "confirm trials"]
+    report = (tmp_path / "results" / "duel" / "report" / "report.md").read_text()
+    assert "defaults (confirm mean ± std)" in report and "confirmed beside its best" in report
 
 
 def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
