@@ -61,12 +61,23 @@ def run_main(tmp_path: Path, *args: str) -> tuple[int, str]:
     return main([*args, *storage, *uri]), ""
 
 
-@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
-def test_every_shipped_study_passes_dry_run(path, tmp_path, capsys):
-    code, _ = run_main(tmp_path, str(path), "--dry-run")
+# Every shipped study file as written, and under each of its budgets.
+SHIPPED = [
+    (path, budget)
+    for path in SPACES
+    for budget in [None, *(yaml.safe_load(path.read_text()).get("budgets") or {})]
+]
+
+
+@pytest.mark.parametrize(
+    "path, budget", SHIPPED, ids=[f"{p.name}[{b}]" if b else p.name for p, b in SHIPPED]
+)
+def test_every_shipped_study_passes_dry_run(path, budget, tmp_path, capsys):
+    extra = ["--budget", budget] if budget else []
+    code, _ = run_main(tmp_path, str(path), "--dry-run", *extra)
     out = capsys.readouterr().out
     assert code == 0
-    assert f"study      {read_study_file(path).name}" in out
+    assert f"study      {read_study_file(path, budget=budget).name}" in out
     assert str(tmp_path / "results") in out and "mlflow" in out and "optuna" in out
 
 
