@@ -54,9 +54,9 @@ def describe_comparison(spec: StudySpec) -> list[str]:
     if not spec.confirms:
         confirm = "the best of each the winner (top 1: no confirm stage)"
     else:
-        defaults = " and its defaults" if spec.starts_from_defaults else ""
+        defaults = " (and its defaults)" if spec.starts_from_defaults else ""
         confirm = (
-            f"top {compare.top}{defaults} of each re-run on seeds {compare.confirm_seeds} "
+            f"top {compare.top} of each{defaults} re-run on seeds {compare.confirm_seeds} "
             "(validation)"
         )
     lines = [

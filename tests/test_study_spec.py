@@ -389,11 +389,17 @@ def test_asha_records_a_point_to_evaluate_at_its_rungs_but_never_stops_it():
     assert result(point, 4, 0.2) == "STOP"  # the end of its budget, as for any trial
 
 
-def test_points_to_evaluate_in_a_comparison_are_each_method_s_defaults():
-    raw = yaml.safe_load((ROOT / "search_spaces/digits_compare.yaml").read_text())
-    raw["study"]["sampler"]["points_to_evaluate"] = ["defaults"]
-    spec = spec_from_dict(raw, teacher_cache=Path("/t"))
-    assert spec.compare is not None
+def test_points_to_evaluate_in_a_comparison_are_each_method_s_defaults(tmp_path, capsys):
+    path = ROOT / "search_spaces/digits_compare.yaml"
+    spec = read_study_file(path, teacher_cache=Path("/t"), budget="from_defaults")
+    raw = yaml.safe_load(path.read_text())
+    raw.pop("budgets")
+    assert raw["study"]["sampler"].get("points_to_evaluate") is None  # only the budget's
+    assert spec.compare is not None and spec.starts_from_defaults
+    spec.compare.top = 1  # the defaults alone make a confirm stage
+    assert spec.confirms and not spec_from_dict(raw, teacher_cache=Path("/t")).starts_from_defaults
+    run_main(tmp_path, str(path), "--dry-run", "--budget", "from_defaults")
+    assert "top 2 of each (and its defaults) re-run on seeds" in capsys.readouterr().out
     for entry in spec.compare.methods:
         (point,) = spec.points_to_evaluate(entry)
         assert set(point) == set(spec.compare.methods[entry].search)
