@@ -52,7 +52,7 @@ def describe_comparison(spec: StudySpec) -> list[str]:
     compare = spec.compare
     assert compare is not None
     if not spec.confirms:
-        confirm = "the best of each the winner (top 1: no confirm stage)"
+        confirm = "each method's best trial its winner (top 1: no confirm stage)"
     else:
         defaults = " (and its defaults)" if spec.starts_from_defaults else ""
         confirm = (
