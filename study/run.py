@@ -845,7 +845,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget",
         help="apply this entry of the file's budgets section (e.g. full: the whole training "
-        "set, more epochs, AutoAttack on every test image); default: the file's study.budget",
+        "set, more epochs, AutoAttack on every test image), or several joined by + (full+"
+        "from_defaults), each in turn; default: the file's study.budget",
     )
     parser.add_argument(
         "--confirm-seeds",

@@ -364,7 +364,8 @@ def read_study_file(
     """Read, validate and resolve a study file; errors name the file and the dotted key.
 
     `budget` names an entry of the file's `budgets` section (default: its `study.budget`),
-    whose dotted keys replace the file's values before anything else is read;
+    or several joined by `+` (applied in turn, a later one's keys over an earlier's), whose
+    dotted keys replace the file's values before anything else is read;
     `compare_seeds` (`confirm_seeds`, `seeds`: the command line's `--confirm-seeds` and
     `--final-seeds`) replace a comparison's seed lists after the budget.
 
@@ -428,17 +429,21 @@ def apply_budget(raw: dict[str, Any], budget: str | None) -> dict[str, Any]:
         budget = study.get("budget")
     if budget is None:
         return raw
-    require(
-        budget in budgets,
-        "budget",
-        f"one of this file's budgets ({', '.join(budgets) or 'it has none'})",
-        budget,
-    )
+    names = str(budget).split("+")  # `cpu+from_defaults`: each applied in turn
+    for name in names:
+        require(
+            name in budgets,
+            "budget",
+            f"one of this file's budgets ({', '.join(budgets) or 'it has none'}), or several "
+            "joined by '+'",
+            name,
+        )
     for section in ("base", "teacher"):
         if isinstance(raw.get(section), dict):
             raw[section] = nest_dotted(raw[section])
-    for key, value in budgets[budget].items():
-        set_dotted(raw, str(key), value)
+    for name in names:
+        for key, value in budgets[name].items():
+            set_dotted(raw, str(key), value)
     set_dotted(raw, "study.budget", budget)
     return raw
 

@@ -668,6 +668,14 @@ def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
     full = read_study_file(path, teacher_cache=tmp_path, budget="full")
     assert (cpu.study.num_samples, full.study.num_samples) == (4, 8)
     assert (cpu.compare.confirm_seeds, full.compare.confirm_seeds) == ([1000], [1000, 1001])
+    # budgets joined by `+` apply in turn: the scale's, then the search's start
+    for scale, samples in (("cpu", 4), ("full", 8)):
+        both = read_study_file(path, teacher_cache=tmp_path, budget=f"{scale}+from_defaults")
+        assert both.study.num_samples == samples and both.study.budget == f"{scale}+from_defaults"
+        assert both.starts_from_defaults and both.study.trial_seeds == [0, 1]
+        assert not (cpu if scale == "cpu" else full).starts_from_defaults
+    with pytest.raises(ConfigFileError, match=r"'budget': expected one of .* got 'fast'"):
+        read_study_file(path, teacher_cache=tmp_path, budget="cpu+fast")
     baselines = read_study_file(
         ROOT / "search_spaces/fashion_mnist_baselines.yaml", teacher_cache=tmp_path
     )
