@@ -185,7 +185,8 @@ def test_a_search_never_sees_the_test_split_and_pins_the_evaluation_budget():
         ),
         (
             {"study": {"name": "unit", "budget": "ful"}, "budgets": {"full": {}}},
-            "'budget': expected one of this file's budgets (full), or several joined by '+', got 'ful'",
+            "'budget': expected one of this file's budgets (full), or several joined by '+', "
+            "got 'ful'",
         ),
         (
             {
