@@ -262,7 +262,7 @@ def test_a_budgeted_file_is_searched_with_its_budget_and_the_benchmarks_trials(t
 
 
 def test_a_budget_the_file_lacks_or_a_file_that_is_no_search_is_refused():
-    expected = r"fashion_mnist.yaml.*'budget'.*\(full, cpu, bench_search\), got 'gpu'"
+    expected = r"fashion_mnist.yaml.*'budget'.*\(full, cpu, bench_search\).*, got 'gpu'"
     with pytest.raises(ValueError, match=expected):
         search.search_file("search_spaces/fashion_mnist.yaml", "gpu", None, None)
     ablation = "search_spaces/digits_ablation.yaml"
