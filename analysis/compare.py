@@ -60,6 +60,7 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
         epochs = epochs * runs[seed_column].map(schema.seeds_in_tag)
     seconds = (runs["end_time"] - runs["start_time"]).fillna(0) / 1000.0
     rows = []
+    confirmed_defaults = any("defaults_confirmed" in w for w in state.get("winners", {}).values())
     for method in methods:
         row: dict[str, Any] = {"method": method}
         for stage in STAGES:
@@ -74,7 +75,7 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
         else:
             row["winner (confirm mean ± std)"] = state.get("failed", {}).get(method, "-")
             row["winner's values"] = ""
-        if any("defaults_confirmed" in w for w in state.get("winners", {}).values()):
+        if confirmed_defaults:
             confirmed = (won or {}).get("defaults_confirmed")
             row[DEFAULTS_COLUMN] = winner_text(confirmed) if confirmed else "-"
         rows.append(row)
