@@ -1,22 +1,27 @@
 """A comparison's table and report (`study.compare`): every method's winner on the test split,
 mean +/- std over seeds with paired tests against the reference, beside the budget each
 method got (trials, trial-epochs and trial wall time in each stage) and the methods whose
-search or confirmation failed, with why.
+search or confirmation failed, with why. Several comparisons of the same methods (another
+sampler seed: `study.run --sampler-seed`) read together: each one's winners side by side, the
+spread over comparisons, and how often each method beat the reference.
 
 `python -m analysis.compare --experiment digits_compare [--format md|latex|csv] [--out DIR]`
+`python -m analysis.compare --experiment digits_compare digits_compare_sampler1 [...]`
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from analysis.runs import (
     Study,
@@ -24,9 +29,25 @@ from analysis.runs import (
     default_tracking_uri,
     load_runs,
     load_study,
+    require_store,
+    run_json,
 )
-from analysis.table import RENDERERS, checkpoint_caption, render_study, significance_note
+from analysis.table import (
+    CHECKPOINTS,
+    RENDERERS,
+    ablation_table,
+    checkpoint_caption,
+    column_label,
+    default_metrics,
+    for_checkpoint,
+    higher_is_better,
+    ranked,
+    render_study,
+    significance_mark,
+    significance_note,
+)
 from gacd import schema
+from gacd.config import flatten
 
 REPORT_FILE = "report.md"
 TABLE_FILE = "comparison"  # .md, .csv, .tex
@@ -253,58 +274,362 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
 
 def comparison_state(tracking_uri: str, experiment: str) -> dict[str, Any]:
     """What the comparison decided, from its MLflow run (logged when it ended)."""
-    import mlflow
+    run_id = comparison_run(tracking_uri, experiment)
+    state = run_json(tracking_uri, run_id, STATE_ARTIFACT)
+    if state is None:
+        raise StudyNotFoundError(
+            f"comparison {experiment!r} has not ended (its run {run_id} has no "
+            f"{STATE_ARTIFACT}): resume it first"
+        )
+    return state
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+def comparison_run(tracking_uri: str, experiment: str) -> str:
+    """The id of the comparison's own MLflow run (its stages' study runs are nested in it)."""
     comparisons = load_runs(tracking_uri, experiment, role=schema.ROLE_COMPARISON)
     if comparisons.empty:
         raise StudyNotFoundError(
             f"MLflow experiment {experiment!r} in {tracking_uri} holds no comparison"
         )
-    run_id = comparisons.iloc[0]["run_id"]
-    try:
-        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{STATE_ARTIFACT}")
-    except Exception as error:  # noqa: BLE001 - a comparison that has not ended
+    return str(comparisons.iloc[0]["run_id"])
+
+
+# --- several comparisons of the same methods ------------------------------------------------
+
+REPLICATED_FILE = "replicated"  # .md, .csv, .tex
+SIGNIFICANT = 0.05  # a comparison's paired test counts as significant below this p
+
+
+@dataclass
+class Replicated:
+    """Several comparisons of the same methods against the same reference, read together."""
+
+    experiments: list[str]
+    reference: str
+    metrics: list[str]
+    labels: dict[str, str]  # metric -> a paper's header (PGD-20)
+    cells: pd.DataFrame  # one row per (metric, method, comparison): mean, std, n, diff, p_value
+    summary: pd.DataFrame  # one row per (metric, method): over the comparisons
+    winners: pd.DataFrame  # method x comparison: the winner's searched values
+    seeds: dict[str, list[int]]  # comparison -> its final seeds
+    differences: pd.DataFrame  # dotted study key x comparison, where their studies differ
+
+
+def replicated(
+    tracking_uri: str,
+    experiments: list[str],
+    metrics: list[str] | None = None,
+    checkpoint: str = "last",
+) -> Replicated:
+    """Each comparison's final table (the cells `analysis.compare` shows for it alone) and,
+    per method, what holds over all of them. Comparisons must share their reference."""
+    if len(set(experiments)) != len(experiments):
+        raise StudyNotFoundError(f"--experiment: each comparison once, got {experiments}")
+    states = {name: comparison_state(tracking_uri, name) for name in experiments}
+    references = {name: state.get("reference", schema.REFERENCE) for name, state in states.items()}
+    if len(set(references.values())) > 1:
         raise StudyNotFoundError(
-            f"comparison {experiment!r} has not ended (its run {run_id} has no "
-            f"{STATE_ARTIFACT}): resume it first"
-        ) from error
+            "comparisons read together must share their reference; these have "
+            + ", ".join(f"{name}: {ref}" for name, ref in references.items())
+        )
+    reference = references[experiments[0]]
+    studies = {name: final_study(tracking_uri, name, states[name]) for name in experiments}
+    first = studies[experiments[0]].runs
+    if metrics is None:  # every accuracy the first comparison's finals logged, test then transfer
+        metrics = [m for m in default_metrics(first) if m.endswith("_acc")]
+    chosen = [m for m in for_checkpoint(metrics, checkpoint) if ranked(m)]
+    seed_column = schema.tag_column(schema.TAG_SEED)
+    rows = []
+    for name, study in studies.items():
+        table = ablation_table(study.runs, chosen, reference, order=study.variants)
+        missing = [m for m in chosen if m not in table.metrics]
+        if missing:
+            logged = sorted(schema.metric_columns(study.runs.columns))
+            raise StudyNotFoundError(
+                f"comparison {name!r}: no final run logged {', '.join(missing)} (its finals "
+                f"logged {', '.join(logged) or 'nothing'}); choose others with --metrics"
+            )
+        for metric in chosen:
+            for method in table.variants:
+                cell = table.cell(method, metric)
+                rows.append(
+                    {"metric": metric, "method": method, "comparison": name}
+                    | {key: cell[key] for key in ("mean", "std", "n", "diff", "p_value")}
+                )
+    cells = pd.DataFrame(rows)
+    summary = pd.concat(
+        [over_comparisons(cells[cells["metric"] == m], reference, m) for m in chosen],
+        ignore_index=True,
+    )
+    winners = pd.DataFrame(
+        {
+            name: {
+                method: params_text(won.get("params", {}))
+                + (" (defaults)" if won.get("defaults") else "")
+                for method, won in states[name].get("winners", {}).items()
+            }
+            for name in experiments
+        }
+    )
+    winners = winners.reindex(list(dict.fromkeys(cells["method"]))).fillna("-")
+    seeds = {
+        name: sorted(int(s) for s in study.runs[seed_column].dropna().unique())
+        if seed_column in study.runs
+        else []
+        for name, study in studies.items()
+    }
+    labels = {m: column_label(m, first) for m in chosen}
+    differences = study_differences(tracking_uri, experiments)
+    return Replicated(
+        experiments, reference, chosen, labels, cells, summary, winners, seeds, differences
+    )
+
+
+def study_differences(tracking_uri: str, experiments: list[str]) -> pd.DataFrame:
+    """The resolved study keys (`study.json` on each comparison's run) whose values differ
+    between the comparisons, their names aside: what was varied (`study.sampler.seed`), and
+    anything else that was (a budget, other seeds) that a reader should know of."""
+    flat = {}
+    for name in experiments:
+        spec = run_json(tracking_uri, comparison_run(tracking_uri, name), schema.STUDY_ARTIFACT)
+        flat[name] = {
+            key: json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+            for key, value in flatten(spec or {}).items()
+        }
+        flat[name][schema.STUDY_ARTIFACT] = "recorded" if spec else "not recorded"
+    keys = sorted({key for values in flat.values() for key in values} - {"study.name"})
+    rows = {
+        key: [flat[name].get(key, "-") for name in experiments]
+        for key in keys
+        if len({repr(flat[name].get(key, "-")) for name in experiments}) > 1
+        or (key == schema.STUDY_ARTIFACT and flat[experiments[0]][key] == "not recorded")
+    }
+    return pd.DataFrame.from_dict(rows, orient="index", columns=experiments)
+
+
+def over_comparisons(cells: pd.DataFrame, reference: str, metric: str) -> pd.DataFrame:
+    """One row per method: the mean and std of its per-comparison means (the spread a new
+    search, confirmation and set of final seeds gives), in how many comparisons it was ahead
+    of the reference or behind it (and significantly so over that comparison's seeds), and a
+    one-sample t-test of its per-comparison differences to the reference, whose unit is a
+    whole comparison, its search included."""
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    rows = []
+    for method, mine in cells.groupby("method", sort=False):
+        means = mine["mean"].dropna()
+        row: dict[str, Any] = {
+            "metric": metric,
+            "method": method,
+            "comparisons": int(means.size),
+            "mean": means.mean(),
+            "std": means.std(ddof=1) if means.size > 1 else np.nan,
+        }
+        if method != reference:
+            diffs = mine["diff"].dropna()
+            ahead, behind = sign * mine["diff"] > 0, sign * mine["diff"] < 0
+            significant = mine["p_value"] < SIGNIFICANT
+            p_value = np.nan
+            if diffs.size >= 2 and diffs.std(ddof=1) > 0:
+                p_value = float(scipy_stats.ttest_1samp(diffs, 0.0).pvalue)
+            row |= {
+                "ahead": int(ahead.sum()),
+                "ahead_significant": int((ahead & significant).sum()),
+                "behind": int(behind.sum()),
+                "behind_significant": int((behind & significant).sum()),
+                "diff": diffs.mean() if diffs.size else np.nan,
+                "p_value": p_value,
+            }
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """A winner's searched values, short: `optim.lr` 0.18345 -> `lr 0.183`."""
+    parts = []
+    for key, value in sorted(params.items()):
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key.rsplit('.', 1)[-1]} {shown}")
+    return ", ".join(parts) or "-"
+
+
+def replicated_frame(rep: Replicated, metric: str, pm: str) -> pd.DataFrame:
+    """Strings for one metric: a row per method (the reference, then best mean first), a
+    column per comparison (its winner's mean; * / ** where that comparison's paired test
+    against the reference gave p < 0.05 / 0.01), then the columns over comparisons."""
+    summary = rep.summary[rep.summary["metric"] == metric].set_index("method")
+    others = summary.drop(index=rep.reference, errors="ignore")
+    others = others.sort_values("mean", ascending=not higher_is_better(metric))
+    methods = [m for m in (rep.reference, *others.index) if m in summary.index]
+    cells = rep.cells[rep.cells["metric"] == metric].set_index(["method", "comparison"])
+    frame = pd.DataFrame(index=pd.Index(methods, name="method"))
+    for name in rep.experiments:
+        column = []
+        for method in methods:
+            cell = cells.loc[(method, name)] if (method, name) in cells.index else None
+            if cell is None or cell["n"] == 0:
+                column.append("-")
+                continue
+            mark = "" if method == rep.reference else significance_mark(cell["p_value"])
+            column.append(f"{cell['mean']:.3f}{mark}")
+        frame[name] = column
+    count = len(rep.experiments)
+    spread, versus, overall = [], [], []
+    for method in methods:
+        row = summary.loc[method]
+        spread.append(
+            f"{row['mean']:.3f}" + (f" {pm} {row['std']:.3f}" if row["comparisons"] > 1 else "")
+        )
+        if method == rep.reference:
+            versus.append("")
+            overall.append("")
+            continue
+        ahead, behind = int(row["ahead"]), int(row["behind"])
+        text = f"ahead in {ahead} of {count} ({int(row['ahead_significant'])} significant)"
+        if behind:
+            text += f", behind in {behind} ({int(row['behind_significant'])})"
+        versus.append(text)
+        p_value = "n/a" if np.isnan(row["p_value"]) else f"{row['p_value']:.3f}"
+        overall.append("-" if np.isnan(row["diff"]) else f"{row['diff']:+.3f}, p={p_value}")
+    frame[f"mean {pm} std over comparisons"] = spread
+    frame[f"each comparison vs {rep.reference}"] = versus
+    frame[f"over comparisons vs {rep.reference}"] = overall
+    return frame
+
+
+def replicated_markdown(rep: Replicated, checkpoint: str = "last") -> str:
+    """Every metric's table, the winners' values, and what the columns mean."""
+    seeds = "; ".join(f"`{name}` {rep.seeds[name]}" for name in rep.experiments)
+    lines = [
+        f"# {len(rep.experiments)} comparisons read together: {', '.join(rep.experiments)}",
+        "",
+        f"Each comparison searched, confirmed and chose its own winners; these are their "
+        f"finals on the test split ({checkpoint_caption(checkpoint)}), final seeds {seeds}. "
+        f"A comparison's column is its winner's mean over its seeds, with \\* (p < 0.05) or "
+        f"\\*\\* (p < 0.01) where that comparison's paired t-test against `{rep.reference}` "
+        "separated them; its cells are those `analysis.compare` shows for it alone. "
+        "`mean ± std over comparisons`: the spread of those means, which counts each search's "
+        "luck. `each comparison`: in how many the method was ahead of (behind) the reference, "
+        "and significantly so. `over comparisons`: the mean difference and a one-sample t-test "
+        "over the comparisons (its unit is a whole comparison, so it needs several).",
+        "",
+        "## What differs between them",
+        "",
+    ]
+    if rep.differences.empty:
+        lines += ["Nothing but their names: the same study, run again.", ""]
+    else:
+        lines += [rep.differences.rename_axis("study key").astype(str).to_markdown(), ""]
+    for metric in rep.metrics:
+        lines += [
+            f"## {rep.labels[metric]} (`{metric}`)",
+            "",
+            replicated_frame(rep, metric, "±").to_markdown(
+                colalign=["left"] + ["right"] * (len(rep.experiments) + 1) + ["left"] * 2
+            ),
+            "",
+        ]
+    lines += [
+        "## Each comparison's winners",
+        "",
+        rep.winners.rename_axis("method").to_markdown(),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def replicated_latex(rep: Replicated) -> str:
+    """One booktabs tabular per metric, headers escaped."""
+    parts = []
+    for metric in rep.metrics:
+        frame = replicated_frame(rep, metric, r"$\pm$")
+        styler = frame.style.format_index(escape="latex", axis=0).format_index(
+            escape="latex", axis=1
+        )
+        styler = styler.hide(axis="index", names=True)
+        parts.append(f"% {rep.labels[metric]} ({metric})\n" + styler.to_latex(hrules=True))
+    return "\n".join(parts)
+
+
+def replicated_csv(rep: Replicated) -> str:
+    """Tidy and unrounded: each comparison's cells, then the rows over comparisons
+    (`comparison` empty)."""
+    return pd.concat([rep.cells, rep.summary], ignore_index=True).to_csv(index=False)
+
+
+REPLICATED_RENDERERS = {
+    "md": replicated_markdown,
+    "latex": lambda rep, checkpoint="last": replicated_latex(rep),
+    "csv": lambda rep, checkpoint="last": replicated_csv(rep),
+}
+
+
+def write_replicated(rep: Replicated, folder: Path, checkpoint: str = "last") -> Path:
+    """`replicated.md`, `.csv` and `.tex` under `folder`; returns the Markdown's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for fmt, extension in (("md", "md"), ("csv", "csv"), ("latex", "tex")):
+        path = folder / f"{REPLICATED_FILE}.{extension}"
+        path.write_text(REPLICATED_RENDERERS[fmt](rep, checkpoint))
+    return folder / f"{REPLICATED_FILE}.md"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__)
-    parser.add_argument("--experiment", required=True, help="the comparison's name")
+    parser.add_argument(
+        "--experiment",
+        required=True,
+        nargs="+",
+        metavar="NAME",
+        help="the comparison's name; several (the same methods compared again, e.g. with "
+        "another --sampler-seed) are read together",
+    )
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
     parser.add_argument(
         "--format",
         choices=sorted(RENDERERS),
         default="md",
         help="md: the whole comparison (table, budgets, failures); latex or csv: the final "
-        "table alone (default: %(default)s)",
+        "table alone; for several comparisons, each format holds every metric's table "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--checkpoint",
-        choices=("last", "best", "both"),
+        choices=CHECKPOINTS,
         default="last",
         help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both "
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--out", help="write report.md, comparison.md/.csv/.tex and budget.csv into this folder"
+        "--metrics",
+        nargs="+",
+        help="several comparisons: the metric keys to read together, e.g. test/pgd_acc "
+        "transfer/pgd_acc (default: every test and transfer accuracy their finals logged)",
+    )
+    parser.add_argument(
+        "--out",
+        help="write report.md, comparison.md/.csv/.tex and budget.csv into this folder "
+        "(several comparisons: replicated.md/.csv/.tex)",
     )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
     try:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        state = comparison_state(uri, args.experiment)
+        require_store(uri)
+        if len(args.experiment) > 1:
+            rep = replicated(uri, args.experiment, args.metrics, args.checkpoint)
+            if args.out:
+                print(write_replicated(rep, Path(args.out), args.checkpoint))
+            else:
+                print(REPLICATED_RENDERERS[args.format](rep, args.checkpoint))
+            return 0
+        if args.metrics:
+            parser.error("--metrics: only for several comparisons read together")
+        (experiment,) = args.experiment
+        state = comparison_state(uri, experiment)
         if args.out:
-            print(write_comparison(uri, args.experiment, Path(args.out), state))
+            print(write_comparison(uri, experiment, Path(args.out), state))
         elif args.format == "md":
-            print(comparison_markdown(uri, args.experiment, state, args.checkpoint))
+            print(comparison_markdown(uri, experiment, state, args.checkpoint))
         else:
-            print(final_table(uri, args.experiment, state, args.checkpoint, args.format))
+            print(final_table(uri, experiment, state, args.checkpoint, args.format))
     except StudyNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

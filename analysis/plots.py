@@ -33,6 +33,7 @@ from analysis.runs import (  # noqa: E402
     Study,
     add_store_arguments,
     metric_histories,
+    run_json,
     run_with_study,
 )
 from gacd import schema  # noqa: E402
@@ -59,17 +60,7 @@ def legend_beside(axis, **options) -> None:
 def search_distributions(study: Study) -> dict[str, str]:
     """Each searched key's distribution (`loguniform`, `uniform`, `choice`, `int`), from the
     resolved study the parent run holds (`study.json`); empty if it is not there."""
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(study.tracking_uri)
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = client.download_artifacts(study.parent_run_id, "study.json", folder)
-        except Exception:  # noqa: BLE001 - a run without it (made by hand): linear axes
-            return {}
-        spec = json.loads(Path(path).read_text())
+    spec = run_json(study.tracking_uri, study.parent_run_id, schema.STUDY_ARTIFACT) or {}
     return {key: value.get("distribution") for key, value in spec.get("search", {}).items()}
 
 

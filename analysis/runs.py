@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -72,6 +73,20 @@ def load_runs(
         if not token:
             break
     return pd.DataFrame(rows)
+
+
+def run_json(tracking_uri: str, run_id: str, name: str) -> Any:
+    """A JSON artifact of a run (`study.json`, `comparison.json`), or None if it has none."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = MlflowClient(tracking_uri).download_artifacts(run_id, name, folder)
+        except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+            return None
+        return json.loads(Path(path).read_text())
 
 
 def run_row(run) -> dict[str, object]:

@@ -201,6 +201,8 @@ REFERENCE = "full"
 SEARCH_VARIANT = "search"
 # What a study saves in its Ray folder: the study file as it started and as resolved.
 SPEC_FILE = "gacd_study.json"
+# What a study's MLflow run holds: the resolved study (`StudySpec.to_dict()`).
+STUDY_ARTIFACT = "study.json"
 
 
 def search_run_name(optuna_number: int) -> str:

@@ -863,6 +863,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SEED",
         help="a comparison's final seeds (compare.seeds); appended on --resume as above",
     )
+    parser.add_argument(
+        "--sampler-seed",
+        type=int,
+        metavar="SEED",
+        help="a search's or comparison's sampler seed (study.sampler.seed): the same study "
+        "again with other proposals, named NAME_samplerSEED unless --name is given; read "
+        "several comparisons together with `python -m analysis.compare --experiment A B`",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
     parser.add_argument(
         "--dry-run", action="store_true", help="validate the file and print the plan; run nothing"
@@ -901,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
             paths.teachers,
             args.budget,
             compare_seeds(args),
+            args.sampler_seed,
         )
         if args.dry_run:
             if args.resume:  # the plan of what a resume runs: the saved study, as it checks it

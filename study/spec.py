@@ -360,6 +360,7 @@ def read_study_file(
     teacher_cache: Path | None = None,
     budget: str | None = None,
     compare_seeds: dict[str, list[int]] | None = None,
+    sampler_seed: int | None = None,
 ) -> StudySpec:
     """Read, validate and resolve a study file; errors name the file and the dotted key.
 
@@ -367,7 +368,10 @@ def read_study_file(
     or several joined by `+` (applied in turn, a later one's keys over an earlier's), whose
     dotted keys replace the file's values before anything else is read;
     `compare_seeds` (`confirm_seeds`, `seeds`: the command line's `--confirm-seeds` and
-    `--final-seeds`) replace a comparison's seed lists after the budget.
+    `--final-seeds`) replace a comparison's seed lists after the budget. `sampler_seed`
+    (`--sampler-seed`) replaces a search's or comparison's `study.sampler.seed` and, unless
+    `name` is given, names the study `<name>_sampler<seed>`: the same study run again with
+    other proposals, beside the first in the same stores.
 
     Relative paths in it (data folders, teacher checkpoints) are taken from the current
     directory and made absolute here, since every trial runs in a directory of its own.
@@ -384,6 +388,17 @@ def read_study_file(
                 "a comparison (study.mode: compare): only a comparison has confirm and final seeds",
             )
             raw["compare"] = {**(raw.get("compare") or {}), key: list(seeds)}
+        if sampler_seed is not None:
+            study = raw.get("study") if isinstance(raw.get("study"), dict) else {}
+            require(
+                study.get("mode", "search") in ("search", "compare"),
+                "study.sampler.seed",
+                "a search or a comparison (an ablation proposes nothing: --sampler-seed "
+                "changes nothing in it)",
+            )
+            set_dotted(raw, "study.sampler.seed", sampler_seed)
+            if name is None and isinstance(study.get("name"), str):
+                name = f"{study['name']}_sampler{sampler_seed}"
         spec = spec_from_dict(raw, name, num_samples, max_concurrent, teacher_cache)
     except ConfigError as error:
         raise ConfigFileError(str(path), str(error)) from error

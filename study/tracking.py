@@ -178,7 +178,7 @@ class Tracking:
         if spec.study.budget is not None:
             tags[schema.TAG_BUDGET] = spec.study.budget
         run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
-        self.client.log_dict(run.info.run_id, spec.to_dict(), "study.json")
+        self.client.log_dict(run.info.run_id, spec.to_dict(), schema.STUDY_ARTIFACT)
         return experiment_id, run.info.run_id
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:

@@ -3,13 +3,17 @@ fresh seeds, its winner run on the test split; on a real Ray cluster, MLflow and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -17,9 +21,20 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
+from scipy import stats as scipy_stats
 
-from analysis.compare import budget_table, final_study, winner_text
+from analysis.compare import (
+    budget_table,
+    comparison_state,
+    final_study,
+    replicated,
+    replicated_csv,
+    replicated_latex,
+    replicated_markdown,
+    winner_text,
+)
 from analysis.runs import load_runs
+from analysis.table import ablation_table
 from gacd import schema
 from gacd.config import ConfigError, ConfigFileError
 from study.compare import (
@@ -661,6 +676,34 @@ def test_a_comparison_from_its_defaults_confirms_them_and_a_winner_must_beat_the
     report = (tmp_path / "results" / "duel" / "report" / "report.md").read_text()
     assert "defaults (confirm mean ± std)" in report and "confirmed beside its best" in report
 
+    # The same comparison again with the sampler's seed 1, beside the first in the same stores,
+    # then both read together: each one's cells are its own final table's.
+    assert main([str(path), "--sampler-seed", "1", *study_args(tmp_path, ray_cluster)]) == 0
+    again = json.loads((tmp_path / "results" / "duel_sampler1" / STATE_FILE).read_text())
+    assert again["reference"] == "gacd" and set(again["winners"]) == {"gacd", "trades"}
+    proposed = {
+        name: optuna.load_study(
+            study_name=f"{name}-search.gacd", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+        ).trials
+        for name in ("duel", "duel_sampler1")
+    }
+    assert [len(trials) for trials in proposed.values()] == [2, 2]  # each its own studies
+    first, second = (trials[1].params["tau"] for trials in proposed.values())
+    assert first != second  # after the defaults, the other seed proposes another tau
+    rep = replicated(uri, ["duel", "duel_sampler1"], ["test/pgd_acc"])
+    for name, won in (("duel", state), ("duel_sampler1", again)):
+        own = final_study(uri, name, won)
+        alone = ablation_table(own.runs, ["test/pgd_acc"], "gacd", order=own.variants)
+        mine = rep.cells[rep.cells["comparison"] == name].set_index("method")
+        for method in ("gacd", "trades"):
+            for key in ("mean", "std", "n", "diff", "p_value"):
+                expected = alone.cell(method, "test/pgd_acc")[key]
+                assert mine.loc[method, key] == pytest.approx(expected, nan_ok=True)
+    means = rep.cells[rep.cells["method"] == "trades"]["mean"]
+    summary = rep.summary.set_index("method")
+    assert summary.loc["trades", "mean"] == pytest.approx(means.mean())
+    assert summary.loc["trades", "ahead"] + summary.loc["trades", "behind"] <= 2
+
 
 def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
     path = ROOT / "search_spaces/fashion_mnist_compare.yaml"
@@ -687,3 +730,227 @@ def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
         assert cpu.trial_config({ENTRY_KEY: entry}).optim.epochs == cpu_epochs
         assert full.trial_config({ENTRY_KEY: entry}).optim.epochs == 30
     assert cpu.teacher.checkpoint == baselines.teacher.checkpoint  # one teacher for both tables
+
+
+# --- several comparisons read together ------------------------------------------------------
+
+
+def log_comparison(
+    uri: str, name: str, finals: dict, reference: str = "gacd", study: dict | None = None
+) -> dict:
+    """A finished comparison in a real MLflow store, as `study.compare` leaves it: its run
+    (`role=comparison`) with `comparison.json` (and `study.json`, if `study` is given), its
+    final stage's study run and the winners' final runs (`finals`: method -> seed ->
+    test/pgd_acc)."""
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(name)
+    winners = {
+        method: {"name": f"{method}.trial-00{i}", "params": {"optim.lr": 0.05 * (i + 1)}}
+        for i, method in enumerate(finals)
+    }
+    state = {"reference": reference, "winners": winners}
+    parent = client.create_run(experiment, tags={"role": "comparison"}).info.run_id
+    client.log_dict(parent, state, "comparison.json")
+    if study is not None:
+        client.log_dict(parent, study, "study.json")
+    tags = {"role": "study", "study": f"{name}-final", "mode": "ablation", "reference": reference}
+    tags |= {"metric": "test/pgd_acc", "direction": "max", "variants": json.dumps(list(finals))}
+    tags["mlflow.parentRunId"] = parent
+    stage = client.create_run(experiment, tags=tags).info.run_id
+    for method, seeds in finals.items():
+        for seed, value in seeds.items():
+            run_tags = {"role": "trial", "mlflow.parentRunId": stage, "variant": method}
+            run = client.create_run(experiment, tags=run_tags | {"seed": str(seed)}).info.run_id
+            client.log_metric(run, "test/pgd_acc", value)
+            client.log_metric(run, "test/clean_acc", value + 0.2)
+            client.set_terminated(run, "FINISHED")
+    return state
+
+
+THREE = {  # comparison -> method -> seed -> test/pgd_acc
+    "duel": {
+        "gacd": {0: 0.80, 1: 0.82, 2: 0.81},
+        "pgd_at": {0: 0.79, 1: 0.80, 2: 0.80},  # behind, not significantly
+        "kd": {0: 0.50, 1: 0.55, 2: 0.52},
+    },
+    "duel_sampler1": {
+        "gacd": {0: 0.80, 1: 0.81, 2: 0.79},
+        "pgd_at": {0: 0.86, 1: 0.88, 2: 0.85},  # ahead, significantly
+        "kd": {0: 0.60, 1: 0.61, 2: 0.58},
+    },
+    "duel_sampler2": {
+        "gacd": {0: 0.78, 1: 0.82, 2: 0.80},
+        "pgd_at": {0: 0.84, 1: 0.87, 2: 0.86},
+        "kd": {0: 0.55, 1: 0.50},  # a seed short: paired over the seeds both ran
+    },
+}
+
+
+@pytest.fixture
+def three_comparisons(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for number, (name, finals) in enumerate(THREE.items()):
+        study = {"study": {"name": name, "sampler": {"seed": number, "name": "tpe"}}}
+        log_comparison(uri, name, finals, study=study | {"compare": {"seeds": [0, 1, 2]}})
+    return uri
+
+
+def test_several_comparisons_read_together_keep_each_one_s_cells_and_count_what_holds(
+    three_comparisons,
+):
+    """Each comparison's cells as its own table has them, and over the three: the mean and
+    std of the per-comparison means, ahead/behind counts, and a t-test over comparisons, all
+    re-computed here from the logged values."""
+    uri = three_comparisons
+    rep = replicated(uri, list(THREE), ["test/pgd_acc"])
+    assert rep.reference == "gacd" and rep.metrics == ["test/pgd_acc"]
+    assert rep.seeds == {name: [0, 1, 2] for name in THREE}
+    cells = rep.cells.set_index(["method", "comparison"])
+    for name, finals in THREE.items():
+        own = final_study(uri, name, comparison_state(uri, name))
+        alone = ablation_table(own.runs, ["test/pgd_acc"], "gacd", order=own.variants)
+        for method, seeds in finals.items():
+            cell = cells.loc[(method, name)]
+            assert cell["mean"] == pytest.approx(np.mean(list(seeds.values())), abs=1e-12)
+            for key in ("mean", "std", "diff", "p_value"):
+                assert cell[key] == pytest.approx(
+                    alone.cell(method, "test/pgd_acc")[key], nan_ok=True
+                )
+            if method != "gacd":
+                shared = sorted(seeds)
+                here = [seeds[s] for s in shared]
+                there = [finals["gacd"][s] for s in shared]
+                assert cell["p_value"] == pytest.approx(scipy_stats.ttest_rel(here, there).pvalue)
+    summary = rep.summary.set_index("method")
+    for method in ("gacd", "pgd_at", "kd"):
+        means = [np.mean(list(THREE[name][method].values())) for name in THREE]
+        assert summary.loc[method, "mean"] == pytest.approx(np.mean(means))
+        assert summary.loc[method, "std"] == pytest.approx(np.std(means, ddof=1))
+        assert summary.loc[method, "comparisons"] == 3
+    diffs = [
+        np.mean([THREE[n]["pgd_at"][s] - THREE[n]["gacd"][s] for s in THREE[n]["pgd_at"]])
+        for n in THREE
+    ]
+    assert summary.loc["pgd_at", "diff"] == pytest.approx(np.mean(diffs))
+    assert summary.loc["pgd_at", "p_value"] == pytest.approx(
+        scipy_stats.ttest_1samp(diffs, 0).pvalue
+    )
+    assert summary.loc[
+        "pgd_at", ["ahead", "ahead_significant", "behind", "behind_significant"]
+    ].tolist() == [2, 2, 1, 0]
+    # kd's third comparison pairs 2 seeds only: behind there, but not separated (p = 0.10)
+    assert summary.loc["kd", ["ahead", "behind", "behind_significant"]].tolist() == [0, 3, 2]
+    assert np.isnan(summary.loc["gacd", "diff"])  # the reference against itself: nothing
+
+    # what was varied, and nothing else: their names aside, only the sampler's seed differs
+    assert rep.differences.to_dict(orient="index") == {
+        "study.sampler.seed": {"duel": 0, "duel_sampler1": 1, "duel_sampler2": 2}
+    }
+    page = replicated_markdown(rep)
+    assert "| study.sampler.seed |" in page
+    log_comparison(uri, "unrecorded", THREE["duel"])  # no study.json: the page says so
+    unknown = replicated_markdown(replicated(uri, ["duel", "unrecorded"]))
+    assert re.search(r"\| study.json +\| recorded +\| not recorded +\|", unknown)
+    row = next(line for line in page.splitlines() if line.startswith("| pgd_at"))
+    assert (
+        "0.797 " in row
+        and "0.863*" in row
+        and "ahead in 2 of 3 (2 significant), behind in 1 (0)" in row
+    )
+    section = page.split("(`test/pgd_acc`)")[1].split("\n\n")[1]
+    order = [line.split("|")[1].strip() for line in section.splitlines()]
+    assert [order[0], *order[2:]] == [
+        "method",
+        "gacd",
+        "pgd_at",
+        "kd",
+    ]  # the reference, then best first
+    assert "lr 0.1" in page  # pgd_at's winner's values, each comparison
+    tidy = pd.read_csv(io.StringIO(replicated_csv(rep)))
+    assert len(tidy) == 9 + 3 and tidy["comparison"].isna().sum() == 3  # cells, then over all
+    assert "\\begin{tabular}" in replicated_latex(rep) and "$\\pm$" in replicated_latex(rep)
+
+
+def test_several_comparisons_on_the_command_line_write_every_format_and_default_to_accuracies(
+    three_comparisons, tmp_path, capsys
+):
+    from analysis.compare import main as compare_main
+
+    out = tmp_path / "together"
+    assert (
+        compare_main(
+            ["--experiment", *THREE, "--tracking-uri", three_comparisons, "--out", str(out)]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "replicated.csv",
+        "replicated.md",
+        "replicated.tex",
+    ]
+    page = (out / "replicated.md").read_text()
+    assert "(`test/clean_acc`)" in page and "(`test/pgd_acc`)" in page  # every accuracy logged
+    assert capsys.readouterr().out.strip() == str(out / "replicated.md")
+    assert (
+        compare_main(
+            [
+                "--experiment",
+                "duel",
+                "duel_sampler1",
+                "--tracking-uri",
+                three_comparisons,
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
+    assert set(pd.read_csv(io.StringIO(capsys.readouterr().out))["metric"]) == {
+        "test/clean_acc",
+        "test/pgd_acc",
+    }
+
+
+@pytest.mark.parametrize(
+    ("experiments", "extra", "message"),
+    [
+        (["duel", "nowhere"], [], "no MLflow experiment 'nowhere'"),
+        (["duel", "duel"], [], "each comparison once"),
+        (
+            ["duel", "duel_sampler1"],
+            ["--metrics", "test/cw_acc"],
+            "no final run logged test/cw_acc",
+        ),
+        (["duel", "other_reference"], [], "must share their reference"),
+        (["duel"], ["--metrics", "test/pgd_acc"], "only for several comparisons"),
+    ],
+)
+def test_several_comparisons_that_cannot_be_read_together_are_refused_by_name(
+    three_comparisons, experiments, extra, message, capsys
+):
+    from analysis.compare import main as compare_main
+
+    log_comparison(three_comparisons, "other_reference", THREE["duel"], reference="pgd_at")
+    with pytest.raises(SystemExit) if message.startswith("only") else contextlib.nullcontext():
+        code = compare_main(
+            ["--experiment", *experiments, "--tracking-uri", three_comparisons, *extra]
+        )
+        assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_sampler_seed_renames_the_study_and_changes_only_its_sampler(tmp_path):
+    path = ROOT / "search_spaces/digits_compare.yaml"
+    first = read_study_file(path, teacher_cache=tmp_path)
+    again = read_study_file(path, teacher_cache=tmp_path, sampler_seed=1)
+    assert again.name == "digits_compare_sampler1" and again.study.sampler.seed == 1
+    assert first.study.sampler.seed == 0
+    named = read_study_file(path, "mine", teacher_cache=tmp_path, sampler_seed=3)
+    assert named.name == "mine" and named.study.sampler.seed == 3
+    first_source, again_source = spec_source(first), spec_source(again)
+    for source in (first_source, again_source):
+        source["study"].pop("name")
+        source["study"]["sampler"].pop("seed")
+    assert first_source == again_source
+    with pytest.raises(ConfigFileError, match="an ablation proposes nothing"):
+        read_study_file(ROOT / "search_spaces/digits_ablation.yaml", sampler_seed=1)
