@@ -363,7 +363,8 @@ def replicated(
     )
     winners = pd.DataFrame(
         {
-            name: {
+            name: {method: "failed" for method in states[name].get("failed", {})}
+            | {
                 method: params_text(won.get("params", {}))
                 + (" (defaults)" if won.get("defaults") else "")
                 for method, won in states[name].get("winners", {}).items()
@@ -371,7 +372,7 @@ def replicated(
             for name in experiments
         }
     )
-    winners = winners.reindex(list(dict.fromkeys(cells["method"]))).fillna("-")
+    winners = winners.reindex(list(dict.fromkeys([*cells["method"], *winners.index]))).fillna("-")
     seeds = {
         name: sorted(int(s) for s in study.runs[seed_column].dropna().unique())
         if seed_column in study.runs
@@ -472,7 +473,6 @@ def replicated_frame(rep: Replicated, metric: str, pm: str) -> pd.DataFrame:
             mark = "" if method == rep.reference else significance_mark(cell["p_value"])
             column.append(f"{cell['mean']:.3f}{mark}")
         frame[name] = column
-    count = len(rep.experiments)
     spread, versus, overall = [], [], []
     for method in methods:
         row = summary.loc[method]
@@ -484,6 +484,7 @@ def replicated_frame(rep: Replicated, metric: str, pm: str) -> pd.DataFrame:
             overall.append("")
             continue
         ahead, behind = int(row["ahead"]), int(row["behind"])
+        count = int(row["comparisons"])  # those it has a winner in
         text = f"ahead in {ahead} of {count} ({int(row['ahead_significant'])} significant)"
         if behind:
             text += f", behind in {behind} ({int(row['behind_significant'])})"

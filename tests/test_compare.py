@@ -736,7 +736,12 @@ def test_a_budget_changes_what_each_method_gets_alike(tmp_path):
 
 
 def log_comparison(
-    uri: str, name: str, finals: dict, reference: str = "gacd", study: dict | None = None
+    uri: str,
+    name: str,
+    finals: dict,
+    reference: str = "gacd",
+    study: dict | None = None,
+    failed: dict | None = None,
 ) -> dict:
     """A finished comparison in a real MLflow store, as `study.compare` leaves it: its run
     (`role=comparison`) with `comparison.json` (and `study.json`, if `study` is given), its
@@ -748,7 +753,7 @@ def log_comparison(
         method: {"name": f"{method}.trial-00{i}", "params": {"optim.lr": 0.05 * (i + 1)}}
         for i, method in enumerate(finals)
     }
-    state = {"reference": reference, "winners": winners}
+    state = {"reference": reference, "winners": winners, "failed": failed or {}}
     parent = client.create_run(experiment, tags={"role": "comparison"}).info.run_id
     client.log_dict(parent, state, "comparison.json")
     if study is not None:
@@ -848,9 +853,13 @@ def test_several_comparisons_read_together_keep_each_one_s_cells_and_count_what_
     }
     page = replicated_markdown(rep)
     assert "| study.sampler.seed |" in page
-    log_comparison(uri, "unrecorded", THREE["duel"])  # no study.json: the page says so
+    # no study.json: the page says so; a method whose search failed: its row says so
+    without = {k: v for k, v in THREE["duel"].items() if k != "kd"}
+    log_comparison(uri, "unrecorded", without, failed={"kd": "no trial ran its full budget"})
     unknown = replicated_markdown(replicated(uri, ["duel", "unrecorded"]))
     assert re.search(r"\| study.json +\| recorded +\| not recorded +\|", unknown)
+    assert re.search(r"\| kd +\| lr 0.15 +\| failed +\|", unknown)
+    assert "ahead in 0 of 1 (0 significant), behind in 1 (1)" in unknown  # kd: 1 of its 2 ran
     row = next(line for line in page.splitlines() if line.startswith("| pgd_at"))
     assert (
         "0.797 " in row
