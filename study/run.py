@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import socket
 import sys
 from dataclasses import dataclass
@@ -772,8 +773,7 @@ def run_on_ray(
         tracking.finish(parent_run, "KILLED")
         print(
             f"interrupted: {finished} of {trial_count(spec)} trials finished; continue with "
-            f"python -m study.run {args.file} --resume"
-            + (f" --name {spec.name}" if args.name else ""),
+            + resume_command(args),
             file=sys.stderr,
         )
         return 130
@@ -876,6 +876,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="validate the file and print the plan; run nothing"
     )
     return parser.parse_args(argv)
+
+
+# The options that say which study a command ran and where: a resume needs them all again.
+RESUME_OPTIONS = ("budget", "sampler_seed", "name", "storage", "tracking_uri", "optuna_storage")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues the study `args` ran: its file, budget, sampler seed, name,
+    stores and cluster as given (a comparison's stage, too, is continued by its comparison)."""
+    parts = ["python -m study.run", shlex.quote(args.file), "--resume"]
+    for key in (*RESUME_OPTIONS, "address"):
+        value = getattr(args, key, None)
+        if value is not None:
+            parts += ["--" + key.replace("_", "-"), shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def compare_seeds(args: argparse.Namespace) -> dict[str, list[int]]:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -487,8 +488,9 @@ def test_seeds_on_the_command_line_are_refused_outside_a_comparison(tmp_path, ca
 
 
 @pytest.mark.slow
-def interrupt_in_stage(command: list[str], stage: str) -> None:
-    """`study.run` in its own process, sent SIGINT at its first epoch in `stage`."""
+def interrupt_in_stage(command: list[str], stage: str) -> str:
+    """`study.run` in its own process, sent SIGINT at its first epoch in `stage`; what it
+    printed after that."""
     driver = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -500,7 +502,9 @@ def interrupt_in_stage(command: list[str], stage: str) -> None:
             driver.send_signal(signal.SIGINT)
             break
     assert inside, "".join(seen[-40:])
-    assert driver.wait(timeout=300) == 130, "".join(seen[-40:]) + driver.stdout.read()[-3000:]
+    rest = driver.stdout.read()
+    assert driver.wait(timeout=300) == 130, "".join(seen[-40:]) + rest[-3000:]
+    return rest
 
 
 @pytest.mark.slow
@@ -515,11 +519,17 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     path = tmp_path / "duel.yaml"
     path.write_text(yaml.safe_dump(raw))
     args = study_args(tmp_path, ray_cluster)
-    interrupt_in_stage([sys.executable, "-m", "study.run", str(path), *args], "stage confirm")
+    printed = interrupt_in_stage(
+        [sys.executable, "-m", "study.run", str(path), *args], "stage confirm"
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert load_runs(uri, "duel", role=schema.ROLE_COMPARISON).status[0] == "KILLED"
 
-    assert main([str(path), "--resume", *args]) == 0
+    # the command it printed continues it: the same file, stores and cluster
+    hint = next(line for line in printed.splitlines() if line.startswith("interrupted:"))
+    resume = shlex.split(hint.split("continue with python -m study.run ", 1)[1])
+    assert resume == [str(path), "--resume", *args[2:], *args[:2]]
+    assert main(resume) == 0
     state = json.loads((tmp_path / "results" / "duel" / STATE_FILE).read_text())
     assert set(state["failed"]) == {"natural"}
     assert state["failed"]["natural"].startswith("search failed: no trial ran its full budget")
@@ -963,3 +973,26 @@ def test_a_sampler_seed_renames_the_study_and_changes_only_its_sampler(tmp_path)
     assert first_source == again_source
     with pytest.raises(ConfigFileError, match="an ablation proposes nothing"):
         read_study_file(ROOT / "search_spaces/digits_ablation.yaml", sampler_seed=1)
+
+
+def test_an_interrupted_study_names_the_command_that_resumes_it():
+    """Everything that says which study ran and where comes back: a resume without the budget
+    or the sampler seed would be refused (another study), without the stores would not find it."""
+    from study.run import parse_args, resume_command
+
+    given = ["my study.yaml", "--budget", "cpu+from_defaults", "--sampler-seed", "1"]
+    given += ["--storage", "/r", "--tracking-uri", "sqlite:////r/m.db", "--num-cpus", "2"]
+    command = resume_command(parse_args(given))
+    assert shlex.split(command)[3:] == [
+        "my study.yaml",
+        "--resume",
+        "--budget",
+        "cpu+from_defaults",
+        "--sampler-seed",
+        "1",
+        "--storage",
+        "/r",
+        "--tracking-uri",
+        "sqlite:////r/m.db",
+    ]
+    assert command.startswith("python -m study.run 'my study.yaml' --resume")
