@@ -381,9 +381,22 @@ def replicated(
     }
     labels = {m: column_label(m, first) for m in chosen}
     differences = study_differences(tracking_uri, experiments)
+    machines = {name: final_hardware(study.runs) for name, study in studies.items()}
+    if len(set(machines.values())) > 1:  # a CPU's kernels move a table's digits, search and all
+        differences.loc[HARDWARE_ROW] = [machines[name] for name in experiments]
     return Replicated(
         experiments, reference, chosen, labels, cells, summary, winners, seeds, differences
     )
+
+
+HARDWARE_ROW = "hardware (final runs)"
+
+
+def final_hardware(runs: pd.DataFrame) -> str:
+    """The machines a comparison's final runs ran on (their `hardware` parameter)."""
+    column = schema.param_column("hardware")
+    found = sorted(set(runs[column].dropna())) if column in runs else []
+    return "; ".join(found) or "not recorded"
 
 
 def study_differences(tracking_uri: str, experiments: list[str]) -> pd.DataFrame:

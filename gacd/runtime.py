@@ -18,6 +18,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux, else `platform.processor()`)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def hardware(device: torch.device) -> str:
+    """What a run's numbers depend on beyond its config and seed: the GPU (and CUDA), or the
+    CPU with the kernels PyTorch dispatches to on it (`AVX512`, `AVX2`: another ISA rounds
+    differently, and training amplifies it) and its thread count; and PyTorch's version.
+    `NVIDIA H100 80GB HBM3, CUDA 13.0, torch 2.14.1+cu130` or `Intel(R) Xeon(R) Processor,
+    AVX512, 1 thread, torch 2.14.1+cu130`."""
+    if device.type == "cuda":
+        found = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    else:
+        threads = torch.get_num_threads()
+        capability = torch.backends.cpu.get_cpu_capability()
+        found = f"{cpu_model()}, {capability}, {threads} thread{'s' if threads > 1 else ''}"
+    return f"{found}, torch {torch.__version__}"
+
+
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and PyTorch's generators (every device) from one seed."""
     random.seed(seed)

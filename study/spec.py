@@ -62,6 +62,7 @@ POINT_KEY = "point_to_evaluate"
 EPOCHS_TOTAL = "epochs_total"
 # The device a trial ran on, in its results (the config may say only `auto`).
 RESULT_DEVICE = "device"
+RESULT_HARDWARE = "hardware"  # `gacd.runtime.hardware`: logged as the run's parameter
 # The splits a trial used (JSON: `gacd.data.describe_splits`), for MLflow's run inputs.
 RESULT_DATASETS = "datasets"
 # A data-parallel trial's Ray Train workers' placement group (hex id), for the driver to free.

@@ -35,6 +35,7 @@ from study.spec import (
     POINT_KEY,
     RESULT_DATASETS,
     RESULT_DEVICE,
+    RESULT_HARDWARE,
     VARIANT_KEY,
     StudyError,
     StudySpec,
@@ -394,11 +395,14 @@ class TrialRuns(tune.Callback):
         self.tracking.client.log_inputs(run.info.run_id, datasets=datasets)
 
     def log_device(self, run: Any, result: dict) -> None:
-        """The `device` parameter: the one the trial ran on (its config may say `auto`).
-        A trial resumed on another kind of device keeps the first (parameters are final)."""
-        device = result.get(RESULT_DEVICE)
-        if device is not None and "device" not in run.data.params:
-            self.tracking.client.log_param(run.info.run_id, "device", str(device))
+        """The `device` parameter: the one the trial ran on (its config may say `auto`), and
+        `hardware`: that GPU, or that CPU with PyTorch's kernels and threads on it
+        (`gacd.runtime.hardware`), which a CPU run's digits depend on. A trial resumed on
+        another machine keeps the first (parameters are final)."""
+        for key in (RESULT_DEVICE, RESULT_HARDWARE):
+            value = result.get(key)
+            if value is not None and key not in run.data.params:
+                self.tracking.client.log_param(run.info.run_id, key, str(value))
 
     @survives_outages
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

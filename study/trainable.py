@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from gacd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gacd.config import Config, ConfigError
 from gacd.data import DatasetNotFoundError, Datasets, describe_splits, load_datasets
-from gacd.runtime import resolve_device
+from gacd.runtime import hardware, resolve_device
 from gacd.train import (
     BEST_CHECKPOINT_FILE,
     NonFiniteLossError,
@@ -37,6 +37,7 @@ from study.spec import (
     EPOCHS_TOTAL,
     RESULT_DATASETS,
     RESULT_DEVICE,
+    RESULT_HARDWARE,
     RESULT_WORKER_GROUP,
     StudySpec,
 )
@@ -182,6 +183,7 @@ def fit_and_report(configs: list[Config], resume: States | None, send: Send) -> 
     each seed's state in its own file (`checkpoint_files`)."""
     config = configs[0]
     device = str(resolve_device(config.device))
+    machine = hardware(resolve_device(config.device))  # after the worker's threads are set
     seeds = [c.seed for c in configs]
     files = checkpoint_files(seeds)
     data = [load_datasets(c.data, c.seed, with_test=c.final) for c in configs]
@@ -203,6 +205,7 @@ def fit_and_report(configs: list[Config], resume: States | None, send: Send) -> 
                 **(epochs[0] if len(epochs) == 1 else seed_mean(seeds, epochs)),
                 EPOCHS_TOTAL: config.optim.epochs,
                 RESULT_DEVICE: device,
+                RESULT_HARDWARE: machine,
                 RESULT_DATASETS: splits,
             }
             send(metrics, folder)

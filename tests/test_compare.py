@@ -752,6 +752,7 @@ def log_comparison(
     reference: str = "gacd",
     study: dict | None = None,
     failed: dict | None = None,
+    hardware: str = "Xeon, AVX512, 1 thread, torch 2",
 ) -> dict:
     """A finished comparison in a real MLflow store, as `study.compare` leaves it: its run
     (`role=comparison`) with `comparison.json` (and `study.json`, if `study` is given), its
@@ -778,6 +779,7 @@ def log_comparison(
             run = client.create_run(experiment, tags=run_tags | {"seed": str(seed)}).info.run_id
             client.log_metric(run, "test/pgd_acc", value)
             client.log_metric(run, "test/clean_acc", value + 0.2)
+            client.log_param(run, "hardware", hardware)
             client.set_terminated(run, "FINISHED")
     return state
 
@@ -865,9 +867,12 @@ def test_several_comparisons_read_together_keep_each_one_s_cells_and_count_what_
     assert "| study.sampler.seed |" in page
     # no study.json: the page says so; a method whose search failed: its row says so
     without = {k: v for k, v in THREE["duel"].items() if k != "kd"}
-    log_comparison(uri, "unrecorded", without, failed={"kd": "no trial ran its full budget"})
+    failed = {"kd": "no trial ran its full budget"}
+    log_comparison(uri, "unrecorded", without, failed=failed, hardware="EPYC, AVX2, 1 thread")
     unknown = replicated_markdown(replicated(uri, ["duel", "unrecorded"]))
     assert re.search(r"\| study.json +\| recorded +\| not recorded +\|", unknown)
+    # and it ran on another machine, whose kernels round otherwise: said too
+    assert re.search(r"\| hardware \(final runs\) +\| Xeon, AVX512.* +\| EPYC, AVX2.* +\|", unknown)
     assert re.search(r"\| kd +\| lr 0.15 +\| failed +\|", unknown)
     assert "ahead in 0 of 1 (0 significant), behind in 1 (1)" in unknown  # kd: 1 of its 2 ran
     row = next(line for line in page.splitlines() if line.startswith("| pgd_at"))

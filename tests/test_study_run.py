@@ -11,11 +11,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis.runs import load_runs
 from gacd import schema
+from gacd.runtime import cpu_model
 from study.run import main
 from study.spec import spec_from_dict
 from tests.conftest import free_port, wait_for_port
@@ -100,6 +102,11 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
     experiment = client.get_experiment_by_name("smoke")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert set(children["params.device"]) == {"cpu"}
+    # the machine a CPU run's digits depend on: its CPU, PyTorch's kernels there, 1 thread each
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert set(children["params.hardware"]) == {
+        f"{cpu_model()}, {capability}, 1 thread, torch {torch.__version__}"
+    }
     assert not any(column.startswith(("params.crd.", "params.ard.")) for column in children)
     assert "params.negatives.count" in children and "params.teacher.checkpoint" in children
     for runs in (parents, children):
