@@ -538,7 +538,8 @@ def replicated_markdown(rep: Replicated, checkpoint: str = "last") -> str:
             f"## {rep.labels[metric]} (`{metric}`)",
             "",
             replicated_frame(rep, metric, "±").to_markdown(
-                colalign=["left"] + ["right"] * (len(rep.experiments) + 1) + ["left"] * 2
+                colalign=["left"] + ["right"] * (len(rep.experiments) + 1) + ["left"] * 2,
+                disable_numparse=True,  # "0.980" stays as written, not re-formatted "0.98"
             ),
             "",
         ]

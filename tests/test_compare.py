@@ -881,6 +881,8 @@ def test_several_comparisons_read_together_keep_each_one_s_cells_and_count_what_
         and "0.863*" in row
         and "ahead in 2 of 3 (2 significant), behind in 1 (0)" in row
     )
+    reference_row = next(line for line in page.splitlines() if line.startswith("| gacd"))
+    assert " 0.800 |" in reference_row  # three digits, as written, not re-parsed to 0.8
     section = page.split("(`test/pgd_acc`)")[1].split("\n\n")[1]
     order = [line.split("|")[1].strip() for line in section.splitlines()]
     assert [order[0], *order[2:]] == [
