@@ -31,6 +31,9 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+INTERRUPTED = "interrupted"  # stopped by the driver's Ctrl-C, to be continued by --resume
+
+
 def trial_state(trial: Any, ended: dict[str, str] | None = None) -> str:
     """running, pending, complete, stopped early or failed (`ended`: states the callbacks saw
     before Ray set the trial's status)."""
@@ -61,9 +64,23 @@ class StudyProgress:
         self.started = time.monotonic()
         self.epochs_at_start: int | None = None
         self.ended: dict[str, str] = {}
+        self.reported: set[str] = set()  # trials that reported an epoch to this driver
+
+    def state(self, trial: Any) -> str:
+        """`trial_state`, except that a trial this driver saw run which stopped short of its
+        budget with no callback saying the scheduler stopped it was interrupted (Ctrl-C: Ray
+        terminates the running trials), not stopped early; a resume continues it."""
+        state = trial_state(trial, self.ended)
+        if (
+            state == schema.STATE_STOPPED
+            and trial.trial_id not in self.ended
+            and trial.trial_id in self.reported
+        ):
+            return INTERRUPTED
+        return state
 
     def line(self, trials: list) -> str:
-        states = {trial.trial_id: trial_state(trial, self.ended) for trial in trials}
+        states = {trial.trial_id: self.state(trial) for trial in trials}
         counts: dict[str, int] = {}
         for state in states.values():
             counts[state] = counts.get(state, 0) + 1
@@ -83,6 +100,7 @@ class StudyProgress:
             f"{counts.get(schema.STATE_STOPPED, 0)} stopped early, "
             f"{counts.get(schema.STATE_FAILED, 0)} failed)",
             f"{counts.get('running', 0)} running",
+            *([f"{counts[INTERRUPTED]} interrupted"] if counts.get(INTERRUPTED) else []),
             f"epochs {done}/{expected}",
             f"elapsed {duration(elapsed)}",
         ]
@@ -160,6 +178,7 @@ class EpochLines(tune.Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        self.progress.reported.add(trial.trial_id)
         shown = " ".join(
             f"{key}={result[key]:.3f}"
             for key in (schema.VAL_CLEAN_ACC, schema.VAL_PGD_ACC, schema.TRAIN_LOSS_PREFIX)
