@@ -113,6 +113,23 @@ def test_smoke_study_on_a_local_ray_cluster(tmp_path, ray_cluster):
         assert (runs["tags.mlflow.source.name"] == "study.run").all()
         assert runs["tags.mlflow.user"].str.len().min() >= 1
     assert set(children["tags.state"]) == {"complete"}
+    # one trial again, alone: `gacd.train` of its own config.json on its one thread gives the
+    # validation accuracies MLflow holds for it, to the digit
+    first = children.iloc[0]
+    folder = tmp_path / "results" / "smoke" / first["tags.ray_trial_id"]
+    config = sorted(folder.glob("checkpoint_*/config.json"))[-1]
+    again = subprocess.run(
+        [sys.executable, "-m", "gacd.train", str(config), "--out", str(tmp_path / "again")],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    logged = [e.value for e in client.get_metric_history(first.run_id, schema.VAL_PGD_ACC)]
+    lines = (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)[schema.VAL_PGD_ACC] for line in lines] == logged
     for run_id in children.run_id:  # the Dataset column: what each trial trained on
         inputs = client.get_run(run_id).inputs.dataset_inputs
         contexts = {i.tags[0].value: i.dataset for i in inputs}
