@@ -218,6 +218,9 @@ def comparison_markdown(
         except (StudyNotFoundError, LookupError) as error:
             lines += [f"No final table: {error}.", ""]
             break
+    else:  # where the digits come from (a CPU's instruction set moves them)
+        runs = final_study(tracking_uri, experiment, state).runs
+        lines += [f"Final runs' hardware: {final_hardware(runs)}.", ""]
     if budget is None:
         budget = budget_table(tracking_uri, experiment, state)
     if not budget.empty:

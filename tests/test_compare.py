@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
@@ -26,6 +27,7 @@ from scipy import stats as scipy_stats
 
 from analysis.compare import (
     budget_table,
+    comparison_markdown,
     comparison_state,
     final_study,
     replicated,
@@ -38,6 +40,7 @@ from analysis.runs import load_runs
 from analysis.table import ablation_table
 from gacd import schema
 from gacd.config import ConfigError, ConfigFileError
+from gacd.runtime import cpu_model
 from study.compare import (
     STATE_FILE,
     ablation_stage,
@@ -685,6 +688,8 @@ def test_a_comparison_from_its_defaults_confirms_them_and_a_winner_must_beat_the
     assert budget.loc["gacd", "confirm trials"] == 2 == budget.loc["trades", "confirm trials"]
     report = (tmp_path / "results" / "duel" / "report" / "report.md").read_text()
     assert "defaults (confirm mean ± std)" in report and "confirmed beside its best" in report
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert f"Final runs' hardware: {cpu_model()}, {capability}, 1 thread, torch" in report
 
     # The same comparison again with the sampler's seed 1, beside the first in the same stores,
     # then both read together: each one's cells are its own final table's.
@@ -859,6 +864,8 @@ def test_several_comparisons_read_together_keep_each_one_s_cells_and_count_what_
     assert summary.loc["kd", ["ahead", "behind", "behind_significant"]].tolist() == [0, 3, 2]
     assert np.isnan(summary.loc["gacd", "diff"])  # the reference against itself: nothing
 
+    alone = comparison_markdown(uri, "duel", comparison_state(uri, "duel"))
+    assert "Final runs' hardware: Xeon, AVX512, 1 thread, torch 2." in alone
     # what was varied, and nothing else: their names aside, only the sampler's seed differs
     assert rep.differences.to_dict(orient="index") == {
         "study.sampler.seed": {"duel": 0, "duel_sampler1": 1, "duel_sampler2": 2}
