@@ -43,6 +43,8 @@ def trial_state(trial: Any, ended: dict[str, str] | None = None) -> str:
         return schema.STATE_FAILED
     if trial.status == "TERMINATED":
         result = trial.last_result or {}
+        if result.get(schema.EPOCH) is None:  # ended before its first epoch: only Ctrl-C does
+            return INTERRUPTED
         full = result.get(schema.EPOCH) == result.get(EPOCHS_TOTAL)
         return schema.STATE_COMPLETE if full else schema.STATE_STOPPED
     return "running" if trial.status == "RUNNING" else "pending"

@@ -82,14 +82,15 @@ def test_a_trial_interrupted_by_ctrl_c_is_not_counted_as_stopped_early():
     """Ray terminates running trials on Ctrl-C: one that reported epochs here and that no
     callback said the scheduler stopped is interrupted (its budget still ahead); one that
     ended before this driver (a resumed study's) keeps its state."""
-    progress = StudyProgress("s", trials_total=3, epochs_per_trial=4, bound=True)
+    progress = StudyProgress("s", trials_total=4, epochs_per_trial=4, bound=True)
     progress.reported |= {"a", "b"}
     progress.ended["a"] = "stopped early"  # the scheduler's, through the callback
     trials = [
         trial("a", Trial.TERMINATED, 1),
         trial("b", Trial.TERMINATED, 2),  # running when Ctrl-C came
         trial("c", Trial.TERMINATED, 1),  # stopped early before this driver started
+        trial("d", Trial.TERMINATED, 0),  # started, and Ctrl-C came before its first epoch
     ]
     line = progress.line(trials)
-    assert "2/3 trials done (0 complete, 2 stopped early, 0 failed)" in line, line
-    assert "1 interrupted" in line and "epochs 4/6" in line, line  # b's 2 epochs still to run
+    assert "2/4 trials done (0 complete, 2 stopped early, 0 failed)" in line, line
+    assert "2 interrupted" in line and "epochs 4/10" in line, line  # b's 2, d's 4 still to run
