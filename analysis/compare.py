@@ -153,10 +153,8 @@ def final_study(tracking_uri: str, experiment: str, state: dict[str, Any]) -> St
     )
 
 
-def final_table(
-    tracking_uri: str, experiment: str, state: dict[str, Any], checkpoint: str, fmt: str
-) -> str:
-    study = final_study(tracking_uri, experiment, state)
+def final_table(study: Study, checkpoint: str, fmt: str) -> str:
+    """The final stage's table (`final_study`) at `checkpoint`, in `fmt`."""
     return render_study(study, None, study.reference, fmt, 10, checkpoint, headers="labels")
 
 
@@ -197,15 +195,18 @@ def comparison_markdown(
     checkpoint: str = "last",
     also: tuple[str, ...] = (),
     budget: pd.DataFrame | None = None,
+    study: Study | None = None,
 ) -> str:
     """The comparison as one page: the final table at `checkpoint` (then at each of `also`),
     the budget each method got (`budget`, read from MLflow when not given), once, and the
-    methods whose search failed."""
+    methods whose search failed. `study`: its final stage, read from MLflow when not given."""
     lines = [f"# {experiment}: every method tuned alike, compared on fresh seeds", ""]
     reference = state.get("reference", "gacd")
     for shown in (checkpoint, *also):
         try:
-            table = final_table(tracking_uri, experiment, state, shown, "md")
+            if study is None:
+                study = final_study(tracking_uri, experiment, state)
+            table = final_table(study, shown, "md")
             lines += [
                 f"## Test split, each method's winner ({checkpoint_caption(shown)})",
                 "",
@@ -219,8 +220,7 @@ def comparison_markdown(
             lines += [f"No final table: {error}.", ""]
             break
     else:  # where the digits come from (a CPU's instruction set moves them)
-        runs = final_study(tracking_uri, experiment, state).runs
-        lines += [f"Final runs' hardware: {final_hardware(runs)}.", ""]
+        lines += [f"Final runs' hardware: {final_hardware(study.runs)}.", ""]
     if budget is None:
         budget = budget_table(tracking_uri, experiment, state)
     if not budget.empty:
@@ -256,18 +256,27 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
 
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    budget = budget_table(tracking_uri, experiment, state)  # one MLflow read for every page
-    page = comparison_markdown(tracking_uri, experiment, state, "last", budget=budget)
+    # One MLflow read of the budget and of the final stage for every page.
+    budget = budget_table(tracking_uri, experiment, state)
+    try:
+        study: Study | None = final_study(tracking_uri, experiment, state)
+    except StudyNotFoundError:
+        study = None  # each page says why it has no table
+    page = comparison_markdown(tracking_uri, experiment, state, "last", budget=budget, study=study)
     (out / f"{TABLE_FILE}.md").write_text(page)
     report = out / REPORT_FILE
     report.write_text(
-        comparison_markdown(tracking_uri, experiment, state, "last", ("best",), budget=budget)
+        comparison_markdown(
+            tracking_uri, experiment, state, "last", ("best",), budget=budget, study=study
+        )
     )
     write_html(report, out / "report.html", experiment)
     for fmt, extension in (("csv", "csv"), ("latex", "tex")):
+        if study is None:
+            break
         try:
-            text = final_table(tracking_uri, experiment, state, "both", fmt)
-        except (StudyNotFoundError, LookupError):
+            text = final_table(study, "both", fmt)
+        except LookupError:  # no finished run has the metrics
             continue
         (out / f"{TABLE_FILE}.{extension}").write_text(text)
     if not budget.empty:
@@ -275,9 +284,12 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
     return report
 
 
-def comparison_state(tracking_uri: str, experiment: str) -> dict[str, Any]:
-    """What the comparison decided, from its MLflow run (logged when it ended)."""
-    run_id = comparison_run(tracking_uri, experiment)
+def comparison_state(
+    tracking_uri: str, experiment: str, run_id: str | None = None
+) -> dict[str, Any]:
+    """What the comparison decided, from its MLflow run (`run_id`, found when not given;
+    logged when it ended)."""
+    run_id = run_id or comparison_run(tracking_uri, experiment)
     state = run_json(tracking_uri, run_id, STATE_ARTIFACT)
     if state is None:
         raise StudyNotFoundError(
@@ -328,7 +340,8 @@ def replicated(
     per method, what holds over all of them. Comparisons must share their reference."""
     if len(set(experiments)) != len(experiments):
         raise StudyNotFoundError(f"--experiment: each comparison once, got {experiments}")
-    states = {name: comparison_state(tracking_uri, name) for name in experiments}
+    run_ids = {name: comparison_run(tracking_uri, name) for name in experiments}
+    states = {name: comparison_state(tracking_uri, name, run_ids[name]) for name in experiments}
     references = {name: state.get("reference", schema.REFERENCE) for name, state in states.items()}
     if len(set(references.values())) > 1:
         raise StudyNotFoundError(
@@ -383,7 +396,7 @@ def replicated(
         for name, study in studies.items()
     }
     labels = {m: column_label(m, first) for m in chosen}
-    differences = study_differences(tracking_uri, experiments)
+    differences = study_differences(tracking_uri, run_ids)
     machines = {name: final_hardware(study.runs) for name, study in studies.items()}
     if len(set(machines.values())) > 1:  # a CPU's kernels move a table's digits, search and all
         differences.loc[HARDWARE_ROW] = [machines[name] for name in experiments]
@@ -402,13 +415,15 @@ def final_hardware(runs: pd.DataFrame) -> str:
     return "; ".join(found) or "not recorded"
 
 
-def study_differences(tracking_uri: str, experiments: list[str]) -> pd.DataFrame:
-    """The resolved study keys (`study.json` on each comparison's run) whose values differ
-    between the comparisons, their names aside: what was varied (`study.sampler.seed`), and
-    anything else that was (a budget, other seeds) that a reader should know of."""
+def study_differences(tracking_uri: str, run_ids: dict[str, str]) -> pd.DataFrame:
+    """The resolved study keys (`study.json` on each comparison's run, `run_ids`: comparison
+    -> run) whose values differ between the comparisons, their names aside: what was varied
+    (`study.sampler.seed`), and anything else that was (a budget, other seeds) that a reader
+    should know of."""
+    experiments = list(run_ids)
     flat = {}
-    for name in experiments:
-        spec = run_json(tracking_uri, comparison_run(tracking_uri, name), schema.STUDY_ARTIFACT)
+    for name, run_id in run_ids.items():
+        spec = run_json(tracking_uri, run_id, schema.STUDY_ARTIFACT)
         flat[name] = {
             key: json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
             for key, value in flatten(spec or {}).items()
@@ -647,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.format == "md":
             print(comparison_markdown(uri, experiment, state, args.checkpoint))
         else:
-            print(final_table(uri, experiment, state, args.checkpoint, args.format))
+            print(final_table(final_study(uri, experiment, state), args.checkpoint, args.format))
     except StudyNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
