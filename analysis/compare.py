@@ -33,9 +33,9 @@ from analysis.runs import (
     run_json,
 )
 from analysis.table import (
-    CHECKPOINTS,
     RENDERERS,
     ablation_table,
+    add_checkpoint_argument,
     checkpoint_caption,
     column_label,
     default_metrics,
@@ -624,13 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         "table alone; for several comparisons, each format holds every metric's table "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--checkpoint",
-        choices=CHECKPOINTS,
-        default="last",
-        help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both "
-        "(default: %(default)s)",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--metrics",
         nargs="+",

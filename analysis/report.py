@@ -18,8 +18,8 @@ from analysis.runs import (
     run_with_study,
 )
 from analysis.table import (
-    CHECKPOINTS,
     STANDARD_ERROR,
+    add_checkpoint_argument,
     checkpoint_caption,
     full_budget_trials,
     render_study,
@@ -225,13 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--log", action="store_true", help="also log the report to the study's MLflow run"
     )
-    parser.add_argument(
-        "--checkpoint",
-        choices=CHECKPOINTS,
-        default="both",
-        help="an ablation's tables for the last epoch, the epoch of best val/pgd_acc, or both "
-        "(default: %(default)s)",
-    )
+    add_checkpoint_argument(parser, default="both")
     args = parser.parse_args(argv)
 
     def report(study: Study) -> int:

@@ -47,6 +47,17 @@ CHECKPOINTS = ("last", "best", "both")
 TESTED_SPLITS = ("test/", "transfer/")
 
 
+def add_checkpoint_argument(parser: argparse.ArgumentParser, default: str = "last") -> None:
+    """`--checkpoint`, as every table command reads it."""
+    parser.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINTS,
+        default=default,
+        help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both "
+        "(default: %(default)s)",
+    )
+
+
 def checkpoint_caption(checkpoint: str) -> str:
     selection = f"the epoch of best `{schema.SELECTION}` (chosen on validation, never on test)"
     return {
@@ -387,13 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         help="metric keys, e.g. test/pgd_acc transfer/clean_acc (default: every test accuracy, "
         "then the structure and transfer metrics logged)",
     )
-    parser.add_argument(
-        "--checkpoint",
-        choices=CHECKPOINTS,
-        default="last",
-        help="test metrics of the last epoch, of the epoch of best val/pgd_acc, or both "
-        "(default: %(default)s)",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--reference",
         help="the variant others are compared to (default: the study's reference, full)",
