@@ -12,6 +12,7 @@ spread over comparisons, and how often each method beat the reference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -47,7 +48,7 @@ from analysis.table import (
     significance_note,
 )
 from gacd import schema
-from gacd.config import flatten
+from gacd.config import Config, flatten, uneven_search_notes
 
 REPORT_FILE = "report.md"
 TABLE_FILE = "comparison"  # .md, .csv, .tex
@@ -243,6 +244,8 @@ def comparison_markdown(
             budget.to_markdown(floatfmt=".3f"),
             "",
         ]
+    notes = uneven_searches(tracking_uri, experiment)
+    lines += [f"**Not searched alike:** {note}." for note in notes] + ([""] if notes else [])
     lines += rounds_text(state)
     for method, reason in state.get("failed", {}).items():
         lines.append(f"- **{method}**: {reason}")
@@ -297,6 +300,27 @@ def comparison_state(
             f"{STATE_ARTIFACT}): resume it first"
         )
     return state
+
+
+def uneven_searches(tracking_uri: str, experiment: str) -> list[str]:
+    """The shared training keys (the learning rate, ...) the comparison searched for some
+    methods only, one line each, from the `study.json` its run recorded (none: no lines)."""
+    try:
+        recorded = run_json(
+            tracking_uri, comparison_run(tracking_uri, experiment), schema.STUDY_ARTIFACT
+        )
+    except StudyNotFoundError:
+        return []
+    methods = ((recorded or {}).get("compare") or {}).get("methods") or {}
+    base = flatten((recorded or {}).get("base") or {})
+    defaults = flatten(dataclasses.asdict(Config()))
+
+    def value(entry: str, key: str) -> Any:
+        overrides = flatten(methods[entry].get("overrides") or {})
+        return overrides.get(key, base.get(key, defaults.get(key, "its default")))
+
+    searches = {entry: list(settings.get("search") or {}) for entry, settings in methods.items()}
+    return uneven_search_notes(searches, value)
 
 
 def comparison_run(tracking_uri: str, experiment: str) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -386,6 +386,38 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+# Sections every method trains with, unlike `kd.*`, `trades_beta` or `attack.*`, which only
+# some methods read: in a comparison, searching one of their keys for some methods only
+# leaves the others at the base value, a handicap unless meant.
+SHARED_SECTIONS = ("optim", "data", "student")
+
+
+def searched_for_some_only(searches: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The shared training keys (`SHARED_SECTIONS`) that some entries of a comparison search
+    and others do not. `searches`: entry -> its searched keys; returns key -> the entries
+    that search it."""
+    entries = list(searches)
+    keys = sorted(
+        {key for keys in searches.values() for key in keys if key.split(".")[0] in SHARED_SECTIONS}
+    )
+    having = {key: [entry for entry in entries if key in searches[entry]] for key in keys}
+    return {key: some for key, some in having.items() if len(some) < len(entries)}
+
+
+def uneven_search_notes(searches: Mapping[str, Any], value: Callable[[str, str], Any]) -> list[str]:
+    """One line per shared key `searched_for_some_only` finds: who searches it, and the value
+    the others train at (`value(entry, key)`)."""
+    notes = []
+    for key, some in searched_for_some_only(searches).items():
+        others = [entry for entry in searches if entry not in some]
+        values = sorted({str(value(entry, key)) for entry in others})
+        notes.append(
+            f"{key} is searched for {', '.join(some)} only; {', '.join(others)} train at "
+            f"{' / '.join(values)}: a handicap for them unless every method searches it alike"
+        )
+    return notes
 
 
 # --- typed construction -------------------------------------------------------------------

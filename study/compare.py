@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,8 +36,8 @@ import optuna
 import pandas as pd
 
 from gacd import schema
-from gacd.config import flatten
-from study.spec import StudySpec, spec_from_dict
+from gacd.config import flatten, uneven_search_notes
+from study.spec import ENTRY_KEY, StudySpec, spec_from_dict
 
 STATE_FILE = "comparison.json"
 
@@ -67,7 +68,21 @@ def describe_comparison(spec: StudySpec) -> list[str]:
         overrides = json.dumps(settings.overrides) if settings.overrides else ""
         lines.append(f"  {entry} ({compare.entry_method(entry)}) {overrides}".rstrip())
         lines += [f"    {key:22} {value}" for key, value in search_space(spec, entry).items()]
-    return lines
+    return lines + [f"note       {note}" for note in uneven_searches(spec)]
+
+
+def uneven_searches(spec: StudySpec) -> list[str]:
+    """The shared training keys (the learning rate, the batch size, ...) that some methods
+    search and others do not, each as one line (`gacd.config.uneven_search_notes`)."""
+    compare = spec.compare
+    assert compare is not None
+
+    def value(entry: str, key: str) -> Any:
+        config = dataclasses.asdict(spec.trial_config({ENTRY_KEY: entry}))
+        return flatten(config)[key]
+
+    searches = {entry: list(settings.search) for entry, settings in compare.methods.items()}
+    return uneven_search_notes(searches, value)
 
 
 # --- the stages' study specs -----------------------------------------------------------------
@@ -315,6 +330,8 @@ def run_comparison(spec: StudySpec, paths, args: argparse.Namespace, runner) -> 
 
     spec, exists = runner.saved_or_new(spec, paths, args.resume)
     runner.preflight(search_stage(spec), paths)
+    for note in uneven_searches(spec):
+        print(f"note: {spec.name}: {note}", file=sys.stderr, flush=True)
     resources = runner.connect(args.address, args.num_cpus, args.num_gpus)
     try:
         max_concurrent = runner.concurrency(spec, resources, args.num_cpus, args.num_gpus)
