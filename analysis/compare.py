@@ -197,10 +197,12 @@ def comparison_markdown(
     also: tuple[str, ...] = (),
     budget: pd.DataFrame | None = None,
     study: Study | None = None,
+    uneven: list[str] | None = None,
 ) -> str:
     """The comparison as one page: the final table at `checkpoint` (then at each of `also`),
     the budget each method got (`budget`, read from MLflow when not given), once, and the
-    methods whose search failed. `study`: its final stage, read from MLflow when not given."""
+    methods whose search failed. `study`: its final stage, and `uneven`: its keys not searched
+    alike (`uneven_searches`), each read from MLflow when not given."""
     lines = [f"# {experiment}: every method tuned alike, compared on fresh seeds", ""]
     reference = state.get("reference", "gacd")
     for shown in (checkpoint, *also):
@@ -244,8 +246,9 @@ def comparison_markdown(
             budget.to_markdown(floatfmt=".3f"),
             "",
         ]
-    notes = uneven_searches(tracking_uri, experiment)
-    lines += [f"**Not searched alike:** {note}." for note in notes] + ([""] if notes else [])
+    if uneven is None:
+        uneven = uneven_searches(tracking_uri, experiment)
+    lines += [f"**Not searched alike:** {note}." for note in uneven] + ([""] if uneven else [])
     lines += rounds_text(state)
     for method, reason in state.get("failed", {}).items():
         lines.append(f"- **{method}**: {reason}")
@@ -259,19 +262,19 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
 
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    # One MLflow read of the budget and of the final stage for every page.
+    # One MLflow read of the budget, the final stage and the searches for every page.
     budget = budget_table(tracking_uri, experiment, state)
+    uneven = uneven_searches(tracking_uri, experiment)
     try:
         study: Study | None = final_study(tracking_uri, experiment, state)
     except StudyNotFoundError:
         study = None  # each page says why it has no table
-    page = comparison_markdown(tracking_uri, experiment, state, "last", budget=budget, study=study)
+    read = {"budget": budget, "study": study, "uneven": uneven}
+    page = comparison_markdown(tracking_uri, experiment, state, "last", **read)
     (out / f"{TABLE_FILE}.md").write_text(page)
     report = out / REPORT_FILE
     report.write_text(
-        comparison_markdown(
-            tracking_uri, experiment, state, "last", ("best",), budget=budget, study=study
-        )
+        comparison_markdown(tracking_uri, experiment, state, "last", ("best",), **read)
     )
     write_html(report, out / "report.html", experiment)
     for fmt, extension in (("csv", "csv"), ("latex", "tex")):
