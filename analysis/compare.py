@@ -12,7 +12,6 @@ spread over comparisons, and how often each method beat the reference.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
@@ -48,7 +47,7 @@ from analysis.table import (
     significance_note,
 )
 from gacd import schema
-from gacd.config import Config, flatten, uneven_search_notes
+from gacd.config import flatten
 
 REPORT_FILE = "report.md"
 TABLE_FILE = "comparison"  # .md, .csv, .tex
@@ -197,12 +196,12 @@ def comparison_markdown(
     also: tuple[str, ...] = (),
     budget: pd.DataFrame | None = None,
     study: Study | None = None,
-    uneven: list[str] | None = None,
 ) -> str:
     """The comparison as one page: the final table at `checkpoint` (then at each of `also`),
     the budget each method got (`budget`, read from MLflow when not given), once, and the
-    methods whose search failed. `study`: its final stage, and `uneven`: its keys not searched
-    alike (`uneven_searches`), each read from MLflow when not given."""
+    methods whose search failed. `study`: its final stage, read from MLflow when not given.
+    The shared keys not searched alike are those the run recorded in `state` as it ran
+    (`study.compare.uneven_searches`; a state from before that was recorded names none)."""
     lines = [f"# {experiment}: every method tuned alike, compared on fresh seeds", ""]
     reference = state.get("reference", "gacd")
     for shown in (checkpoint, *also):
@@ -246,8 +245,7 @@ def comparison_markdown(
             budget.to_markdown(floatfmt=".3f"),
             "",
         ]
-    if uneven is None:
-        uneven = uneven_searches(tracking_uri, experiment)
+    uneven = state.get("uneven") or []
     lines += [f"**Not searched alike:** {note}." for note in uneven] + ([""] if uneven else [])
     lines += rounds_text(state)
     for method, reason in state.get("failed", {}).items():
@@ -262,14 +260,13 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
 
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    # One MLflow read of the budget, the final stage and the searches for every page.
+    # One MLflow read of the budget and the final stage for every page.
     budget = budget_table(tracking_uri, experiment, state)
-    uneven = uneven_searches(tracking_uri, experiment)
     try:
         study: Study | None = final_study(tracking_uri, experiment, state)
     except StudyNotFoundError:
         study = None  # each page says why it has no table
-    read = {"budget": budget, "study": study, "uneven": uneven}
+    read = {"budget": budget, "study": study}
     page = comparison_markdown(tracking_uri, experiment, state, "last", **read)
     (out / f"{TABLE_FILE}.md").write_text(page)
     report = out / REPORT_FILE
@@ -303,27 +300,6 @@ def comparison_state(
             f"{STATE_ARTIFACT}): resume it first"
         )
     return state
-
-
-def uneven_searches(tracking_uri: str, experiment: str) -> list[str]:
-    """The shared training keys (the learning rate, ...) the comparison searched for some
-    methods only, one line each, from the `study.json` its run recorded (none: no lines)."""
-    try:
-        recorded = run_json(
-            tracking_uri, comparison_run(tracking_uri, experiment), schema.STUDY_ARTIFACT
-        )
-    except StudyNotFoundError:
-        return []
-    methods = ((recorded or {}).get("compare") or {}).get("methods") or {}
-    base = flatten((recorded or {}).get("base") or {})
-    defaults = flatten(dataclasses.asdict(Config()))
-
-    def value(entry: str, key: str) -> Any:
-        overrides = flatten(methods[entry].get("overrides") or {})
-        return overrides.get(key, base.get(key, defaults.get(key, "its default")))
-
-    searches = {entry: list(settings.get("search") or {}) for entry, settings in methods.items()}
-    return uneven_search_notes(searches, value)
 
 
 def comparison_run(tracking_uri: str, experiment: str) -> str:

@@ -361,6 +361,7 @@ def run_stages(
         (folder / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
     assert spec.compare is not None
     reference = state["reference"] = spec.compare.reference
+    state["uneven"] = uneven_searches(spec)  # for the report: what ran, not re-derived later
 
     stage_args = (paths, args, max_concurrent, parent, state, runner)
     code = run_stage(search_stage(spec), "search", *stage_args)

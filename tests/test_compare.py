@@ -675,7 +675,7 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
         assert ran == added, (entry, changed)
     report = (tmp_path / "results" / "duel" / "report" / "report.md").read_text()
     assert "## Seeds added on resume" in report and "confirm seeds [1001]" in report
-    # natural alone searched the learning rate: the report says so, from the recorded study
+    # natural alone searched the learning rate: the report says so, as the run recorded it
     assert (
         "**Not searched alike:** optim.lr is searched for natural only; gacd, trades train at "
         "0.05: a handicap" in report
