@@ -406,9 +406,14 @@ def searched_for_some_only(searches: Mapping[str, Any]) -> dict[str, list[str]]:
     return {key: some for key, some in having.items() if len(some) < len(entries)}
 
 
-def uneven_search_notes(searches: Mapping[str, Any], value: Callable[[str, str], Any]) -> list[str]:
-    """One line per shared key `searched_for_some_only` finds: who searches it, and the value
-    the others train at (`value(entry, key)`)."""
+def uneven_search_notes(
+    searches: Mapping[str, Mapping[str, Any]], value: Callable[[str, str], Any]
+) -> list[str]:
+    """One line per shared key (`SHARED_SECTIONS`) a comparison does not search alike.
+    `searches`: entry -> its searched key -> that key's distribution (compared with `==`,
+    shown with `str`). A key `searched_for_some_only` is named with who searches it and the
+    value the others train at (`value(entry, key)`); a key every entry searches, over
+    distributions that differ, with each distribution and who searches over it."""
     notes = []
     for key, some in searched_for_some_only(searches).items():
         others = [entry for entry in searches if entry not in some]
@@ -417,6 +422,25 @@ def uneven_search_notes(searches: Mapping[str, Any], value: Callable[[str, str],
             f"{key} is searched for {', '.join(some)} only; {', '.join(others)} train at "
             f"{' / '.join(values)}: a handicap for them unless every method searches it alike"
         )
+    shared = [
+        key
+        for key in sorted({key for keys in searches.values() for key in keys})
+        if key.split(".")[0] in SHARED_SECTIONS and all(key in keys for keys in searches.values())
+    ]
+    for key in shared:
+        groups: list[tuple[Any, list[str]]] = []
+        for entry, keys in searches.items():
+            group = next((g for g in groups if g[0] == keys[key]), None)
+            if group is None:
+                groups.append((keys[key], [entry]))
+            else:
+                group[1].append(entry)
+        if len(groups) > 1:
+            over = "; ".join(f"{', '.join(entries)} over {dist}" for dist, entries in groups)
+            notes.append(
+                f"{key} is searched over different ranges ({over}): a handicap for the "
+                "narrower or shifted ones unless every method searches it alike"
+            )
     return notes
 
 

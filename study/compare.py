@@ -73,7 +73,10 @@ def describe_comparison(spec: StudySpec) -> list[str]:
 
 def uneven_searches(spec: StudySpec) -> list[str]:
     """The shared training keys (the learning rate, the batch size, ...) that some methods
-    search and others do not, each as one line (`gacd.config.uneven_search_notes`)."""
+    search and others do not, or search over different ranges, each as one line
+    (`gacd.config.uneven_search_notes`)."""
+    from study.search import search_space
+
     compare = spec.compare
     assert compare is not None
 
@@ -81,7 +84,7 @@ def uneven_searches(spec: StudySpec) -> list[str]:
         config = dataclasses.asdict(spec.trial_config({ENTRY_KEY: entry}))
         return flatten(config)[key]
 
-    searches = {entry: list(settings.search) for entry, settings in compare.methods.items()}
+    searches = {entry: search_space(spec, entry) for entry in compare.methods}
     return uneven_search_notes(searches, value)
 
 
