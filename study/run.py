@@ -50,6 +50,9 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # Ray's own result files are the CSV and JSON ones (`build_tuner` asks for them): no
 # TensorBoard files, nor the hint to open them (MLflow holds the curves).
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# A study's log is one line per epoch: no progress bar for each small artifact MLflow moves
+# (a student model, a comparison's state).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass

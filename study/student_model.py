@@ -25,7 +25,7 @@ class Student(mlflow.pyfunc.PythonModel):
         self.student = classifier_from_checkpoint(state)
         self.epoch = state["epoch"]
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             return self.student(images).numpy()

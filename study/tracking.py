@@ -484,6 +484,7 @@ def log_student_model(tracking_uri: str, run_id: str, checkpoint: Path, name: st
             python_model=str(Path(__file__).with_name("student_model.py")),
             artifacts={"checkpoint": str(checkpoint)},
             signature=signature,
+            input_example=np.zeros((1, channels, size, size), np.float32),
             # Loading runs this project's code: its own install, not an inferred list.
             pip_requirements=["gacd-study", "torch", "numpy"],
         )
