@@ -77,14 +77,15 @@ def rows(count: int, group: Group) -> slice:
 
 def data_parallel(module: nn.Module, device: torch.device, group: Group) -> nn.Module:
     """`module` wrapped for gradient averaging over the group (itself in a group of one).
-    Buffers are not broadcast at every forward (`same_buffers` does it once per epoch)."""
+    Buffers are rank 0's once, when wrapped, and not at every forward (`same_buffers` makes
+    them so again once per epoch)."""
     if not group.parallel:
         return module
     device_ids = None  # CPU: DDP takes none
     if device.type == "cuda":
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=device_ids, broadcast_buffers=False
+        module, device_ids=device_ids, forward_sync_buffers=False
     )
 
 
