@@ -27,7 +27,7 @@ demo: install
 
 # The paper's experiments on Fashion-MNIST (search_spaces/fashion_mnist*.yaml, figures in
 # docs/benchmarks/fashion_mnist.md). BUDGET=cpu (default: 2 CPU cores; measured: benchmark 76
-# minutes, benchmark-ablation 76, benchmark-compare 109) or BUDGET=full (the whole training set, 30 epochs, every test image, a quarter of a
+# minutes, benchmark-ablation 76, benchmark-compare 111 from a fresh clone) or BUDGET=full (the whole training set, 30 epochs, every test image, a quarter of a
 # GPU per trial). An interrupted target continues where it stopped when run again.
 BUDGET ?= cpu
 BENCH := runs/benchmark-$(BUDGET)
