@@ -260,18 +260,19 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
 
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    # One MLflow read of the budget and the final stage for every page.
+    # One MLflow read of the budget and of the final stage for every page.
     budget = budget_table(tracking_uri, experiment, state)
     try:
         study: Study | None = final_study(tracking_uri, experiment, state)
     except StudyNotFoundError:
         study = None  # each page says why it has no table
-    read = {"budget": budget, "study": study}
-    page = comparison_markdown(tracking_uri, experiment, state, "last", **read)
+    page = comparison_markdown(tracking_uri, experiment, state, "last", budget=budget, study=study)
     (out / f"{TABLE_FILE}.md").write_text(page)
     report = out / REPORT_FILE
     report.write_text(
-        comparison_markdown(tracking_uri, experiment, state, "last", ("best",), **read)
+        comparison_markdown(
+            tracking_uri, experiment, state, "last", ("best",), budget=budget, study=study
+        )
     )
     write_html(report, out / "report.html", experiment)
     for fmt, extension in (("csv", "csv"), ("latex", "tex")):

@@ -394,49 +394,45 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 SHARED_SECTIONS = ("optim", "data", "student")
 
 
-def searched_for_some_only(searches: Mapping[str, Any]) -> dict[str, list[str]]:
-    """The shared training keys (`SHARED_SECTIONS`) that some entries of a comparison search
-    and others do not. `searches`: entry -> its searched keys; returns key -> the entries
-    that search it."""
-    entries = list(searches)
+def shared_searchers(searches: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Each shared training key (`SHARED_SECTIONS`) some entry of a comparison searches ->
+    the entries that search it. `searches`: entry -> its searched keys."""
     keys = sorted(
         {key for keys in searches.values() for key in keys if key.split(".")[0] in SHARED_SECTIONS}
     )
-    having = {key: [entry for entry in entries if key in searches[entry]] for key in keys}
-    return {key: some for key, some in having.items() if len(some) < len(entries)}
+    return {key: [entry for entry in searches if key in searches[entry]] for key in keys}
+
+
+def searched_for_some_only(searches: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The shared training keys that some entries of a comparison search and others do not:
+    key -> the entries that search it (`shared_searchers`)."""
+    having = shared_searchers(searches)
+    return {key: some for key, some in having.items() if len(some) < len(searches)}
 
 
 def uneven_search_notes(
     searches: Mapping[str, Mapping[str, Any]], value: Callable[[str, str], Any]
 ) -> list[str]:
     """One line per shared key (`SHARED_SECTIONS`) a comparison does not search alike.
-    `searches`: entry -> its searched key -> that key's distribution (compared with `==`,
-    shown with `str`). A key `searched_for_some_only` is named with who searches it and the
-    value the others train at (`value(entry, key)`); a key every entry searches, over
-    distributions that differ, with each distribution and who searches over it."""
+    `searches`: entry -> its searched key -> that key's distribution (hashable, shown with
+    `str`). A key `searched_for_some_only` is named with who searches it and the value the
+    others train at (`value(entry, key)`); a key every entry searches, over distributions that
+    differ, with each distribution and who searches over it."""
     notes = []
-    for key, some in searched_for_some_only(searches).items():
-        others = [entry for entry in searches if entry not in some]
-        values = sorted({str(value(entry, key)) for entry in others})
-        notes.append(
-            f"{key} is searched for {', '.join(some)} only; {', '.join(others)} train at "
-            f"{' / '.join(values)}: a handicap for them unless every method searches it alike"
-        )
-    shared = [
-        key
-        for key in sorted({key for keys in searches.values() for key in keys})
-        if key.split(".")[0] in SHARED_SECTIONS and all(key in keys for keys in searches.values())
-    ]
-    for key in shared:
-        groups: list[tuple[Any, list[str]]] = []
+    for key, some in shared_searchers(searches).items():
+        if len(some) < len(searches):
+            others = [entry for entry in searches if entry not in some]
+            values = sorted({str(value(entry, key)) for entry in others})
+            notes.append(
+                f"{key} is searched for {', '.join(some)} only; {', '.join(others)} train at "
+                f"{' / '.join(values)}: a handicap for them unless every method searches it alike"
+            )
+            continue
+        groups: dict[Any, list[str]] = {}
         for entry, keys in searches.items():
-            group = next((g for g in groups if g[0] == keys[key]), None)
-            if group is None:
-                groups.append((keys[key], [entry]))
-            else:
-                group[1].append(entry)
+            groups.setdefault(keys[key], []).append(entry)
         if len(groups) > 1:
-            over = "; ".join(f"{', '.join(entries)} over {dist}" for dist, entries in groups)
+            over = "; ".join(f"{', '.join(who)} over {dist}" for dist, who in groups.items())
             notes.append(
                 f"{key} is searched over different ranges ({over}): a handicap for the "
                 "narrower or shifted ones unless every method searches it alike"
