@@ -415,9 +415,10 @@ def uneven_search_notes(
 ) -> list[str]:
     """One line per shared key (`SHARED_SECTIONS`) a comparison does not search alike.
     `searches`: entry -> its searched key -> that key's distribution (hashable, shown with
-    `str`). A key `searched_for_some_only` is named with who searches it and the value the
-    others train at (`value(entry, key)`); a key every entry searches, over distributions that
-    differ, with each distribution and who searches over it."""
+    `str`: `study.compare` passes each as words, `loguniform 0.01 to 0.2`). A key
+    `searched_for_some_only` is named with who searches it and the value the others train at
+    (`value(entry, key)`); a key every entry searches, over distributions that differ, with
+    each distribution and who searches over it."""
     notes = []
     for key, some in shared_searchers(searches).items():
         if len(some) < len(searches):

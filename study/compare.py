@@ -37,7 +37,7 @@ import pandas as pd
 
 from gacd import schema
 from gacd.config import flatten, uneven_search_notes
-from study.spec import ENTRY_KEY, StudySpec, spec_from_dict
+from study.spec import ENTRY_KEY, StudySpec, describe_distribution, spec_from_dict
 
 STATE_FILE = "comparison.json"
 
@@ -48,8 +48,6 @@ def stage_name(spec: StudySpec, stage: str) -> str:
 
 def describe_comparison(spec: StudySpec) -> list[str]:
     """`--dry-run`'s lines for a comparison: its methods and what each searches."""
-    from study.search import search_space
-
     compare = spec.compare
     assert compare is not None
     if not spec.confirms:
@@ -67,16 +65,18 @@ def describe_comparison(spec: StudySpec) -> list[str]:
     for entry, settings in compare.methods.items():
         overrides = json.dumps(settings.overrides) if settings.overrides else ""
         lines.append(f"  {entry} ({compare.entry_method(entry)}) {overrides}".rstrip())
-        lines += [f"    {key:22} {value}" for key, value in search_space(spec, entry).items()]
+        lines += [
+            f"    {key:22} {describe_distribution(value)}"
+            for key, value in spec.search_space_of(entry).items()
+        ]
     return lines + [f"note       {note}" for note in uneven_searches(spec)]
 
 
 def uneven_searches(spec: StudySpec) -> list[str]:
     """The shared training keys (the learning rate, the batch size, ...) that some methods
     search and others do not, or search over different ranges, each as one line
-    (`gacd.config.uneven_search_notes`)."""
-    from study.search import search_space
-
+    (`gacd.config.uneven_search_notes`); ranges are told apart as they read
+    (`loguniform 0.01 to 0.2`)."""
     compare = spec.compare
     assert compare is not None
 
@@ -84,7 +84,10 @@ def uneven_searches(spec: StudySpec) -> list[str]:
         config = dataclasses.asdict(spec.trial_config({ENTRY_KEY: entry}))
         return flatten(config)[key]
 
-    searches = {entry: search_space(spec, entry) for entry in compare.methods}
+    searches = {
+        entry: {key: describe_distribution(d) for key, d in spec.search_space_of(entry).items()}
+        for entry in compare.methods
+    }
     return uneven_search_notes(searches, value)
 
 

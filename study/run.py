@@ -34,6 +34,7 @@ from study.spec import (
     VARIANT_KEY,
     StudyError,
     StudySpec,
+    describe_distribution,
     read_study_file,
     spec_from_dict,
 )
@@ -123,8 +124,6 @@ def trial_count(spec: StudySpec) -> int:
 
 def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
     """What a run of this study would do, without doing it (`--dry-run`)."""
-    from study.search import search_space
-
     study = spec.study
     resources = spec.resources
     lines = [
@@ -177,7 +176,7 @@ def describe(spec: StudySpec, paths: StudyPaths, address: str | None) -> str:
         elif points:
             lines.append("  run first  each method's base configuration")
     if study.mode == "search":
-        lines += [f"  {key:24} {value}" for key, value in search_space(spec).items()]
+        lines += [f"  {key:24} {describe_distribution(d)}" for key, d in spec.search.items()]
     elif study.mode == "compare":
         from study.compare import describe_comparison
 

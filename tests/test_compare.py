@@ -144,8 +144,8 @@ def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_othe
     raw["compare"]["methods"]["trades"]["search"]["optim.lr"] = lr | {"high": 0.3}
     notes = uneven_searches(spec_from_dict(raw, teacher_cache=Path("/t")))
     assert len(notes) == 1 and notes[0].startswith("optim.lr is searched over different ranges (")
-    assert "gacd, natural over FloatDistribution(high=0.2, log=True, low=0.01" in notes[0]
-    assert "; trades over FloatDistribution(high=0.3, log=True, low=0.01" in notes[0]
+    assert "gacd, natural over loguniform 0.01 to 0.2;" in notes[0]
+    assert "; trades over loguniform 0.01 to 0.3)" in notes[0]
 
 
 BAD_COMPARISONS = [
