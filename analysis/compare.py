@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from analysis.report import teacher_section, write_html
 from analysis.runs import (
     Study,
     StudyNotFoundError,
@@ -223,6 +224,7 @@ def comparison_markdown(
             break
     else:  # where the digits come from (a CPU's instruction set moves them)
         lines += [f"Final runs' hardware: {final_hardware(study.runs)}.", ""]
+        lines += teacher_section(study)
     if budget is None:
         budget = budget_table(tracking_uri, experiment, state)
     if not budget.empty:
@@ -256,8 +258,6 @@ def comparison_markdown(
 def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: dict) -> Path:
     """`report/report.md` (and `.html`) plus the final table as `comparison.md`, `.csv`
     and `.tex` under `folder`; returns the report's path."""
-    from analysis.report import write_html
-
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     # One MLflow read of the budget and of the final stage for every page.

@@ -116,6 +116,38 @@ def teacher_section(study: Study) -> list[str]:
         "",
         table,
         "",
+        *against_teacher(study, shown),
+    ]
+
+
+def against_teacher(study: Study, teacher: dict[str, float]) -> list[str]:
+    """Which variants' mean passes the teacher's own test value of the study's metric
+    on the test split (`val/pgd_acc` or `test/pgd_acc` -> `test/pgd_acc`, the last epoch's): a
+    student that passes its teacher learnt that from the labels, not from the model it distils,
+    and a distilled student's gap to such a method is read against a teacher weaker than the
+    method."""
+    split, _, rest = study.metric.partition("/")
+    if split not in ("val", "test"):
+        return []
+    name = "test/" + rest
+    column = schema.metric_column(name)
+    variant = schema.tag_column(schema.TAG_VARIANT)
+    if name not in teacher or study.runs.empty or not {column, variant} <= set(study.runs):
+        return []
+    means = study.runs.groupby(variant)[column].mean().dropna()
+    level = teacher[name]
+    passing = means[means > level] if study.maximize else means[means < level]
+    word = "above" if study.maximize else "below"
+    if passing.empty:
+        return [f"No variant's mean `{name}` is {word} the teacher's ({level:.3f}).", ""]
+    named = ", ".join(
+        f"{v} ({m:.3f})" for v, m in passing.sort_values(ascending=not study.maximize).items()
+    )
+    return [
+        f"**{word.capitalize()} the teacher's `{name}` ({level:.3f}):** {named}. A student "
+        "that passes its teacher learnt that from the labels, not from the model it distils: "
+        "a distilled method's gap to these rows is partly its teacher's.",
+        "",
     ]
 
 

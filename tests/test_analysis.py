@@ -18,6 +18,7 @@ from scipy import stats
 
 from analysis import export, importance, plots, report, table
 from analysis.runs import load_study
+from gacd import schema
 
 PGD = {  # variant -> seed -> test/pgd_acc; b lacks seed 2 (its run failed)
     "full": {0: 0.50, 1: 0.60, 2: 0.70},
@@ -183,6 +184,34 @@ def test_plots_and_report_are_written(store, tmp_path):
     for name, data in embedded:
         assert base64.b64decode(data) == (tmp_path / "report" / f"{name}.png").read_bytes()
     assert 'src="pareto.png"' not in html and "![" not in html
+
+
+@pytest.mark.parametrize(
+    "teacher_pgd, line",
+    [
+        (0.6, "**Above the teacher's `test/pgd_acc` (0.600):** a (0.657). A student that passes"),
+        (0.9, "No variant's mean `test/pgd_acc` is above the teacher's (0.900)."),
+    ],
+)
+def test_the_report_names_the_variants_more_robust_than_their_teacher(
+    store, tmp_path, teacher_pgd, line
+):
+    """The teacher's own test metrics come from its MLflow run, linked from the study's; a
+    variant whose mean passes them (a: 0.657; full's 0.600 only equals 0.6) is named."""
+    client = MlflowClient(store)
+    teachers = client.create_experiment("gacd-teachers")
+    tags = {"role": "teacher"}
+    teacher = client.create_run(teachers, tags=tags, run_name="pgd_at-small_cnn").info.run_id
+    client.log_metric(teacher, "test/pgd_acc", teacher_pgd)
+    for key, value in {"method": "pgd_at", "student.arch": "small_cnn", "optim.epochs": 12}.items():
+        client.log_param(teacher, key, value)
+    study = load_study(store, "known")
+    client.set_tag(study.parent_run_id, schema.TAG_TEACHER_RUN, teacher)
+    page = report.write_report(study, tmp_path / "report").read_text()
+    section = page.split("## The teacher")[1].split("\n## ")[0]
+    assert teacher in section and "pgd_at, small_cnn, 12 epochs" in section
+    assert re.search(rf"\| teacher \| +{teacher_pgd:.3f} \|", section)
+    assert line in section
 
 
 def test_pareto_front_keeps_only_undominated_points():
