@@ -121,11 +121,10 @@ def teacher_section(study: Study) -> list[str]:
 
 
 def against_teacher(study: Study, teacher: dict[str, float]) -> list[str]:
-    """Which variants' mean passes the teacher's own test value of the study's metric
-    on the test split (`val/pgd_acc` or `test/pgd_acc` -> `test/pgd_acc`, the last epoch's): a
-    student that passes its teacher learnt that from the labels, not from the model it distils,
-    and a distilled student's gap to such a method is read against a teacher weaker than the
-    method."""
+    """Which variants' mean passes the teacher's own value of the study's metric on the test
+    split (`val/pgd_acc` or `test/pgd_acc` -> `test/pgd_acc`, the last epoch's): a student
+    that passes its teacher learnt that from the labels, not from the model it distils, and a
+    distilled student's gap to such a method is read against a teacher weaker than it."""
     split, _, rest = study.metric.partition("/")
     if split not in ("val", "test"):
         return []
