@@ -403,22 +403,15 @@ def shared_searchers(searches: Mapping[str, Any]) -> dict[str, list[str]]:
     return {key: [entry for entry in searches if key in searches[entry]] for key in keys}
 
 
-def searched_for_some_only(searches: Mapping[str, Any]) -> dict[str, list[str]]:
-    """The shared training keys that some entries of a comparison search and others do not:
-    key -> the entries that search it (`shared_searchers`)."""
-    having = shared_searchers(searches)
-    return {key: some for key, some in having.items() if len(some) < len(searches)}
-
-
 def uneven_search_notes(
     searches: Mapping[str, Mapping[str, Any]], value: Callable[[str, str], Any]
 ) -> list[str]:
     """One line per shared key (`SHARED_SECTIONS`) a comparison does not search alike.
     `searches`: entry -> its searched key -> that key's distribution (hashable, shown with
     `str`: `study.compare` passes each as words, `loguniform 0.01 to 0.2`). A key
-    `searched_for_some_only` is named with who searches it and the value the others train at
-    (`value(entry, key)`); a key every entry searches, over distributions that differ, with
-    each distribution and who searches over it."""
+    some entries search and others do not is named with who searches it and the value the
+    others train at (`value(entry, key)`); a key every entry searches, over distributions
+    that differ, with each distribution and who searches over it."""
     notes = []
     for key, some in shared_searchers(searches).items():
         if len(some) < len(searches):

@@ -39,7 +39,7 @@ from analysis.compare import (
 from analysis.runs import load_runs
 from analysis.table import ablation_table
 from gacd import schema
-from gacd.config import ConfigError, ConfigFileError, searched_for_some_only
+from gacd.config import ConfigError, ConfigFileError, shared_searchers
 from gacd.runtime import cpu_model
 from study.compare import (
     STATE_FILE,
@@ -128,7 +128,7 @@ def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_othe
     }
     spec = spec_from_dict(raw, teacher_cache=Path("/t"))
     # gacd alone searches attack.steps: the attack is a method's own (natural has none)
-    assert searched_for_some_only({e: m.search for e, m in spec.compare.methods.items()}) == {
+    assert shared_searchers({e: m.search for e, m in spec.compare.methods.items()}) == {
         "data.batch_size": ["trades"],
         "optim.lr": ["natural"],
     }
