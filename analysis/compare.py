@@ -197,9 +197,11 @@ def comparison_markdown(
     also: tuple[str, ...] = (),
     budget: pd.DataFrame | None = None,
     study: Study | None = None,
+    teacher: list[str] | None = None,
 ) -> str:
     """The comparison as one page: the final table at `checkpoint` (then at each of `also`),
-    the budget each method got (`budget`, read from MLflow when not given), once, and the
+    the teacher's own metrics (`teacher`: `analysis.report.teacher_section`'s lines, read from
+    MLflow when not given), the budget each method got (`budget`, likewise), once, and the
     methods whose search failed. `study`: its final stage, read from MLflow when not given.
     The shared keys not searched alike are those the run recorded in `state` as it ran
     (`study.compare.uneven_searches`; a state from before that was recorded names none)."""
@@ -224,7 +226,7 @@ def comparison_markdown(
             break
     else:  # where the digits come from (a CPU's instruction set moves them)
         lines += [f"Final runs' hardware: {final_hardware(study.runs)}.", ""]
-        lines += teacher_section(study)
+        lines += teacher_section(study) if teacher is None else teacher
     if budget is None:
         budget = budget_table(tracking_uri, experiment, state)
     if not budget.empty:
@@ -260,18 +262,28 @@ def write_comparison(tracking_uri: str, experiment: str, folder: Path, state: di
     and `.tex` under `folder`; returns the report's path."""
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    # One MLflow read of the budget and of the final stage for every page.
+    # One MLflow read of the budget, the final stage and the teacher for every page.
     budget = budget_table(tracking_uri, experiment, state)
     try:
         study: Study | None = final_study(tracking_uri, experiment, state)
     except StudyNotFoundError:
         study = None  # each page says why it has no table
-    page = comparison_markdown(tracking_uri, experiment, state, "last", budget=budget, study=study)
+    teacher = teacher_section(study) if study is not None else []
+    page = comparison_markdown(
+        tracking_uri, experiment, state, "last", budget=budget, study=study, teacher=teacher
+    )
     (out / f"{TABLE_FILE}.md").write_text(page)
     report = out / REPORT_FILE
     report.write_text(
         comparison_markdown(
-            tracking_uri, experiment, state, "last", ("best",), budget=budget, study=study
+            tracking_uri,
+            experiment,
+            state,
+            "last",
+            ("best",),
+            budget=budget,
+            study=study,
+            teacher=teacher,
         )
     )
     write_html(report, out / "report.html", experiment)
