@@ -115,6 +115,49 @@ def test_the_shipped_comparisons_search_the_learning_rate_alike_for_every_method
     assert len({(d.distribution, d.low, d.high) for d in ranges.values()}) == 1, ranges
 
 
+@pytest.mark.parametrize(
+    ("probe", "parent", "same"),
+    [
+        # digits_compare.yaml has trained GACD at PGD-5 since the probe measured it: its gacd
+        # is the probe's gacd_pgd5
+        ("digits_compare_gacd_search.yaml", "digits_compare.yaml", {"gacd_pgd5": "gacd"}),
+        ("fashion_mnist_compare_gacd_search.yaml", "fashion_mnist_compare.yaml", {"gacd": "gacd"}),
+    ],
+)
+def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_and_one_change(
+    probe, parent, same
+):
+    """The `*_gacd_search` files measure one change to GACD's search (the PGD steps searched or
+    fixed at the PGD-5 the others train with) beside entries of their comparison: those must be
+    the comparison's own (the same search, trial config, teacher and budget), or their cells
+    say nothing about its table."""
+    for budget in (None, "full") if "fashion" in probe else (None,):
+        spec, before = (
+            read_study_file(ROOT / "search_spaces" / name, teacher_cache=Path("/t"), budget=budget)
+            for name in (probe, parent)
+        )
+        assert spec.teacher.checkpoint == before.teacher.checkpoint  # the same cache key
+        for part in ("num_samples", "scheduler", "sampler", "budget"):
+            assert getattr(spec.study, part) == getattr(before.study, part), part
+        for part in ("top", "confirm_seeds", "seeds"):
+            assert getattr(spec.compare, part) == getattr(before.compare, part), part
+        gacd = {"tau": 0.1, "beta": 1.0, "reweight.gamma": 1.0}
+        shared = set(spec.compare.methods) & set(before.compare.methods) - {"gacd"}
+        for entry, theirs in {**{e: e for e in shared}, **same}.items():
+            mine = spec.compare.methods[entry]
+            assert mine.search == before.compare.methods[theirs].search, entry
+            point = {"optim.lr": 0.07, **gacd, "attack.steps": 3, "trades_beta": 2.0}
+            assert spec.trial_config({**point, ENTRY_KEY: entry}) == before.trial_config(
+                {**point, ENTRY_KEY: theirs}
+            ), entry
+        # the change: GACD's search with and without the PGD steps among its keys
+        searched, fixed = spec.compare.methods["gacd"], spec.compare.methods["gacd_pgd5"]
+        assert fixed.method == "gacd" and fixed.search.items() < searched.search.items()
+        assert set(searched.search) - set(fixed.search) == {"attack.steps"}
+        point = {ENTRY_KEY: "gacd_pgd5", "optim.lr": 0.07, **gacd, "attack.steps": 3}
+        assert spec.trial_config(point).attack.steps == 5
+
+
 def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_others_train_at(
     tmp_path, capsys
 ):
