@@ -4,6 +4,7 @@ fresh seeds, its winner run on the test split; on a real Ray cluster, MLflow and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -156,6 +157,45 @@ def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_and_one_ch
         assert set(searched.search) - set(fixed.search) == {"attack.steps"}
         point = {ENTRY_KEY: "gacd_pgd5", "optim.lr": 0.07, **gacd, "attack.steps": 3}
         assert spec.trial_config(point).attack.steps == 5
+
+
+def test_the_in_batch_ablation_trains_the_fashion_comparisons_winners_as_they_were_trained():
+    """fashion_mnist_in_batch_ablation.yaml's `full` and `trades` rows are the comparison's
+    GACD and TRADES winners retrained on its final seeds: everything that shapes training (not
+    the evaluation, which the ablation trims) must be the comparison's, or the rows are not."""
+    ablation = read_study_file(
+        ROOT / "search_spaces/fashion_mnist_in_batch_ablation.yaml", teacher_cache=Path("/t")
+    )
+    compare = read_study_file(
+        ROOT / "search_spaces/fashion_mnist_compare.yaml", teacher_cache=Path("/t")
+    )
+    assert ablation.teacher.checkpoint == compare.teacher.checkpoint
+    assert ablation.ablation.seeds == compare.compare.seeds
+    report = ROOT / "docs/examples/fashion_mnist_compare_lr_all/budget.csv"
+    won = pd.read_csv(report).set_index("method")["winner's values"]
+    common = ("method", "data", "student", "optim", "attack", "seed")
+    trained = {  # what each method's training reads (TRADES no GACD key: tau and the rest)
+        "gacd": (*common, "tau", "anchor", "negatives", "reweight", "alpha", "beta", "lambda_kd"),
+        "trades": (*common, "trades_beta"),
+    }
+    for variant, entry in (("full", "gacd"), ("trades", "trades")):
+        values = json.loads(won[entry])
+        for seed in compare.compare.seeds:
+            mine = ablation.trial_config({"variant": variant, "seed": seed})
+            theirs = compare.trial_config({ENTRY_KEY: entry, **values})
+            theirs = dataclasses.replace(theirs, seed=seed)
+            for part in trained[entry]:
+                assert getattr(mine, part) == getattr(theirs, part), (variant, part)
+    # the variants change one thing each
+    full = ablation.trial_config({"variant": "full", "seed": 0})
+    for variant, changed in (
+        ("ce_attack", "attack"),
+        ("kl_attack", "attack"),
+        ("no_reweight", "reweight"),
+    ):
+        config = ablation.trial_config({"variant": variant, "seed": 0})
+        differ = [p for p in trained["gacd"] if getattr(config, p) != getattr(full, p)]
+        assert differ == [changed], variant
 
 
 def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_others_train_at(
