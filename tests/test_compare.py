@@ -117,21 +117,38 @@ def test_the_shipped_comparisons_search_the_learning_rate_alike_for_every_method
 
 
 @pytest.mark.parametrize(
-    ("probe", "parent", "same"),
+    ("probe", "parent", "same", "changed"),
     [
-        # digits_compare.yaml has trained GACD at PGD-5 since the probe measured it: its gacd
-        # is the probe's gacd_pgd5
-        ("digits_compare_gacd_search.yaml", "digits_compare.yaml", {"gacd_pgd5": "gacd"}),
-        ("fashion_mnist_compare_gacd_search.yaml", "fashion_mnist_compare.yaml", {"gacd": "gacd"}),
+        # digits_compare.yaml has trained GACD at PGD-5 since this probe measured it: its gacd
+        # is the probe's gacd_pgd5, and the probe's gacd the one that searches the steps
+        (
+            "digits_compare_gacd_search.yaml",
+            "digits_compare.yaml",
+            {"gacd_pgd5": "gacd"},
+            {"gacd": ("gacd", {"attack.steps": 3})},
+        ),
+        (
+            "fashion_mnist_compare_gacd_search.yaml",
+            "fashion_mnist_compare.yaml",
+            {"gacd": "gacd"},
+            {"gacd_pgd5": ("gacd", {"attack.steps": 5})},
+        ),
+        (
+            "fashion_mnist_compare_gacd_ce.yaml",
+            "fashion_mnist_compare.yaml",
+            {},
+            {"gacd_ce": ("gacd", {"attack.objective": "ce"})},
+        ),
     ],
 )
 def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_and_one_change(
-    probe, parent, same
+    probe, parent, same, changed
 ):
-    """The `*_gacd_search` files measure one change to GACD's search (the PGD steps searched or
-    fixed at the PGD-5 the others train with) beside entries of their comparison: those must be
-    the comparison's own (the same search, trial config, teacher and budget), or their cells
-    say nothing about its table."""
+    """The probes of GACD's search (`*_gacd_search`, `*_gacd_ce`) measure one change to its
+    search or training (the PGD steps searched or fixed; the CE attack for the guided one)
+    beside entries of their comparison: those must be the comparison's own (the same search,
+    trial config, teacher and budget), and the changed entry differ in that one thing, or
+    their cells say nothing about the comparison's table."""
     for budget in (None, "full") if "fashion" in probe else (None,):
         spec, before = (
             read_study_file(ROOT / "search_spaces" / name, teacher_cache=Path("/t"), budget=budget)
@@ -142,21 +159,27 @@ def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_and_one_ch
             assert getattr(spec.study, part) == getattr(before.study, part), part
         for part in ("top", "confirm_seeds", "seeds"):
             assert getattr(spec.compare, part) == getattr(before.compare, part), part
-        gacd = {"tau": 0.1, "beta": 1.0, "reweight.gamma": 1.0}
-        shared = set(spec.compare.methods) & set(before.compare.methods) - {"gacd"}
+        point = {"optim.lr": 0.07, "tau": 0.1, "beta": 1.0, "reweight.gamma": 1.0}
+        point |= {"attack.steps": 3, "trades_beta": 2.0}
+        shared = set(spec.compare.methods) & set(before.compare.methods) - set(changed)
+        assert set(spec.compare.methods) == shared | set(same) | set(changed)
         for entry, theirs in {**{e: e for e in shared}, **same}.items():
             mine = spec.compare.methods[entry]
             assert mine.search == before.compare.methods[theirs].search, entry
-            point = {"optim.lr": 0.07, **gacd, "attack.steps": 3, "trades_beta": 2.0}
             assert spec.trial_config({**point, ENTRY_KEY: entry}) == before.trial_config(
                 {**point, ENTRY_KEY: theirs}
             ), entry
-        # the change: GACD's search with and without the PGD steps among its keys
-        searched, fixed = spec.compare.methods["gacd"], spec.compare.methods["gacd_pgd5"]
-        assert fixed.method == "gacd" and fixed.search.items() < searched.search.items()
-        assert set(searched.search) - set(fixed.search) == {"attack.steps"}
-        point = {ENTRY_KEY: "gacd_pgd5", "optim.lr": 0.07, **gacd, "attack.steps": 3}
-        assert spec.trial_config(point).attack.steps == 5
+        for entry, (theirs, change) in changed.items():
+            mine, other = spec.compare.methods[entry].search, before.compare.methods[theirs].search
+            assert {**mine, **other}.keys() - (mine.keys() & other.keys()) <= {"attack.steps"}
+            assert all(mine[key] == other[key] for key in mine.keys() & other.keys()), entry
+            config = spec.trial_config({**point, ENTRY_KEY: entry})
+            expected = before.trial_config({**point, ENTRY_KEY: theirs})
+            fields = {key.removeprefix("attack."): value for key, value in change.items()}
+            expected = dataclasses.replace(
+                expected, attack=dataclasses.replace(expected.attack, **fields)
+            )
+            assert config == expected, entry
 
 
 def test_the_in_batch_ablation_trains_the_fashion_comparisons_winners_as_they_were_trained():
@@ -196,6 +219,18 @@ def test_the_in_batch_ablation_trains_the_fashion_comparisons_winners_as_they_we
         config = ablation.trial_config({"variant": variant, "seed": 0})
         differ = [p for p in trained["gacd"] if getattr(config, p) != getattr(full, p)]
         assert differ == [changed], variant
+    # its confirmation: three of its rows on fresh seeds, validation split only
+    confirm = read_study_file(
+        ROOT / "search_spaces/fashion_mnist_in_batch_confirm.yaml", teacher_cache=Path("/t")
+    )
+    assert confirm.study.metric == "val/pgd_acc" and not confirm.ablation.test_split
+    assert not set(confirm.ablation.seeds) & set(ablation.ablation.seeds)
+    assert list(confirm.variants()) == ["full", "ce_attack", "trades"]
+    for variant in confirm.variants():
+        point = {"variant": variant, "seed": confirm.ablation.seeds[0]}
+        config = confirm.trial_config(point)
+        assert not config.final
+        assert dataclasses.replace(config, final=True) == ablation.trial_config(point), variant
 
 
 def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_others_train_at(
