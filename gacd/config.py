@@ -339,10 +339,16 @@ class Config:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> Config:
         """Build, validate and resolve a config from nested (or dotted-key) overrides."""
-        config = build_dataclass(cls, nest_dotted(values or {}), prefix="")
+        config = cls.unresolved(values)
         validate(config)
         resolve(config)
         return config
+
+    @classmethod
+    def unresolved(cls, values: Mapping[str, Any] | None = None) -> Config:
+        """The config the overrides say, `auto` and derived defaults left as they are: what a
+        layer of overrides means before a method resolves it (checked by `from_dict` only)."""
+        return build_dataclass(cls, nest_dotted(values or {}), prefix="")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

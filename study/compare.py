@@ -36,7 +36,7 @@ import optuna
 import pandas as pd
 
 from gacd import schema
-from gacd.config import flatten, uneven_search_notes
+from gacd.config import Config, flatten, uneven_search_notes
 from study.spec import ENTRY_KEY, StudySpec, describe_distribution, spec_from_dict
 
 STATE_FILE = "comparison.json"
@@ -113,7 +113,10 @@ def explicit(spec: StudySpec, variants: dict[str, dict[str, Any]]) -> dict[str, 
     itself): an ablation lays its variants over its reference, and one method's searched
     values must not reach another's runs."""
     keys = sorted({key for overrides in variants.values() for key in overrides})
-    defaults = flatten(spec.trial_config({}).to_dict())  # base and teacher, no method entry
+    # base and teacher, no method entry, not resolved: a key a method decides (`auto`, like
+    # the attack's objective) or that derives from another (`None`, like its step size) stays
+    # so, for each run to resolve as its own method and values say
+    defaults = flatten(Config.unresolved(spec.trial_values({})).to_dict())
     return {
         name: {key: overrides.get(key, defaults[key]) for key in keys}
         for name, overrides in variants.items()

@@ -359,6 +359,42 @@ def test_one_method_s_searched_values_never_reach_another_s_runs():
     assert variants["gacd"]["trades_beta"] == 6.0
 
 
+def test_an_entry_s_override_of_what_a_method_decides_leaves_the_others_their_own():
+    """An entry overriding the attack's objective (`gacd_ce`, `overrides: {attack.objective:
+    ce}`) made every other entry's confirm and final runs take the base method's resolved
+    objective, which TRADES refuses: the stage failed before it ran. Each takes its own."""
+    raw = comparison("/nowhere/teacher.pt")
+    raw["compare"]["methods"]["gacd"] |= {
+        "method": "gacd",
+        "overrides": {"attack.objective": "kl", "attack.step_size": 0.01},
+    }
+    raw["compare"]["methods"]["gacd_ce"] = {
+        **raw["compare"]["methods"]["gacd"],
+        "overrides": {"attack.objective": "ce"},
+    }
+    raw["base"]["method"] = "gacd"
+    spec = spec_from_dict(raw)
+    variants = explicit(
+        spec,
+        {
+            entry: {"method": spec.compare.entry_method(entry), **m.overrides}
+            for entry, m in spec.compare.methods.items()
+        },
+    )
+    assert variants["trades"]["attack.objective"] == "auto"
+    assert variants["trades"]["attack.step_size"] is None  # derived from its own epsilon
+    stage = ablation_stage(spec, "final", "gacd", variants, [0], True, Path("/t"))
+    attacks = {name: stage.trial_config({"variant": name, "seed": 0}).attack for name in variants}
+    assert {name: a.objective for name, a in attacks.items()} == {
+        "gacd": "kl",
+        "trades": "trades",
+        "gacd_ce": "ce",
+    }
+    epsilon = spec.trial_config({ENTRY_KEY: "trades"}).attack.epsilon
+    assert attacks["trades"].step_size == pytest.approx(epsilon / 4)
+    assert attacks["gacd"].step_size == 0.01
+
+
 # --- the searcher and the scheduler ----------------------------------------------------------
 
 
