@@ -191,6 +191,7 @@ def build(case: Case, device: torch.device, variant: str = "fp32_channels_last")
             "teacher.checkpoint": "unused.pt",
             "student": case.student,
             "attack.steps": case.steps,
+            "attack.objective": "contrastive",  # the guided attack, as every figure was measured
             "negatives.count": 4096,
             "data.batch_size": case.batch,
             **VARIANTS[variant],

@@ -153,7 +153,11 @@ class GACD(Method):
     """
 
     uses_teacher = True
-    default_objective = "contrastive"
+    # The spec's first reading attacks with the guided (contrastive) objective; PGD on the
+    # student's CE gave the in-batch student +0.053 test PGD-20 from the Fashion-MNIST
+    # comparison's winner, confirmed on fresh seeds on validation (+0.062 PGD-5, p=0.019), so
+    # the default follows (GACD-SPEC; docs/benchmarks/fashion_mnist.md, "The guided attack").
+    default_objective = "ce"
     objectives = ("contrastive", "ce", "kl")
     settings = (
         "tau",
