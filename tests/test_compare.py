@@ -145,7 +145,7 @@ GUIDED = {"attack.objective": "contrastive"}  # GACD's default attack until 2026
         ),
     ],
 )
-def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_and_one_change(
+def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_but_what_it_names(
     probe, parent, same, changed
 ):
     """The probes of GACD's search (`*_gacd_search`, `*_gacd_ce`) measure a change to its
