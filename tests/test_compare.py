@@ -239,6 +239,48 @@ def test_the_in_batch_ablation_trains_the_fashion_comparisons_winners_as_they_we
         assert dataclasses.replace(config, final=True) == ablation.trial_config(point), variant
 
 
+def test_the_transfer_ablation_crosses_the_two_gacd_winners_with_the_two_attacks():
+    """fashion_mnist_transfer_ablation.yaml's `full` and `ce_winner` are the GACD rows of
+    fashion_mnist_compare.yaml (guided attack) and fashion_mnist_compare_gacd_ce.yaml (CE
+    attack, sampler seed 0) retrained, evaluation and MNIST probe included; `ce_attack` and
+    `ce_winner_guided` change their attack only. Else the 2x2 cannot say whether the attack
+    or the searched values cost the transfer."""
+    ablation, guided, ce = (
+        read_study_file(
+            ROOT / "search_spaces" / f"fashion_mnist_{name}.yaml", teacher_cache=Path("/t")
+        )
+        for name in ("transfer_ablation", "compare", "compare_gacd_ce")
+    )
+    assert ablation.teacher.checkpoint == guided.teacher.checkpoint == ce.teacher.checkpoint
+    assert ablation.ablation.seeds == guided.compare.seeds == ce.compare.seeds
+    assert ablation.study.metric == "transfer/pgd_acc"
+    budget = pd.read_csv(ROOT / "docs/examples/fashion_mnist_compare_lr_all/budget.csv")
+    guided_won = json.loads(budget.set_index("method")["winner's values"]["gacd"])
+    report = (ROOT / "docs/examples/fashion_mnist_compare_gacd_ce/report_s0.md").read_text()
+    row = next(
+        line for line in report.splitlines() if line.startswith("| gacd_ce  ") and "{" in line
+    )
+    ce_won = json.loads(row[row.index("{") : row.rindex("}") + 1])
+    for seed in ablation.ablation.seeds:
+
+        def config(variant, seed=seed):
+            return ablation.trial_config({"variant": variant, "seed": seed})
+
+        theirs = guided.trial_config({ENTRY_KEY: "gacd", **guided_won})  # the guided default then
+        theirs = dataclasses.replace(theirs, seed=seed, final=True)
+        theirs.attack = dataclasses.replace(theirs.attack, objective="contrastive")
+        assert config("full") == theirs
+        assert config("ce_attack") == dataclasses.replace(
+            theirs, attack=dataclasses.replace(theirs.attack, objective="ce")
+        )
+        theirs = ce.trial_config({ENTRY_KEY: "gacd_ce", **ce_won})
+        theirs = dataclasses.replace(theirs, seed=seed, final=True)
+        assert theirs.attack.objective == "ce" and config("ce_winner") == theirs
+        assert config("ce_winner_guided") == dataclasses.replace(
+            theirs, attack=dataclasses.replace(theirs.attack, objective="contrastive")
+        )
+
+
 def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_others_train_at(
     tmp_path, capsys
 ):

@@ -272,6 +272,26 @@ def test_bad_ablations_name_the_variant(tmp_path, capsys, ablation, fragment):
     assert code == 2 and fragment in capsys.readouterr().err
 
 
+def test_an_ablation_ranks_by_the_transfer_probe_only_when_it_has_one(tmp_path, capsys):
+    """`transfer/pgd_acc` is a final run's metric when `transfer.data` is set; without it no
+    run would report it, and the study's table would be empty after hours of training."""
+    spec = digits_search(
+        study={"name": "unit", "mode": "ablation", "metric": "transfer/pgd_acc"},
+        ablation={"seeds": [0], "variants": {"no_reweight": {"reweight.gamma": 0}}},
+    )
+    del spec["search"]
+    code, _ = planned(tmp_path, spec)
+    err = capsys.readouterr().err
+    assert code == 2 and "'study.metric': expected base.transfer.data set" in err
+    spec["base"]["transfer"] = {"data": {"name": "mnist_5k"}}
+    for metric in ("transfer/pgd_acc", "transfer_best/cw_acc", "test/pgd_acc"):
+        spec["study"]["metric"] = metric
+        assert spec_from_dict(spec).study.metric == metric
+    spec["study"]["metric"] = "transfer/pgd"
+    with pytest.raises(ConfigError, match="'study.metric': expected one of .*transfer/pgd_acc"):
+        spec_from_dict(spec)
+
+
 def test_missing_and_malformed_files_are_one_line_errors(tmp_path, capsys):
     assert run_main(tmp_path, str(tmp_path / "nope.yaml"), "--dry-run")[0] == 2
     assert "nope.yaml: no such file" in capsys.readouterr().err
