@@ -1,7 +1,7 @@
 """A comparison's table and report (`study.compare`): every method's winner on the test split,
 mean +/- std over seeds with paired tests against the reference, beside the budget each
-method got (trials, trial-epochs and trial wall time in each stage) and the methods whose
-search or confirmation failed, with why. Several comparisons of the same methods (another
+method got (trials, trial-epochs and the hours its epochs took, in each stage) and the methods
+whose search or confirmation failed, with why. Several comparisons of the same methods (another
 sampler seed: `study.run --sampler-seed`) read together: each one's winners side by side, the
 spread over comparisons, and how often each method beat the reference.
 
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.tracking import MlflowClient
 from scipy import stats as scipy_stats
 
 from analysis.report import teacher_section, write_html
@@ -80,7 +81,7 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
     seed_column = schema.tag_column(schema.TAG_SEED)
     if seed_column in runs:  # a trial over several training seeds trains each of them
         epochs = epochs * runs[seed_column].map(schema.seeds_in_tag)
-    seconds = (runs["end_time"] - runs["start_time"]).fillna(0) / 1000.0
+    seconds = trained_seconds(tracking_uri, runs)
     rows = []
     confirmed_defaults = any("defaults_confirmed" in w for w in state.get("winners", {}).values())
     for method in methods:
@@ -102,6 +103,24 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
             row[DEFAULTS_COLUMN] = winner_text(confirmed) if confirmed else "-"
         rows.append(row)
     return pd.DataFrame(rows).set_index("method")
+
+
+def trained_seconds(tracking_uri: str, runs: pd.DataFrame) -> pd.Series:
+    """Each run's time spent training and evaluating: its epochs' `time/epoch_s`, summed over
+    every logged value (an epoch re-run after a restore counts twice: it was computed twice).
+    A run's span in MLflow (end minus start) would also count the time a study stood between
+    an interruption and its `--resume`; it is the fallback for runs that log no epoch time."""
+    span = (runs["end_time"] - runs["start_time"]).fillna(0) / 1000.0
+    column = schema.metric_column(schema.EPOCH_SECONDS)
+    if column not in runs:
+        return span
+    client = MlflowClient(tracking_uri)
+    timed = runs[column].notna()
+    summed = {
+        index: sum(m.value for m in client.get_metric_history(run_id, schema.EPOCH_SECONDS))
+        for index, run_id in runs.loc[timed, "run_id"].items()
+    }
+    return pd.Series(summed, dtype=float).reindex(runs.index).fillna(span)
 
 
 def winner_text(won: dict[str, Any]) -> str:
@@ -234,8 +253,9 @@ def comparison_markdown(
             "## The budget each method got, and its winner",
             "",
             "Trials, trial-epochs (epochs trained, summed over trials and, for trials over "
-            "several training seeds, over their seeds) and trial-hours (run "
-            "wall time, summed) in each stage: `search` (each method's own search, the same "
+            "several training seeds, over their seeds) and trial-hours (the time its epochs "
+            "took to train and evaluate, summed; a run interrupted and resumed counts none of "
+            "the time between) in each stage: `search` (each method's own search, the same "
             "number of trials, scheduler and epoch budget), `confirm` (its best trials re-run "
             "on fresh seeds, validation split; the winner has the best mean) and `final`."
             + (

@@ -590,6 +590,30 @@ def test_a_comparison_s_trial_seeds_are_its_searches_and_trial_epochs_count_each
     assert table.loc["gacd", "search trials"] == 2
 
 
+def test_trial_hours_count_the_epochs_not_the_time_a_study_stood_between_interruption_and_resume(
+    tmp_path,
+):
+    """A run resumed an hour after its study was interrupted spans that hour in MLflow; its
+    trial-hours are the time its epochs took (every logged `time/epoch_s`: an epoch re-run
+    after the restore was computed twice). A run that logs no epoch time keeps its span."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("duel")
+    start = 1_700_000_000_000
+    for stage, epoch_seconds in (("duel-confirm", [30.0, 40.0, 40.0, 50.0]), ("duel-final", [])):
+        tags = {schema.TAG_ROLE: schema.ROLE_TRIAL, schema.TAG_STUDY: stage}
+        tags |= {schema.TAG_VARIANT: "gacd.trial-000" if "confirm" in stage else "gacd"}
+        run = client.create_run(experiment, start_time=start, tags=tags)
+        # epochs 1, 2, interrupted in 3, restored from epoch 2's checkpoint: 2 again, then 3
+        for step, seconds in zip((1, 2, 2, 3), epoch_seconds, strict=False):
+            client.log_metric(run.info.run_id, schema.EPOCH_SECONDS, seconds, step=step)
+        client.log_metric(run.info.run_id, schema.EPOCH, 3, step=3)
+        client.set_terminated(run.info.run_id, end_time=start + 3_600_000 + 160_000)
+    table = budget_table(uri, "duel", {"candidates": {"gacd": []}})
+    assert table.loc["gacd", "confirm trial-hours"] == pytest.approx(160.0 / 3600.0)
+    assert table.loc["gacd", "final trial-hours"] == pytest.approx(1.0 + 160.0 / 3600.0)
+
+
 def test_the_budget_table_says_a_winner_was_stopped_early_or_confirmed_on_one_seed():
     stopped = {"name": "gacd.trial-003", "params": {}, "mean": 0.5, "std": 0.01, "stopped": True}
     assert winner_text(stopped) == "gacd.trial-003 (0.500 ± 0.010), stopped early in the search"
