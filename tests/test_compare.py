@@ -281,6 +281,36 @@ def test_the_transfer_ablation_crosses_the_two_gacd_winners_with_the_two_attacks
         )
 
 
+def test_the_transfer_values_ablation_moves_one_of_the_ce_winner_s_values_at_a_time():
+    """fashion_mnist_transfer_values.yaml's `full` is the 2x2's `ce_attack` (its rows retrained);
+    each variant sets one of the values in which the two GACD winners differ to the CE
+    winner's, and nothing else."""
+    values, square = (
+        read_study_file(
+            ROOT / "search_spaces" / f"fashion_mnist_{name}.yaml", teacher_cache=Path("/t")
+        )
+        for name in ("transfer_values", "transfer_ablation")
+    )
+    assert values.teacher.checkpoint == square.teacher.checkpoint
+    assert values.ablation.seeds == square.ablation.seeds
+    winner = square.trial_config({"variant": "ce_winner", "seed": 0})
+    for seed in values.ablation.seeds:
+        full = values.trial_config({"variant": "full", "seed": seed})
+        assert full == square.trial_config({"variant": "ce_attack", "seed": seed})
+    full = values.trial_config({"variant": "full", "seed": 0})
+    for variant, section, key in (
+        ("ce_beta", None, "beta"),
+        ("ce_tau", None, "tau"),
+        ("ce_lr", "optim", "lr"),
+        ("ce_steps", "attack", "steps"),
+    ):
+        config = values.trial_config({"variant": variant, "seed": 0})
+        mine, theirs, base = (getattr(c, section) if section else c for c in (config, winner, full))
+        assert getattr(mine, key) == getattr(theirs, key) != getattr(base, key), variant
+        back = dataclasses.replace(mine, **{key: getattr(base, key)})
+        assert (dataclasses.replace(config, **{section: back}) if section else back) == full
+
+
 def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_others_train_at(
     tmp_path, capsys
 ):
