@@ -106,10 +106,11 @@ def budget_table(tracking_uri: str, experiment: str, state: dict[str, Any]) -> p
 
 
 def trained_seconds(tracking_uri: str, runs: pd.DataFrame) -> pd.Series:
-    """Each run's time spent training and evaluating: its epochs' `time/epoch_s`, summed over
-    every logged value (an epoch re-run after a restore counts twice: it was computed twice).
-    A run's span in MLflow (end minus start) would also count the time a study stood between
-    an interruption and its `--resume`; it is the fallback for runs that log no epoch time."""
+    """Each run's time spent training and evaluating: its epochs' `time/epoch_s`, summed (each
+    epoch is logged once: one re-run after a restore from an older checkpoint counts its first
+    computation, and the part of an epoch an interruption cut short counts nothing). A run's
+    span in MLflow (end minus start) would also count the time a study stood between an
+    interruption and its `--resume`; it is the fallback for runs that log no epoch time."""
     span = (runs["end_time"] - runs["start_time"]).fillna(0) / 1000.0
     column = schema.metric_column(schema.EPOCH_SECONDS)
     if column not in runs:
