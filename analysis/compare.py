@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 from scipy import stats as scipy_stats
 
 from analysis.report import teacher_section, write_html
@@ -31,6 +30,7 @@ from analysis.runs import (
     default_tracking_uri,
     load_runs,
     load_study,
+    metric_histories,
     require_store,
     run_json,
 )
@@ -115,13 +115,9 @@ def trained_seconds(tracking_uri: str, runs: pd.DataFrame) -> pd.Series:
     column = schema.metric_column(schema.EPOCH_SECONDS)
     if column not in runs:
         return span
-    client = MlflowClient(tracking_uri)
-    timed = runs[column].notna()
-    summed = {
-        index: sum(m.value for m in client.get_metric_history(run_id, schema.EPOCH_SECONDS))
-        for index, run_id in runs.loc[timed, "run_id"].items()
-    }
-    return pd.Series(summed, dtype=float).reindex(runs.index).fillna(span)
+    history = metric_histories(tracking_uri, runs[["run_id", column]])
+    summed = history.groupby("run_id")["value"].sum()
+    return runs["run_id"].map(summed).astype(float).fillna(span)
 
 
 def winner_text(won: dict[str, Any]) -> str:

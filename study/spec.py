@@ -822,14 +822,15 @@ def validate_metric(spec: StudySpec) -> None:
         return
     tested = [schema.accuracy("test", name) for name in schema.ATTACKS]
     moved = [schema.accuracy("transfer", name) for name in schema.ATTACKS]
+    moved += [schema.best(name) for name in moved]
     transfers = (spec.base.get("transfer") or {}).get("data") is not None
-    if metric in moved or metric in map(schema.best, moved):
+    if metric in moved:
         # An ablation of what transfers ranks its variants by the probe's accuracy.
         require(transfers, "study.metric", f"base.transfer.data set, for {metric}", metric)
         return
     known = SEARCH_METRICS + tuple(tested) + tuple(schema.best(name) for name in tested)
     if transfers:
-        known += tuple(moved) + tuple(schema.best(name) for name in moved)
+        known += tuple(moved)
     require(metric in known, "study.metric", f"one of {', '.join(known)}", metric)
 
 
