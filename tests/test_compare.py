@@ -143,16 +143,23 @@ GUIDED = {"attack.objective": "contrastive"}  # GACD's default attack until 2026
             {"gacd_ce": "gacd"},
             {},
         ),
+        # and its search with the steps fixed at PGD-7, the steps that keep the probe's robustness
+        (
+            "fashion_mnist_compare_gacd_pgd7.yaml",
+            "fashion_mnist_compare.yaml",
+            {},
+            {"gacd_pgd7": ("gacd", {"attack.steps": 7})},
+        ),
     ],
 )
 def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_but_what_it_names(
     probe, parent, same, changed
 ):
-    """The probes of GACD's search (`*_gacd_search`, `*_gacd_ce`) measure a change to its
-    search or training (the PGD steps searched or fixed; the attack) beside entries of their
-    comparison: those must be the comparison's own (the same search, trial config, teacher and
-    budget), and a changed entry differ in what it names only, or their cells say nothing
-    about the comparison's table."""
+    """The probes of GACD's search (`*_gacd_search`, `*_gacd_ce`, `*_gacd_pgd7`) measure a
+    change to its search or training (the PGD steps searched or fixed; the attack) beside
+    entries of their comparison: those must be the comparison's own (the same search, trial
+    config, teacher and budget), and a changed entry differ in what it names only, or their
+    cells say nothing about the comparison's table."""
     for budget in (None, "full") if "fashion" in probe else (None,):
         spec, before = (
             read_study_file(ROOT / "search_spaces" / name, teacher_cache=Path("/t"), budget=budget)
