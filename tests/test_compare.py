@@ -150,12 +150,20 @@ GUIDED = {"attack.objective": "contrastive"}  # GACD's default attack until 2026
             {},
             {"gacd_pgd7": ("gacd", {"attack.steps": 7})},
         ),
+        # and at PGD-5, the steps every other method trains with (GACD alone: TRADES' rows are
+        # the pgd7 file's)
+        (
+            "fashion_mnist_compare_gacd_pgd5.yaml",
+            "fashion_mnist_compare.yaml",
+            {},
+            {"gacd_pgd5": ("gacd", {"attack.steps": 5})},
+        ),
     ],
 )
 def test_a_gacd_search_probe_runs_its_comparisons_entries_as_they_are_but_what_it_names(
     probe, parent, same, changed
 ):
-    """The probes of GACD's search (`*_gacd_search`, `*_gacd_ce`, `*_gacd_pgd7`) measure a
+    """The probes of GACD's search (`*_gacd_search`, `*_gacd_ce`, `*_gacd_pgd7`, ...) measure a
     change to its search or training (the PGD steps searched or fixed; the attack) beside
     entries of their comparison: those must be the comparison's own (the same search, trial
     config, teacher and budget), and a changed entry differ in what it names only, or their
@@ -316,6 +324,33 @@ def test_the_transfer_values_ablation_moves_one_of_the_ce_winner_s_values_at_a_t
         assert getattr(mine, key) == getattr(theirs, key) != getattr(base, key), variant
         back = dataclasses.replace(mine, **{key: getattr(base, key)})
         assert (dataclasses.replace(config, **{section: back}) if section else back) == full
+
+
+def test_the_pgd7_comparisons_table_in_the_docs_is_what_its_reports_hold():
+    """docs/benchmarks/fashion_mnist.md's table of the three `gacd_pgd7` comparisons cites their
+    shipped reports (`replicated.csv`): each sampler seed's row and the row over the three must
+    show those figures, or a regenerated report and the prose have drifted apart."""
+    doc = (ROOT / "docs/benchmarks/fashion_mnist.md").read_text()
+    section = doc[doc.index("## GACD's PGD steps fixed at 7") :]
+    section = re.split(r"\n##+ ", section)[0]  # up to its first subsection
+    rows = {
+        line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")
+    }
+    cells = pd.read_csv(ROOT / "docs/examples/fashion_mnist_compare_gacd_pgd7/replicated.csv")
+    cells = cells[cells["comparison"].str.startswith("fp7_s")]
+    assert sorted(cells["comparison"].unique()) == ["fp7_s0", "fp7_s1", "fp7_s2"]
+    for metric in ("test/pgd_acc", "test/autoattack_acc", "transfer/pgd_acc"):
+        means = cells[cells["metric"] == metric].pivot(
+            index="comparison", columns="method", values="mean"
+        )
+        for comparison, row in means.iterrows():
+            line = rows[comparison.removeprefix("fp7_s")]
+            for method in ("gacd_pgd7", "trades"):
+                assert f"{row[method]:.3f}" in line, (metric, comparison, method)
+        over = rows["over the three (mean ± std)"]
+        for method in ("gacd_pgd7", "trades"):
+            mean, std = means[method].mean(), means[method].std()
+            assert f"{mean:.3f}" in over and f"{std:.3f}" in over, (metric, method)
 
 
 def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_others_train_at(
