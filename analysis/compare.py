@@ -252,8 +252,13 @@ def comparison_markdown(
             "Trials, trial-epochs (epochs trained, summed over trials and, for trials over "
             "several training seeds, over their seeds) and trial-hours (the time its epochs "
             "took to train and evaluate, summed; a run interrupted and resumed counts none of "
-            "the time between) in each stage: `search` (each method's own search, the same "
-            "number of trials, scheduler and epoch budget), `confirm` (its best trials re-run "
+            "the time between) in each stage: `search` (each method's own search, "
+            + (
+                "the same number of trials, scheduler and epoch budget"
+                if len(set((state.get("trials") or {}).values())) <= 1
+                else "the same scheduler and epoch budget, its own number of trials"
+            )
+            + "), `confirm` (its best trials re-run "
             "on fresh seeds, validation split; the winner has the best mean) and `final`."
             + (
                 f" `{DEFAULTS_COLUMN}`: each search started from its method's defaults, "

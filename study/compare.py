@@ -5,9 +5,9 @@ Three stages, each an ordinary study that logs, resumes and tabulates like any o
 the comparison's MLflow experiment and nested under its run:
 
 1. `NAME-search`: every method's search at once, on one Ray Tune run: `study.num_samples`
-   trials each (`CompareSearch`: one seeded Optuna study per method, `NAME-search.<entry>`),
-   each method's trials stopped early only against its own (`PerEntryScheduler`), one epoch
-   budget, one validation split.
+   trials each, or an entry's own `num_samples` (`CompareSearch`: one seeded Optuna study per
+   method, `NAME-search.<entry>`), each method's trials stopped early only against its own
+   (`PerEntryScheduler`), one epoch budget, one validation split.
 2. `NAME-confirm`: each method's `compare.top` best trials (its full-budget ones first, then
    those ASHA stopped latest), and its defaults trial where the searches start from their
    defaults (`study.sampler.points_to_evaluate: [defaults]`), re-run at the full budget on
@@ -58,13 +58,21 @@ def describe_comparison(spec: StudySpec) -> list[str]:
             f"top {compare.top} of each{defaults} re-run on seeds {compare.confirm_seeds} "
             "(validation)"
         )
+    trials = {entry: spec.trials_of(entry) for entry in compare.methods}
+    alike = len(set(trials.values())) == 1
+    searches = (
+        f"{len(compare.methods)} methods x {spec.study.num_samples} trials each"
+        if alike
+        else f"{len(compare.methods)} methods, {sum(trials.values())} trials"
+    )
     lines = [
-        f"compare    {len(compare.methods)} methods x {spec.study.num_samples} trials each; "
-        f"{confirm}, the winners on seeds {compare.seeds} (test); reference {compare.reference}"
+        f"compare    {searches}; {confirm}, the winners on seeds {compare.seeds} (test); "
+        f"reference {compare.reference}"
     ]
     for entry, settings in compare.methods.items():
         overrides = json.dumps(settings.overrides) if settings.overrides else ""
-        lines.append(f"  {entry} ({compare.entry_method(entry)}) {overrides}".rstrip())
+        count = "" if alike else f", {trials[entry]} trials"
+        lines.append(f"  {entry} ({compare.entry_method(entry)}{count}) {overrides}".rstrip())
         lines += [
             f"    {key:22} {describe_distribution(value)}"
             for key, value in spec.search_space_of(entry).items()
@@ -73,12 +81,25 @@ def describe_comparison(spec: StudySpec) -> list[str]:
 
 
 def uneven_searches(spec: StudySpec) -> list[str]:
-    """The shared training keys (the learning rate, the batch size, ...) that some methods
-    search and others do not, or search over different ranges, each as one line
-    (`gacd.config.uneven_search_notes`); ranges are told apart as they read
-    (`loguniform 0.01 to 0.2`)."""
+    """What the methods' searches do not get alike, each as one line: their trial counts
+    where an entry sets its own `num_samples`, and the shared training keys (the learning
+    rate, the batch size, ...) that some methods search and others do not, or search over
+    different ranges (`gacd.config.uneven_search_notes`; ranges are told apart as they read,
+    `loguniform 0.01 to 0.2`)."""
     compare = spec.compare
     assert compare is not None
+    notes = []
+    groups: dict[int, list[str]] = {}
+    for entry in compare.methods:
+        groups.setdefault(spec.trials_of(entry), []).append(entry)
+    if len(groups) > 1:
+        counts = "; ".join(
+            f"{', '.join(who)}: {n}" for n, who in sorted(groups.items(), reverse=True)
+        )
+        notes.append(
+            f"the searches' trials differ ({counts}; compare.methods.ENTRY.num_samples): "
+            "the budget table's trial-epochs say what each method's search spent"
+        )
 
     def value(entry: str, key: str) -> Any:
         config = dataclasses.asdict(spec.trial_config({ENTRY_KEY: entry}))
@@ -88,7 +109,7 @@ def uneven_searches(spec: StudySpec) -> list[str]:
         entry: {key: describe_distribution(d) for key, d in spec.search_space_of(entry).items()}
         for entry in compare.methods
     }
-    return uneven_search_notes(searches, value)
+    return notes + uneven_search_notes(searches, value)
 
 
 # --- the stages' study specs -----------------------------------------------------------------
@@ -371,6 +392,7 @@ def run_stages(
     assert spec.compare is not None
     reference = state["reference"] = spec.compare.reference
     state["uneven"] = uneven_searches(spec)  # for the report: what ran, not re-derived later
+    state["trials"] = {entry: spec.trials_of(entry) for entry in spec.compare.methods}
 
     stage_args = (paths, args, max_concurrent, parent, state, runner)
     code = run_stage(search_stage(spec), "search", *stage_args)

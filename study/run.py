@@ -117,7 +117,7 @@ def trial_count(spec: StudySpec) -> int:
         return spec.study.num_samples
     if spec.study.mode == "compare":
         assert spec.compare is not None
-        return spec.study.num_samples * len(spec.compare.methods)
+        return sum(spec.trials_of(entry) for entry in spec.compare.methods)
     assert spec.ablation is not None
     return len(spec.variants()) * len(spec.ablation.seeds)
 

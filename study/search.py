@@ -170,14 +170,15 @@ def searcher(
 
 class CompareSearch(Searcher):
     """A comparison's searches as one Ray searcher: one `StudySearch` (its own Optuna study,
-    `<study>.<entry>`, its own seeded sampler) per method entry, each given exactly
-    `trials_per_entry` trials, proposed in turn so that every method's search advances at the
-    same pace on the cluster. Each proposal carries its entry (`ENTRY_KEY`)."""
+    `<study>.<entry>`, its own seeded sampler) per method entry, each given exactly its
+    `trials[entry]` trials, proposed in turn so that every method's search advances at the
+    same pace on the cluster (the same share of its trials; with equal trials, one each in
+    turn). Each proposal carries its entry (`ENTRY_KEY`)."""
 
-    def __init__(self, searchers: dict[str, StudySearch], trials_per_entry: int, metric, mode):
+    def __init__(self, searchers: dict[str, StudySearch], trials: dict[str, int], metric, mode):
         super().__init__(metric=metric, mode=mode)
         self.searchers = searchers
-        self.trials_per_entry = trials_per_entry
+        self.trials = trials
         self.proposed = dict.fromkeys(searchers, 0)
         self.entry_of: dict[str, str] = {}
 
@@ -185,10 +186,11 @@ class CompareSearch(Searcher):
         return True  # each entry's searcher has its space, metric and mode
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        open_entries = [e for e, n in self.proposed.items() if n < self.trials_per_entry]
+        open_entries = [e for e, n in self.proposed.items() if n < self.trials[e]]
         if not open_entries:
             return Searcher.FINISHED
-        entry = min(open_entries, key=lambda e: self.proposed[e])  # the least advanced first
+        # the least advanced first, by the share of its own trials proposed
+        entry = min(open_entries, key=lambda e: self.proposed[e] / self.trials[e])
         params = self.searchers[entry].suggest(trial_id)
         if params is None or params == Searcher.FINISHED:
             return params
@@ -212,13 +214,17 @@ class CompareSearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(pickle.load(file))
+            state = pickle.load(file)
+        if "trials_per_entry" in state:  # saved before each entry could have its own count
+            state["trials"] = dict.fromkeys(state["searchers"], state.pop("trials_per_entry"))
+        self.__dict__.update(state)
 
 
 def compare_searcher(spec: StudySpec, storage: optuna.storages.BaseStorage) -> CompareSearch:
     assert spec.compare is not None
     searchers = {entry: searcher(spec, storage, entry) for entry in spec.compare.methods}
-    return CompareSearch(searchers, spec.study.num_samples, spec.study.metric, spec.study.direction)
+    trials = {entry: spec.trials_of(entry) for entry in spec.compare.methods}
+    return CompareSearch(searchers, trials, spec.study.metric, spec.study.direction)
 
 
 class PerEntryScheduler(FIFOScheduler):

@@ -177,16 +177,21 @@ class DistributionSpec:
 @dataclass
 class MethodEntry:
     """One method of a comparison: its `method` (default: the entry's name), the overrides it
-    always runs with, and the dotted keys its search varies."""
+    always runs with, the dotted keys its search varies, and its search's trials
+    (`num_samples`; None: `study.num_samples`, as every other method's)."""
 
     method: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     search: dict[str, DistributionSpec] = field(default_factory=dict)
+    # More trials for a larger space (five keys against TRADES' one): equal trial counts are
+    # not equal search. The comparison says so wherever it reports (`study.compare`).
+    num_samples: int | None = None
 
 
 @dataclass
 class CompareSpec:
-    """Every method searched with the same budget (`study.num_samples` trials each), its `top`
+    """Every method searched with the same budget (`study.num_samples` trials each, unless an
+    entry sets its own `num_samples`), its `top`
     full-budget trials re-run on `confirm_seeds` (validation split), the one with the best
     mean run on `seeds` (test split) and compared with `reference`'s."""
 
@@ -253,6 +258,14 @@ class StudySpec:
             return self.search
         assert self.compare is not None
         return self.compare.methods[entry].search
+
+    def trials_of(self, entry: str | None = None) -> int:
+        """The trials of a search, or of one method's search in a comparison."""
+        own = None
+        if entry is not None:
+            assert self.compare is not None
+            own = self.compare.methods[entry].num_samples
+        return self.study.num_samples if own is None else own
 
     def optuna_study_name(self, entry: str | None = None) -> str:
         """The Optuna study of a search, or of one method of a comparison's searches."""
@@ -418,6 +431,8 @@ BUDGET_SECTIONS = (
     "compare.confirm_seeds",
     "compare.seeds",
 )
+# ... and one method's search trials (a larger budget may give a larger space more trials).
+BUDGET_ENTRY_TRIALS = re.compile(r"compare\.methods\.([^.]+)\.num_samples")
 
 
 def apply_budget(raw: dict[str, Any], budget: str | None) -> dict[str, Any]:
@@ -431,15 +446,29 @@ def apply_budget(raw: dict[str, Any], budget: str | None) -> dict[str, Any]:
         "a mapping of budget names to mappings of dotted keys (base.optim.epochs: 30)",
         budgets,
     )
+    compare = raw.get("compare")
+    methods = compare.get("methods") if isinstance(compare, dict) else None
     for name, changes in budgets.items():  # every budget's keys, whichever is applied
         for key in changes:
+            entry = BUDGET_ENTRY_TRIALS.fullmatch(str(key))
             require(
-                any(
+                entry is not None
+                or any(
                     str(key) == part or str(key).startswith(part + ".") for part in BUDGET_SECTIONS
                 ),
                 f"budgets.{name}.{key}",
-                f"a dotted key under {', '.join(BUDGET_SECTIONS)}",
+                f"a dotted key under {', '.join(BUDGET_SECTIONS)}, or "
+                "compare.methods.ENTRY.num_samples",
             )
+            if entry is not None:
+                require(
+                    isinstance(methods, dict) and entry[1] in methods,
+                    f"budgets.{name}.{key}",
+                    "an entry of compare.methods ("
+                    + (", ".join(methods) if isinstance(methods, dict) else "this file has none")
+                    + ")",
+                    entry[1],
+                )
     study = raw.get("study")
     if budget is None and isinstance(study, dict):
         budget = study.get("budget")
@@ -609,13 +638,16 @@ def validate_points(spec: StudySpec) -> None:
         return
     key = "study.sampler.points_to_evaluate"
     require(spec.searches, key, "none in an ablation (its runs are its variants)", points)
+    entries = list(spec.compare.methods) if spec.compare is not None else [None]
+    fewest = min(spec.trials_of(entry) for entry in entries)
     require(
-        len(points) <= spec.study.num_samples,
+        len(points) <= fewest,
         key,
-        f"at most study.num_samples ({spec.study.num_samples}) points",
+        f"at most study.num_samples ({spec.study.num_samples}) points"
+        if fewest == spec.study.num_samples
+        else f"at most as many points as the fewest trials a method's search has ({fewest})",
         len(points),
     )
-    entries = list(spec.compare.methods) if spec.compare is not None else [None]
     for entry in entries:
         spec.points_to_evaluate(entry)
 
@@ -797,6 +829,12 @@ def validate_compare(spec: StudySpec) -> None:
             "method" not in settings.overrides and "seed" not in settings.overrides,
             f"{where}.overrides",
             "no method or seed (the entry's method is `method`; seeds are the comparison's)",
+        )
+        require(
+            settings.num_samples is None or settings.num_samples >= 1,
+            f"{where}.num_samples",
+            "an integer >= 1 (this method's trials; left out: study.num_samples)",
+            settings.num_samples,
         )
     require(
         compare.reference in compare.methods,

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import pickle
 import re
 import shlex
 import signal
@@ -389,6 +390,17 @@ def test_a_shared_key_searched_for_some_methods_only_is_named_with_what_the_othe
 
 BAD_COMPARISONS = [
     ({"methods": {"gacd": {"search": {}}}}, "compare.methods.gacd.search"),
+    (
+        {
+            "methods": {
+                "gacd": {
+                    "num_samples": 0,
+                    "search": {"tau": {"distribution": "choice", "values": [0.1]}},
+                }
+            }
+        },
+        "compare.methods.gacd.num_samples",
+    ),
     ({"reference": "kd"}, "compare.reference"),
     ({"top": 0}, "compare.top"),
     ({"confirm_seeds": [3, 3]}, "compare.confirm_seeds"),
@@ -533,6 +545,86 @@ def test_every_method_gets_exactly_its_trials_in_turn_each_in_its_own_optuna_stu
     again = compare_searcher(spec, optuna_storage(url))
     again.restore(str(saved))
     assert again.suggest("t5") == Searcher.FINISHED  # a restored searcher proposes no more
+
+
+def test_a_method_given_more_trials_gets_them_at_the_same_pace_as_the_others(tmp_path, capsys):
+    """`compare.methods.gacd.num_samples: 4` beside the study's 2: gacd's search runs 4 trials,
+    trades' 2, each advancing by the share of its own trials (trades is not left to the end),
+    and every place that reports the comparison says the budget was not alike."""
+    raw = comparison("/nowhere/teacher.pt")
+    raw["compare"]["methods"]["gacd"]["num_samples"] = 4
+    spec = search_stage(spec_from_dict(raw))
+    assert trial_count(spec) == 6 and spec.trials_of("trades") == 2
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = compare_searcher(spec, optuna_storage(url))
+    proposals = [searcher.suggest(f"t{i}") for i in range(6)]
+    entries = [p[ENTRY_KEY] for p in proposals]
+    assert entries == ["gacd", "trades", "gacd", "gacd", "trades", "gacd"]
+    assert searcher.suggest("t6") == Searcher.FINISHED
+    for i in range(len(entries)):
+        result = {schema.EPOCH: 2, "epochs_total": 2, schema.VAL_PGD_ACC: 0.1 * (i + 1)}
+        searcher.on_trial_complete(f"t{i}", result)
+    for entry, count in (("gacd", 4), ("trades", 2)):
+        study = optuna.load_study(study_name=f"duel-search.{entry}", storage=url)
+        assert len(study.trials) == count
+    notes = uneven_searches(spec)
+    assert notes == [
+        "the searches' trials differ (gacd: 4; trades: 2; compare.methods.ENTRY.num_samples): "
+        "the budget table's trial-epochs say what each method's search spent"
+    ]
+    path = tmp_path / "duel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main([str(path), "--dry-run", "--storage", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "compare    2 methods, 6 trials;" in out and "study      duel (compare), 6 trials" in out
+    assert "  gacd (gacd, 4 trials)" in out and "  trades (trades, 2 trials)" in out
+    assert f"note       {notes[0]}" in out
+    # the searches start from their defaults: no more points than the fewest trials
+    raw["study"]["sampler"]["points_to_evaluate"] = ["defaults"] * 3
+    raw["study"]["num_samples"] = 5
+    raw["compare"]["methods"]["trades"]["num_samples"] = 2
+    with pytest.raises(ConfigError) as refused:
+        spec_from_dict(raw)
+    assert refused.value.key == "study.sampler.points_to_evaluate"
+    assert "the fewest trials a method's search has (2)" in str(refused.value)
+
+
+def test_a_searcher_saved_before_entries_had_their_own_trials_restores_with_equal_ones(tmp_path):
+    spec = search_stage(spec_from_dict(comparison("/nowhere/teacher.pt")))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = compare_searcher(spec, optuna_storage(url))
+    first = searcher.suggest("t0")
+    state = searcher.__dict__.copy()  # as `CompareSearch.save` pickled it then
+    state["trials_per_entry"] = state.pop("trials")[first[ENTRY_KEY]]
+    saved = tmp_path / "searcher.pkl"
+    saved.write_bytes(pickle.dumps(state))
+    again = compare_searcher(spec, optuna_storage(url))
+    again.restore(str(saved))
+    assert again.trials == {"gacd": 2, "trades": 2}
+    assert [again.suggest(f"t{i}")[ENTRY_KEY] for i in (1, 2, 3)] == ["trades", "gacd", "trades"]
+    assert again.suggest("t4") == Searcher.FINISHED
+
+
+def test_a_budget_may_give_one_method_s_search_more_trials_naming_an_entry_it_has(tmp_path):
+    raw = comparison("/nowhere/teacher.pt")
+    raw["budgets"] = {"wide": {"compare.methods.gacd.num_samples": 5, "study.num_samples": 3}}
+    path = tmp_path / "duel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = read_study_file(path, teacher_cache=tmp_path, budget="wide")
+    assert (spec.trials_of("gacd"), spec.trials_of("trades")) == (5, 3)
+    assert read_study_file(path, teacher_cache=tmp_path).trials_of("gacd") == 2
+    raw["budgets"] = {"wide": {"compare.methods.gacdd.num_samples": 5}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigFileError,
+        match=r"'budgets.wide.compare.methods.gacdd.num_samples': expected an entry of "
+        r"compare.methods \(gacd, trades\), got 'gacdd'",
+    ):
+        read_study_file(path, teacher_cache=tmp_path)
+    raw["budgets"] = {"wide": {"compare.methods.gacd.search": {}}}  # what is searched: not a budget
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigFileError, match="or compare.methods.ENTRY.num_samples"):
+        read_study_file(path, teacher_cache=tmp_path)
 
 
 def test_a_method_s_trials_are_stopped_early_only_against_its_own():
@@ -866,6 +958,7 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     raw["compare"]["methods"]["natural"] = {  # diverges: every trial fails
         "overrides": {"optim.momentum": 0.0},
         "search": {"optim.lr": {"distribution": "loguniform", "low": 1e5, "high": 1e6}},
+        "num_samples": 3,  # its own trial count, kept through the interruption and resume
     }
     path = tmp_path / "duel.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -901,7 +994,7 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     assert search["tags.compare_entry"].value_counts().to_dict() == {
         "gacd": 2,
         "trades": 2,
-        "natural": 2,
+        "natural": 3,
     }
     assert set(search.loc[search["tags.compare_entry"] == "natural", "tags.state"]) == {"failed"}
     # every number Optuna holds is the one MLflow and Ray recorded
@@ -955,7 +1048,7 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     grown = json.loads((tmp_path / "results" / "duel" / STATE_FILE).read_text())
     assert grown["growth"][0]["confirm_seeds"] == [1001] and grown["growth"][0]["seeds"] == [2]
     stages = load_runs(uri, "duel", role=schema.ROLE_STUDY).set_index("tags.study")
-    assert len(load_runs(uri, "duel", parent_run_id=stages.run_id["duel-search"])) == 6
+    assert len(load_runs(uri, "duel", parent_run_id=stages.run_id["duel-search"])) == 7
     assert len(load_runs(uri, "duel", parent_run_id=stages.run_id["duel-confirm"])) == len(names)
     again = load_runs(uri, "duel", parent_run_id=stages.run_id["duel-confirm-2"])
     assert set(again["tags.variant"]) == names and len(again) == len(names)
@@ -984,6 +1077,12 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     assert (
         "**Not searched alike:** optim.lr is searched for natural only; gacd, trades train at "
         "0.05: a handicap" in report
+    )
+    assert "**Not searched alike:** the searches' trials differ (natural: 3; gacd, trades: 2;" in (
+        report
+    )
+    assert (
+        "(each method's own search, the same scheduler and epoch budget, its own number" in report
     )
     # the file as it was continues the grown comparison, running nothing; a seed dropped is
     # refused, naming the key, and changes nothing
