@@ -221,7 +221,9 @@ def comparison_markdown(
     methods whose search failed. `study`: its final stage, read from MLflow when not given.
     The shared keys not searched alike are those the run recorded in `state` as it ran
     (`study.compare.uneven_searches`; a state from before that was recorded names none)."""
-    lines = [f"# {experiment}: every method tuned alike, compared on fresh seeds", ""]
+    alike = len(set((state.get("trials") or {}).values())) <= 1
+    tuned = "every method tuned alike" if alike else "every method tuned, its own number of trials"
+    lines = [f"# {experiment}: {tuned}, compared on fresh seeds", ""]
     reference = state.get("reference", "gacd")
     for shown in (checkpoint, *also):
         try:
@@ -255,7 +257,7 @@ def comparison_markdown(
             "the time between) in each stage: `search` (each method's own search, "
             + (
                 "the same number of trials, scheduler and epoch budget"
-                if len(set((state.get("trials") or {}).values())) <= 1
+                if alike
                 else "the same scheduler and epoch budget, its own number of trials"
             )
             + "), `confirm` (its best trials re-run "

@@ -834,7 +834,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--address", help="join a running Ray cluster: auto, or HOST:PORT of its head node"
     )
-    parser.add_argument("--num-samples", type=int, help="trials of a search (study.num_samples)")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        help="trials of a search (study.num_samples; a comparison entry's own num_samples stays)",
+    )
     parser.add_argument("--max-concurrent", type=int, help="trials at once (study.max_concurrent)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
     parser.add_argument(

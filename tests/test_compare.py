@@ -1084,6 +1084,7 @@ def test_a_comparison_runs_every_stage_reports_a_failed_method_and_resumes_losin
     assert (
         "(each method's own search, the same scheduler and epoch budget, its own number" in report
     )
+    assert report.startswith("# duel: every method tuned, its own number of trials, compared")
     # the file as it was continues the grown comparison, running nothing; a seed dropped is
     # refused, naming the key, and changes nothing
     assert main([str(path), "--resume", *args]) == 0
