@@ -58,7 +58,7 @@ def describe_comparison(spec: StudySpec) -> list[str]:
             f"top {compare.top} of each{defaults} re-run on seeds {compare.confirm_seeds} "
             "(validation)"
         )
-    trials = {entry: spec.trials_of(entry) for entry in compare.methods}
+    trials = spec.trials_by_entry()
     alike = len(set(trials.values())) == 1
     searches = (
         f"{len(compare.methods)} methods x {spec.study.num_samples} trials each"
@@ -90,8 +90,8 @@ def uneven_searches(spec: StudySpec) -> list[str]:
     assert compare is not None
     notes = []
     groups: dict[int, list[str]] = {}
-    for entry in compare.methods:
-        groups.setdefault(spec.trials_of(entry), []).append(entry)
+    for entry, count in spec.trials_by_entry().items():
+        groups.setdefault(count, []).append(entry)
     if len(groups) > 1:
         counts = "; ".join(
             f"{', '.join(who)}: {n}" for n, who in sorted(groups.items(), reverse=True)
@@ -392,7 +392,7 @@ def run_stages(
     assert spec.compare is not None
     reference = state["reference"] = spec.compare.reference
     state["uneven"] = uneven_searches(spec)  # for the report: what ran, not re-derived later
-    state["trials"] = {entry: spec.trials_of(entry) for entry in spec.compare.methods}
+    state["trials"] = spec.trials_by_entry()
 
     stage_args = (paths, args, max_concurrent, parent, state, runner)
     code = run_stage(search_stage(spec), "search", *stage_args)

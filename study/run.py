@@ -116,8 +116,7 @@ def trial_count(spec: StudySpec) -> int:
     if spec.study.mode == "search":
         return spec.study.num_samples
     if spec.study.mode == "compare":
-        assert spec.compare is not None
-        return sum(spec.trials_of(entry) for entry in spec.compare.methods)
+        return sum(spec.trials_by_entry().values())
     assert spec.ablation is not None
     return len(spec.variants()) * len(spec.ablation.seeds)
 

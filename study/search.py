@@ -223,8 +223,7 @@ class CompareSearch(Searcher):
 def compare_searcher(spec: StudySpec, storage: optuna.storages.BaseStorage) -> CompareSearch:
     assert spec.compare is not None
     searchers = {entry: searcher(spec, storage, entry) for entry in spec.compare.methods}
-    trials = {entry: spec.trials_of(entry) for entry in spec.compare.methods}
-    return CompareSearch(searchers, trials, spec.study.metric, spec.study.direction)
+    return CompareSearch(searchers, spec.trials_by_entry(), spec.study.metric, spec.study.direction)
 
 
 class PerEntryScheduler(FIFOScheduler):

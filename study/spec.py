@@ -183,7 +183,7 @@ class MethodEntry:
     method: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     search: dict[str, DistributionSpec] = field(default_factory=dict)
-    # More trials for a larger space (five keys against TRADES' one): equal trial counts are
+    # More trials for a larger space (GACD's five keys against TRADES' two): equal trial counts are
     # not equal search. The comparison says so wherever it reports (`study.compare`).
     num_samples: int | None = None
 
@@ -266,6 +266,11 @@ class StudySpec:
             assert self.compare is not None
             own = self.compare.methods[entry].num_samples
         return self.study.num_samples if own is None else own
+
+    def trials_by_entry(self) -> dict[str, int]:
+        """A comparison's methods and the trials each one's search has."""
+        assert self.compare is not None
+        return {entry: self.trials_of(entry) for entry in self.compare.methods}
 
     def optuna_study_name(self, entry: str | None = None) -> str:
         """The Optuna study of a search, or of one method of a comparison's searches."""
