@@ -358,7 +358,7 @@ def run_comparison(spec: StudySpec, paths, args: argparse.Namespace, runner) -> 
 
     from study.tracking import check_tracking_uri
 
-    spec, exists = runner.saved_or_new(spec, paths, args.resume)
+    spec, exists = runner.saved_or_new(spec, paths, args.resume, runner.given_counts(args))
     runner.preflight(search_stage(spec), paths)
     for note in uneven_searches(spec):
         print(f"note: {spec.name}: {note}", file=sys.stderr, flush=True)

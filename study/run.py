@@ -666,9 +666,12 @@ def preflight_trials(spec: StudySpec) -> list[tuple[dict[str, Any], str]]:
     return trials
 
 
-def saved_or_new(spec: StudySpec, paths: StudyPaths, resume: bool) -> tuple[StudySpec, bool]:
+def saved_or_new(
+    spec: StudySpec, paths: StudyPaths, resume: bool, given: dict[str, int | None] | None = None
+) -> tuple[StudySpec, bool]:
     """The spec to run and whether the study exists: a resume runs the one it saved (and
-    refuses a study that is not there), a new study refuses one that is."""
+    refuses a study that is not there, or `given` counts it cannot run), a new study refuses
+    one that is."""
     folder = paths.experiment(spec.name)
     exists = (folder / schema.SPEC_FILE).is_file()
     if resume and not exists:
@@ -681,7 +684,34 @@ def saved_or_new(spec: StudySpec, paths: StudyPaths, resume: bool) -> tuple[Stud
     if resume:
         check_trusted(folder)
         spec = load_saved_spec(spec, folder, paths.teachers)
+        check_resumed_counts(spec, given or {})
     return spec, exists
+
+
+def given_counts(args: argparse.Namespace) -> dict[str, int | None]:
+    """The study counts the command line set (None: not given)."""
+    return {key: getattr(args, key) for key in RESUMED_COUNTS}
+
+
+# Ray restores a study's TuneConfig as it was saved (`Tuner.restore` takes no new one), and
+# with it the trial count and the concurrency.
+RESUMED_COUNTS = ("num_samples", "max_concurrent")
+
+
+def check_resumed_counts(resumed: StudySpec, given: dict[str, int | None]) -> None:
+    """A resume continues the trial count and concurrency its study started with: a command
+    line asking for others is refused rather than silently run with the saved ones."""
+    for key, value in given.items():
+        saved = getattr(resumed.study, key)
+        if value is None or value == saved:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise StudyError(
+            f"--resume: {flag} {value}, but study {resumed.name!r} was started with "
+            f"study.{key} {saved if saved is not None else '(as many as fit)'}, and a resume "
+            f"continues with that (Ray restores a study's trial count and concurrency as "
+            f"saved); resume without {flag}, or start a new --name for a study with {value}"
+        )
 
 
 def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:
@@ -691,7 +721,7 @@ def run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> i
         from study.compare import run_comparison
 
         return run_comparison(spec, paths, args, sys.modules[__name__])
-    spec, exists = saved_or_new(spec, paths, args.resume)
+    spec, exists = saved_or_new(spec, paths, args.resume, given_counts(args))
     # Every refusal comes before anything is written: no results folder, no MLflow store,
     # no Optuna study (a local Ray instance's session files in /tmp aside).
     preflight(spec, paths)
@@ -933,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.dry_run:
             if args.resume:  # the plan of what a resume runs: the saved study, as it checks it
-                spec, _ = saved_or_new(spec, paths, resume=True)
+                spec, _ = saved_or_new(spec, paths, resume=True, given=given_counts(args))
             print(describe(spec, paths, args.address))
             if args.resume and spec.compare is not None:
                 from study.compare import resume_plan

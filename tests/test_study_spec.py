@@ -645,3 +645,33 @@ def test_a_resume_refuses_a_study_folder_others_can_write(tmp_path, capsys):
     os.chmod(folder, 0o777)
     code, _ = run_main(tmp_path, str(path), "--resume")
     assert code == 2 and "unit is writable by others" in capsys.readouterr().err
+
+
+def test_a_resume_refuses_a_trial_count_or_concurrency_it_would_not_run(tmp_path, capsys):
+    """Ray restores a study's TuneConfig as saved: `--resume --num-samples 5` on a two-trial
+    study would run two, so it is refused, naming both counts; the saved values, or none
+    given, resume."""
+    import json
+
+    from gacd import schema
+    from study.run import spec_source
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(digits_search(teacher={"checkpoint": str(tmp_path / "t.pt")})))
+    started = read_study_file(path, teacher_cache=tmp_path / "results" / "teachers")
+    folder = tmp_path / "results" / "unit"
+    folder.mkdir(parents=True)
+    saved = {"source": spec_source(started), "resolved": started.to_dict()}
+    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    for flags in ([], ["--num-samples", "2"]):
+        code, _ = run_main(tmp_path, str(path), "--resume", "--dry-run", *flags)
+        assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    code, _ = run_main(tmp_path, str(path), "--resume", "--dry-run", "--num-samples", "5")
+    error = capsys.readouterr().err
+    assert code == 2 and "--num-samples 5, but study 'unit' was started with" in error, error
+    assert "study.num_samples 2" in error and "start a new --name" in error
+    code, _ = run_main(tmp_path, str(path), "--resume", "--max-concurrent", "3")
+    error = capsys.readouterr().err
+    assert code == 2 and "study.max_concurrent (as many as fit)" in error, error
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any store is opened
