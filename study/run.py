@@ -396,10 +396,11 @@ def check_trusted(folder: Path) -> None:
 def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     """On `--resume`, the spec the study started with (its resolved reference included)."""
     saved = json.loads((path / schema.SPEC_FILE).read_text())
-    source_before, source_now = fixed_source(saved["source"]), fixed_source(spec_source(spec))
-    if source_before != source_now:
-        before, now = flatten(source_before), flatten(source_now)
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    before = flatten(fixed_source(read_as_now(saved["source"], teachers)))
+    now = flatten(fixed_source(spec_source(spec)))
+    # a key one side lacks and the other has unset (None) is no change
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
         if changed == ["teacher.checkpoint"] and before[changed[0]] is not None:
             old_cache = Path(str(before["teacher.checkpoint"])).parents[1]
             raise StudyError(
@@ -422,6 +423,21 @@ def load_saved_spec(spec: StudySpec, path: Path, teachers: Path) -> StudySpec:
     for key, seeds in grown_seeds(saved["resolved"], spec).items():
         setattr(resumed.compare, key, seeds)
     return resumed
+
+
+def read_as_now(source: dict[str, Any], teachers: Path) -> dict[str, Any]:
+    """A saved study's source as this version reads it: keys added to the study format since
+    the study started stand at their defaults, so a resume after an upgrade compares like with
+    like (as saved where this version cannot read it: the comparison then names what differs).
+    A trained teacher is read against the cache it was trained into (a moved --storage is
+    refused by the caller, naming that cache)."""
+    teacher = source.get("teacher") or {}
+    if teacher.get("train") is not None and teacher.get("checkpoint"):
+        teachers = Path(teacher["checkpoint"]).parents[1]
+    try:
+        return spec_source(spec_from_dict(copy.deepcopy(source), teacher_cache=teachers))
+    except (ConfigError, StudyError):
+        return source
 
 
 def fixed_source(source: dict[str, Any]) -> dict[str, Any]:

@@ -626,6 +626,38 @@ def test_a_resume_says_what_differs_and_a_moved_storage_says_where_it_was(tmp_pa
     assert "base.optim.epochs (was 4, now 5)" in str(caught.value)
 
 
+def test_a_study_saved_before_the_format_grew_resumes_after_an_upgrade(tmp_path):
+    """A study started by an older version lacks the keys added since: read now, they stand at
+    their defaults (an unset one, and one with a value), so the resume goes on; a real change
+    of the file is still refused, named."""
+    import json
+
+    from gacd import schema
+    from study.run import load_saved_spec, spec_source
+    from study.spec import StudyError
+
+    teacher = {"train": {"method": "pgd_at", "student": {"arch": "small_cnn", "width": 8}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(digits_search(teacher=teacher)))
+    teachers = tmp_path / "results" / "teachers"
+    started = read_study_file(path, teacher_cache=teachers)
+    older = spec_source(started)
+    del older["resources"]["workers_per_trial"]  # added since, default unset
+    del older["study"]["sampler"]["n_startup_trials"]  # added since, default 5
+    folder = tmp_path / "results" / "unit"
+    folder.mkdir(parents=True)
+    saved = {"source": older, "resolved": started.to_dict()}
+    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    resumed = load_saved_spec(read_study_file(path, teacher_cache=teachers), folder, teachers)
+    assert resumed.study.sampler.n_startup_trials == 5
+    changed = digits_search(teacher=teacher)
+    changed["study"]["sampler"] = {"n_startup_trials": 3}
+    path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(StudyError) as caught:
+        load_saved_spec(read_study_file(path, teacher_cache=teachers), folder, teachers)
+    assert "study.sampler.n_startup_trials (was 5, now 3)" in str(caught.value)
+
+
 def test_a_resume_refuses_a_study_folder_others_can_write(tmp_path, capsys):
     """`--resume` unpickles Ray's state from the folder: one that group or others may write
     (or another user owns) is refused before anything is read."""
