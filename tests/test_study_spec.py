@@ -1,5 +1,6 @@
 """Study files: every shipped one plans, bad ones fail at the edge, searchers see full budgets."""
 
+import copy
 import socket
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def test_every_shipped_study_passes_dry_run(path, budget, tmp_path, capsys):
     assert code == 0
     assert f"study      {read_study_file(path, budget=budget).name}" in out
     assert str(tmp_path / "results") in out and "mlflow" in out and "optuna" in out
+    # what a study saves to be checked on --resume reads back to itself (study.run.read_as_now)
+    from study.run import spec_source
+
+    teachers = tmp_path / "results" / "teachers"
+    source = spec_source(read_study_file(path, teacher_cache=teachers, budget=budget))
+    assert spec_source(spec_from_dict(copy.deepcopy(source), teacher_cache=teachers)) == source
 
 
 def test_trial_values_follow_precedence(tmp_path):
