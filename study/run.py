@@ -882,9 +882,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-samples",
         type=int,
-        help="trials of a search (study.num_samples; a comparison entry's own num_samples stays)",
+        help="trials of a search (study.num_samples; a comparison entry's own num_samples "
+        "stays; a resume keeps the count its study started with)",
     )
-    parser.add_argument("--max-concurrent", type=int, help="trials at once (study.max_concurrent)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="trials at once (study.max_concurrent; a resume keeps the saved one)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
     parser.add_argument(
         "--storage", help="folder for Ray's results and checkpoints (default: ./ray_results)"
