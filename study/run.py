@@ -478,16 +478,30 @@ def grown_seeds(saved: dict[str, Any], spec: StudySpec) -> dict[str, list[int]]:
     return grown
 
 
+def save_study_spec(path: Path, spec: StudySpec) -> None:
+    """Save in a new study's folder what `load_study_spec` and a resume's checks read back: the
+    spec as its file gave it (`spec_source`) and as resolved."""
+    path.mkdir(parents=True, exist_ok=True)
+    saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
+    (path / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
+
+
 def load_study_spec(path: Path, teachers: Path) -> StudySpec:
     """The resolved spec a study saved in its folder when it started."""
     saved = json.loads((path / schema.SPEC_FILE).read_text())
     return spec_from_dict(saved["resolved"], teacher_cache=teachers)
 
 
+# Ray restores a study's TuneConfig as it was saved (`Tuner.restore` takes no new one), and
+# with it the trial count and the concurrency: a resume neither compares them with the file's
+# nor runs others (`check_resumed_counts`).
+RESUMED_COUNTS = ("num_samples", "max_concurrent")
+
+
 def spec_source(spec: StudySpec) -> dict[str, Any]:
     """The parts of a spec that a resume must not change (not concurrency or sample count)."""
     source = spec.to_dict()
-    for key in ("max_concurrent", "num_samples"):
+    for key in RESUMED_COUNTS:
         source["study"].pop(key)
     return json.loads(json.dumps(source, default=str))
 
@@ -709,11 +723,6 @@ def given_counts(args: argparse.Namespace) -> dict[str, int | None]:
     return {key: getattr(args, key) for key in RESUMED_COUNTS}
 
 
-# Ray restores a study's TuneConfig as it was saved (`Tuner.restore` takes no new one), and
-# with it the trial count and the concurrency.
-RESUMED_COUNTS = ("num_samples", "max_concurrent")
-
-
 def check_resumed_counts(resumed: StudySpec, given: dict[str, int | None]) -> None:
     """A resume continues the trial count and concurrency its study started with: a command
     line asking for others is refused rather than silently run with the saved ones."""
@@ -783,9 +792,7 @@ def run_on_ray(
     if teacher_run is not None:
         tracking.client.set_tag(parent_run, schema.TAG_TEACHER_RUN, teacher_run)
     if not exists:
-        experiment_path.mkdir(parents=True, exist_ok=True)
-        saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
-        (experiment_path / schema.SPEC_FILE).write_text(json.dumps(saved, indent=2, default=str))
+        save_study_spec(experiment_path, spec)
     runs = TrialRuns(
         paths.tracking_uri,
         experiment_id,

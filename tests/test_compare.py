@@ -54,7 +54,7 @@ from study.compare import (
     search_stage,
     uneven_searches,
 )
-from study.run import grown_seeds, main, spec_source, trial_count
+from study.run import grown_seeds, main, save_study_spec, spec_source, trial_count
 from study.search import PerEntryScheduler, compare_searcher, optuna_storage, scheduler
 from study.spec import ENTRY_KEY, StudyError, read_study_file, spec_from_dict
 from tests.test_study_run import digits_base, study_args
@@ -937,9 +937,7 @@ def test_a_dry_run_of_a_resume_says_what_added_seeds_would_run(tmp_path, capsys)
     storage += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     spec = read_study_file(path, teacher_cache=tmp_path / "results" / "teachers")
     folder = tmp_path / "results" / "duel"
-    folder.mkdir(parents=True)
-    saved = {"source": spec_source(spec), "resolved": spec.to_dict()}
-    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    save_study_spec(folder, spec)
     found = {e: [{"name": f"{e}.trial-00{i}"} for i in (0, 1)] for e in ("gacd", "trades")}
     won = {entry: cs[0] for entry, cs in found.items()}
     done = ["search", "candidates", "confirm", "winners", "final"]

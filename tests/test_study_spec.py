@@ -10,7 +10,7 @@ import yaml
 
 from gacd.config import Config
 from study.confirm import confirm_spec
-from study.run import main
+from study.run import main, save_study_spec
 from study.search import (
     ENQUEUED_ATTR,
     FULL_BUDGET_ATTR,
@@ -601,10 +601,7 @@ def test_a_budget_replaces_the_file_s_values_and_is_recorded(tmp_path, capsys):
 
 
 def test_a_resume_says_what_differs_and_a_moved_storage_says_where_it_was(tmp_path):
-    import json
-
-    from gacd import schema
-    from study.run import load_saved_spec, spec_source
+    from study.run import load_saved_spec
     from study.spec import StudyError
 
     teacher = {"train": {"method": "pgd_at", "student": {"arch": "small_cnn", "width": 8}}}
@@ -613,9 +610,7 @@ def test_a_resume_says_what_differs_and_a_moved_storage_says_where_it_was(tmp_pa
     old_storage, new_storage = tmp_path / "old", tmp_path / "new"
     started = read_study_file(path, teacher_cache=old_storage / "teachers")
     folder = old_storage / "unit"
-    folder.mkdir(parents=True)
-    saved = {"source": spec_source(started), "resolved": started.to_dict()}
-    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    save_study_spec(folder, started)
     assert load_saved_spec(started, folder, old_storage / "teachers").name == "unit"
     moved = read_study_file(path, teacher_cache=new_storage / "teachers")
     with pytest.raises(StudyError) as caught:
@@ -640,21 +635,19 @@ def test_a_study_saved_before_the_format_grew_resumes_after_an_upgrade(tmp_path)
     import json
 
     from gacd import schema
-    from study.run import load_saved_spec, spec_source
+    from study.run import load_saved_spec
     from study.spec import StudyError
 
     teacher = {"train": {"method": "pgd_at", "student": {"arch": "small_cnn", "width": 8}}}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(digits_search(teacher=teacher)))
     teachers = tmp_path / "results" / "teachers"
-    started = read_study_file(path, teacher_cache=teachers)
-    older = spec_source(started)
-    del older["resources"]["workers_per_trial"]  # added since, default unset
-    del older["study"]["sampler"]["n_startup_trials"]  # added since, default 5
     folder = tmp_path / "results" / "unit"
-    folder.mkdir(parents=True)
-    saved = {"source": older, "resolved": started.to_dict()}
-    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    save_study_spec(folder, read_study_file(path, teacher_cache=teachers))
+    saved = json.loads((folder / schema.SPEC_FILE).read_text())
+    del saved["source"]["resources"]["workers_per_trial"]  # added since, default unset
+    del saved["source"]["study"]["sampler"]["n_startup_trials"]  # added since, default 5
+    (folder / schema.SPEC_FILE).write_text(json.dumps(saved))
     resumed = load_saved_spec(read_study_file(path, teacher_cache=teachers), folder, teachers)
     assert resumed.study.sampler.n_startup_trials == 5
     changed = digits_search(teacher=teacher)
@@ -690,18 +683,10 @@ def test_a_resume_refuses_a_trial_count_or_concurrency_it_would_not_run(tmp_path
     """Ray restores a study's TuneConfig as saved: `--resume --num-samples 5` on a two-trial
     study would run two, so it is refused, naming both counts; the saved values, or none
     given, resume."""
-    import json
-
-    from gacd import schema
-    from study.run import spec_source
-
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(digits_search(teacher={"checkpoint": str(tmp_path / "t.pt")})))
     started = read_study_file(path, teacher_cache=tmp_path / "results" / "teachers")
-    folder = tmp_path / "results" / "unit"
-    folder.mkdir(parents=True)
-    saved = {"source": spec_source(started), "resolved": started.to_dict()}
-    (folder / schema.SPEC_FILE).write_text(json.dumps(saved, default=str))
+    save_study_spec(tmp_path / "results" / "unit", started)
     for flags in ([], ["--num-samples", "2"]):
         code, _ = run_main(tmp_path, str(path), "--resume", "--dry-run", *flags)
         assert code == 0, capsys.readouterr().err
